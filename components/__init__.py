@@ -1,0 +1,1 @@
+"""gptforge stages as plain Python: no Ray, no MLflow (see ../shared/DESIGN.md)."""

@@ -1,0 +1,397 @@
+"""The experiment file: one frozen dataclass per stage, YAML load, dotted overrides.
+
+An experiment YAML has one section per stage; every key has a default, so any
+section (or the whole file) may be left out. Overrides use the same dotted names
+as the file (`pretrain.max_steps=50`). Unknown keys and values of the wrong type
+are errors that name the key, and every problem is reported at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """The experiment file or an override is wrong; the message names every bad key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "stdlib"
+    """`stdlib` (the Python standard library's own sources), a folder of .txt/.md/.py files,
+    a .jsonl file with a text field, or a .parquet file with a text column."""
+    text_field: str = "text"
+    """Field (jsonl) or column (parquet) holding the document text."""
+    max_bytes: int = 0
+    """Use a deterministic subset of about this many bytes of the corpus; 0 uses all of it."""
+    block_size: int = 128
+    """Tokens per training sequence (the model's context length)."""
+    val_fraction: float = 0.05
+    """Share of documents held out for validation, chosen by a hash of the document id."""
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    vocab_size: int = 4096
+    """Size of the byte-level BPE vocabulary trained on the corpus."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = "tiny"
+    """One of components.model.PRESETS: tiny, mini, gpt2, gpt2-medium, gpt2-large, gpt2-xl."""
+    n_layer: int | None = None
+    """Overrides the preset's number of transformer blocks."""
+    n_head: int | None = None
+    """Overrides the preset's number of attention heads."""
+    n_embd: int | None = None
+    """Overrides the preset's embedding width."""
+    dropout: float = 0.0
+    """Dropout probability in attention and MLP (0 for short runs)."""
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    strategy: str = "ddp"
+    """Data-parallel strategy. Only `ddp` is implemented so far."""
+    num_workers: int = 2
+    """Ray Train workers (processes); each gets one CPU or one GPU."""
+    use_gpu: bool = False
+    """Train on GPUs (nccl) instead of CPUs (gloo)."""
+    max_steps: int = 200
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Sequences per worker per step."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW), reached after warmup, then cosine decay to min_lr."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on 2-D weights."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    log_every: int = 10
+    """Report metrics (and show progress) every this many steps."""
+    seed: int = 1337
+    """Seed for weights and data order."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    source: str = "stdlib"
+    """Prompt/completion pairs: `stdlib` (function signature+docstring -> body, via ast),
+    a folder of .py files, or a .jsonl with `prompt` and `completion` fields."""
+    max_bytes: int = 0
+    """Read about this many bytes of `source` to find pairs; 0 reads all of it."""
+    max_pairs: int = 0
+    """Keep at most this many pairs (deterministic subset); 0 keeps all."""
+    heldout_fraction: float = 0.1
+    """Share of pairs held out to measure completion loss."""
+    method: str = "lora"
+    """`lora` (low-rank adapters, merged back after training) or `full`."""
+    lora_rank: int = 8
+    """Rank of the LoRA adapters."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by alpha / rank)."""
+    num_workers: int = 1
+    """Ray Train workers for fine-tuning."""
+    use_gpu: bool = False
+    """Fine-tune on GPUs."""
+    max_steps: int = 100
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Pairs per worker per step."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient norm clip; 0 disables it."""
+    log_every: int = 10
+    """Report metrics every this many steps."""
+    seed: int = 1337
+    """Seed for adapters and data order."""
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    variants: list[str] = field(default_factory=lambda: ["fp32", "int8_dynamic"])
+    """Candidates to build from the fine-tuned model: fp32, bf16, fp16, int8_dynamic."""
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    max_batches: int = 20
+    """Validation batches per candidate for perplexity (0 = the whole split)."""
+    batch_size: int = 16
+    """Sequences per evaluation batch."""
+    gen_tokens: int = 32
+    """Tokens generated per sample, also used to measure generation tokens/s."""
+    num_samples: int = 3
+    """Generated samples logged per candidate (prompts from the held-out pairs)."""
+    temperature: float = 0.0
+    """Sampling temperature for the samples; 0 is greedy, so runs are comparable."""
+
+
+@dataclass(frozen=True)
+class PromoteConfig:
+    metric: str = "eval/val_ppl"
+    """Metric that decides the best candidate."""
+    mode: str = "min"
+    """`min` or `max`: which direction of `metric` is better."""
+    tie_tolerance: float = 0.01
+    """Candidates within this relative distance of the best count as tied."""
+    tie_breaker: str = "model/size_bytes"
+    """Among tied candidates the one with the lowest value of this metric wins."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    """Address the Serve HTTP proxy binds to."""
+    port: int = 8000
+    """Port of the Serve HTTP proxy."""
+    max_prompt_chars: int = 4000
+    """Longest prompt accepted; longer requests get 422."""
+    max_tokens_cap: int = 256
+    """Largest `max_tokens` a request may ask for."""
+    num_cpus: float = 0.5
+    """CPUs reserved by the replica (kept small so training jobs still fit)."""
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "tiny"
+    """MLflow experiment name and registered model name."""
+    workdir: str = ".gptforge"
+    """Local folder for the MLflow SQLite store, artifacts and Ray Train storage."""
+    ray_num_cpus: int = 4
+    """Logical CPUs of the embedded local Ray. More than the cores, so Ray Data still
+    gets a slot while two training workers hold one each (see NOTES.md)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+# Values that are checked beyond their type: key -> allowed values.
+_CHOICES = {
+    "pretrain.strategy": ("ddp",),
+    "finetune.method": ("lora", "full"),
+    "promote.mode": ("min", "max"),
+}
+_QUANT_VARIANTS = ("fp32", "bf16", "fp16", "int8_dynamic")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read an experiment YAML (or only defaults when `path` is None) and apply overrides.
+
+    Args:
+        path: the experiment file.
+        overrides: `section.key=value` strings; values are parsed as YAML scalars/lists.
+
+    Raises:
+        ConfigError: listing every unknown key, wrong type and bad value, each by name.
+    """
+    raw: dict = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"experiment file not found: {path}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    errors: list[str] = []
+    for item in overrides:
+        _apply_override(raw, item, errors)
+    cfg = _build(ExperimentConfig, raw, "", errors)
+    if cfg is not None:
+        errors.extend(_validate(cfg))
+    if errors:
+        raise ConfigError(f"invalid experiment ({where}):\n" + "\n".join(f"  - {e}" for e in errors))
+    return cfg
+
+
+def _apply_override(raw: dict, item: str, errors: list[str]) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        errors.append(f"override {item!r}: expected key=value, for example pretrain.max_steps=50")
+        return
+    node = raw
+    *parents, leaf = key.strip().split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            errors.append(f"override {item!r}: {part} is not a section")
+            return
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        node[leaf] = value
+
+
+def _build(cls, raw, prefix: str, errors: list[str]):
+    if not isinstance(raw, dict):
+        errors.append(f"{prefix.rstrip('.') or 'experiment'}: expected a mapping, got {raw!r}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            known = ", ".join(fields)
+            errors.append(f"{prefix}{key}: unknown key (known keys here: {known})")
+    kwargs = {}
+    for name in fields:
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            built = _build(hint, raw[name] if raw[name] is not None else {}, f"{prefix}{name}.", errors)
+            if built is not None:
+                kwargs[name] = built
+            continue
+        value, problem = _coerce(raw[name], hint)
+        if problem:
+            errors.append(f"{prefix}{name}: {problem}")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _coerce(value, hint):
+    """Return (value, None) when `value` fits the annotation `hint`, else (None, problem)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None, None
+        for option in options:
+            if option is type(None):
+                continue
+            coerced, problem = _coerce(value, option)
+            if problem is None:
+                return coerced, None
+        return None, f"expected {_type_name(hint)}, got {value!r}"
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            return None, f"expected a list of {item_type.__name__}, got {value!r}"
+        out = []
+        for v in value:
+            coerced, problem = _coerce(v, item_type)
+            if problem:
+                return None, f"list item {v!r}: {problem}"
+            out.append(coerced)
+        return out, None
+    # bool is a subclass of int: refuse `max_steps: true` and `use_gpu: 1` alike.
+    if hint is bool:
+        return (value, None) if isinstance(value, bool) else (None, f"expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, None
+        return None, f"expected an integer, got {value!r}"
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value), None
+        if isinstance(value, str):  # YAML reads `3e-4` (no dot) as a string
+            try:
+                return float(value), None
+            except ValueError:
+                pass
+        return None, f"expected a number, got {value!r}"
+    if hint is str:
+        return (value, None) if isinstance(value, str) else (None, f"expected a string, got {value!r}")
+    raise TypeError(f"unsupported config annotation {hint!r}")  # a bug in this module, not user input
+
+
+def _type_name(hint) -> str:
+    return " or ".join("null" if a is type(None) else a.__name__ for a in typing.get_args(hint))
+
+
+def _validate(cfg: ExperimentConfig) -> list[str]:
+    errors = []
+    for key, allowed in _CHOICES.items():
+        value = get_dotted(cfg, key)
+        if value not in allowed:
+            errors.append(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    positive = [
+        "data.block_size", "tokenizer.vocab_size", "pretrain.num_workers", "pretrain.max_steps",
+        "pretrain.batch_size", "pretrain.log_every", "finetune.num_workers", "finetune.max_steps",
+        "finetune.batch_size", "finetune.log_every", "finetune.lora_rank", "evaluate.batch_size",
+        "ray_num_cpus",
+    ]
+    for key in positive:
+        if get_dotted(cfg, key) <= 0:
+            errors.append(f"{key}: must be positive, got {get_dotted(cfg, key)}")
+    for key in ["data.max_bytes", "finetune.max_bytes", "finetune.max_pairs", "evaluate.max_batches",
+                "evaluate.gen_tokens", "evaluate.num_samples", "pretrain.warmup_steps", "finetune.warmup_steps"]:
+        if get_dotted(cfg, key) < 0:
+            errors.append(f"{key}: must not be negative, got {get_dotted(cfg, key)}")
+    for key in ["data.val_fraction", "finetune.heldout_fraction"]:
+        if not 0.0 < get_dotted(cfg, key) < 1.0:
+            errors.append(f"{key}: must be between 0 and 1 (exclusive), got {get_dotted(cfg, key)}")
+    if cfg.tokenizer.vocab_size < 260:
+        errors.append(f"tokenizer.vocab_size: must be at least 260 (256 bytes + merges), got {cfg.tokenizer.vocab_size}")
+    if not cfg.quantize.variants:
+        errors.append("quantize.variants: list at least one variant, for example [fp32]")
+    for v in cfg.quantize.variants:
+        if v not in _QUANT_VARIANTS:
+            errors.append(f"quantize.variants: {v!r} is not one of {', '.join(_QUANT_VARIANTS)}")
+    if not 0 < cfg.serve.port < 65536:
+        errors.append(f"serve.port: {cfg.serve.port} is not a TCP port")
+    return errors
+
+
+def get_dotted(cfg, key: str):
+    """`get_dotted(cfg, "pretrain.max_steps")` -> the value."""
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def flatten(cfg) -> dict[str, object]:
+    """The config as `{"pretrain.max_steps": 200, ...}`: the names MLflow params are logged under."""
+    out: dict[str, object] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update({f"{f.name}.{k}": v for k, v in flatten(value).items()})
+        else:
+            out[f.name] = value
+    return out
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    """The resolved experiment as YAML; loading it back gives the same config."""
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+def config_hash(section) -> str:
+    """Short stable hash of a config (or one section), for lineage tags."""
+    payload = json.dumps(dataclasses.asdict(section), sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -1,0 +1,441 @@
+"""A GPT-2 style language model in one file, after karpathy/nanoGPT `model.py`.
+
+Module names match the Hugging Face GPT-2 checkpoint keys (`transformer.h.0.attn.c_attn`
+and so on), so GPT-2 weights map across without a translation table (HF stores the
+Linear weights as Conv1D, i.e. transposed). Weights are stored as safetensors plus a
+`config.json`; nothing here pickles.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import safetensors.torch
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Shape of a GPT model. Validated on construction."""
+
+    block_size: int = 128
+    """Longest context the model sees, in tokens (size of the position embedding)."""
+    vocab_size: int = 4096
+    """Tokenizer vocabulary size (rows of the token embedding and of the lm_head)."""
+    n_layer: int = 4
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; must divide `n_embd`."""
+    n_embd: int = 128
+    """Width of the residual stream."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention weights and residual branches (0 for pretraining)."""
+    bias: bool = True
+    """Biases in Linear and LayerNorm layers, as in GPT-2. False is a bit better and faster."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                problems.append(f"{name} must be a positive int, got {value!r}")
+        if not problems and self.n_embd % self.n_head != 0:
+            problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if problems:
+            raise ValueError("invalid GPTConfig: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        """Plain dict of the fields, for `config.json`."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        """Build from a dict, ignoring keys that are not fields (e.g. "quantization")."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128),
+    "mini": dict(n_layer=6, n_head=6, n_embd=384),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M with vocab 50257, block 1024
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+
+def config_from_preset(preset: str, **overrides) -> GPTConfig:
+    """Config of a named preset with some fields replaced.
+
+    Args:
+        preset: a key of `PRESETS`.
+        **overrides: GPTConfig fields to replace; a value of None means "keep the preset's".
+
+    Raises:
+        ValueError: unknown preset or unknown override key (the message lists the valid ones),
+            or an invalid resulting config.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; known presets: {', '.join(PRESETS)}")
+    names = [f.name for f in fields(GPTConfig)]
+    unknown = sorted(k for k in overrides if k not in names)
+    if unknown:
+        raise ValueError(f"unknown GPTConfig key(s) {unknown}; valid keys: {', '.join(names)}")
+    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    return GPTConfig(**values)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no `bias=False` before 2.1)."""
+
+    def __init__(self, ndim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        # key, query, value projections for all heads, in one batched Linear
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()  # batch, sequence length, n_embd
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=True
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying (https://paperswithcode.com/method/weight-tying): one Parameter object
+        # under two names. save_model/load_model and parameter_counts rely on it being shared.
+        self.transformer.wte.weight = self.lm_head.weight
+
+        self.apply(self._init_weights)
+        # GPT-2 paper: scale the init of the projections into the residual stream by
+        # 1/sqrt(2 * n_layer), since each block adds two of them to the stream.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for every position, and the mean next-token loss when targets are given.
+
+        Args:
+            idx: (B, T) long token ids, T <= block_size.
+            targets: (B, T) long ids of the next token; -100 marks positions the loss skips
+                (padding, prompt tokens in finetuning).
+
+        Returns:
+            logits (B, T, vocab_size) in the model's dtype, and the loss (float32 scalar) or None.
+        """
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
+        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            # float32 so that bf16/fp16 runs get a stable softmax and a comparable loss value
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)),  # (B*T, vocab_size)
+                targets.view(-1),  # (B*T,)
+                ignore_index=-100,
+            )
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Extend each row of `idx` (B, T) by up to `max_new_tokens` sampled tokens.
+
+        Args:
+            temperature: softmax temperature; 0 means greedy (argmax).
+            top_k: sample only among the k most likely tokens.
+            eos_id: once a row has produced it, that row is padded with eos_id; generation
+                stops early when every row has.
+            generator: torch.Generator for reproducible sampling.
+
+        Returns:
+            (B, T + n) long tensor, n <= max_new_tokens. Call `model.eval()` first for dropout.
+        """
+        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)  # (B,)
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.config.block_size :]  # (B, <=block_size): crop the context
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :].float()  # (B, vocab_size): last position only
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k)
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                probs = F.softmax(logits, dim=-1)  # (B, vocab_size)
+                idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+            if eos_id is not None:
+                idx_next = idx_next.masked_fill(finished.unsqueeze(1), eos_id)
+                finished |= idx_next.squeeze(1) == eos_id
+            idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
+            if eos_id is not None and bool(finished.all()):
+                break
+        return idx
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+def _is_dynamic_quantized_linear(module: nn.Module) -> bool:
+    # torch.ao dynamic Linear keeps its weight packed, outside parameters() and buffers()
+    return hasattr(module, "_packed_params") and callable(getattr(module, "weight", None))
+
+
+def _module_tensors(module: nn.Module, buffers: bool) -> list[tuple[object, torch.Tensor]]:
+    """(identity key, tensor) for each tensor `module` holds directly (not in its children)."""
+    out: list[tuple[object, torch.Tensor]] = [(id(t), t) for t in module.parameters(recurse=False)]
+    if buffers:
+        out += [(id(t), t) for t in module.buffers(recurse=False)]
+    if _is_dynamic_quantized_linear(module):
+        # weight() unpacks into a new tensor on every call, so key by module instead
+        out.append(((id(module), "weight"), module.weight()))
+        bias = module.bias()
+        if bias is not None:
+            out.append(((id(module), "bias"), bias))
+    return out
+
+
+def _unique_tensors(module: nn.Module, seen: set, buffers: bool = False) -> list[torch.Tensor]:
+    """Tensors under `module` whose key is not in `seen` yet (`seen` is updated)."""
+    out = []
+    for m in module.modules():
+        for key, t in _module_tensors(m, buffers):
+            if key not in seen:
+                seen.add(key)
+                out.append(t)
+    return out
+
+
+def _find_gpt(model: nn.Module) -> nn.Module | None:
+    """The module holding `transformer` and `lm_head`: the model itself, or one inside a wrapper."""
+    for m in model.modules():
+        if isinstance(getattr(m, "transformer", None), nn.ModuleDict) and hasattr(m, "lm_head"):
+            return m
+    return None
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Parameter counts, each tensor counted once (the tied lm_head/wte weight included).
+
+    Works on a plain GPT, on one whose Linears are wrapped by LoRA adapters, and on a
+    torch.ao dynamic-quantized GPT (packed int8 Linear weights and their biases count).
+
+    Returns:
+        "total", "trainable", "embedding" (wte + wpe), "non_embedding" (total - embedding), and
+        "module/<name>" for each top-level submodule of `model.transformer` that holds
+        parameters, plus "module/lm_head" (0 when tied: wte already counted it). The module
+        keys sum to "total"; parameters outside the GPT (in a wrapper) go to "module/other".
+    """
+    total = sum(t.numel() for t in _unique_tensors(model, set()))
+    trainable = sum(t.numel() for t in _unique_tensors(model, set()) if t.requires_grad)
+    counts = {"total": total, "trainable": trainable}
+    gpt = _find_gpt(model)
+    if gpt is None:
+        counts.update(embedding=0, non_embedding=total)
+        return counts
+
+    seen: set = set()  # shared, so the tied lm_head weight counts under wte only
+    per_module = {}
+    for name, sub in [*gpt.transformer.named_children(), ("lm_head", gpt.lm_head)]:
+        n = sum(t.numel() for t in _unique_tensors(sub, seen))
+        if n or name == "lm_head":
+            per_module[f"module/{name}"] = n
+    embedding = per_module.get("module/wte", 0) + per_module.get("module/wpe", 0)
+    counts.update(embedding=embedding, non_embedding=total - embedding)
+    if total != sum(per_module.values()):
+        per_module["module/other"] = total - sum(per_module.values())
+    counts.update(per_module)
+    return counts
+
+
+def bytes_by_dtype(model: nn.Module) -> dict[str, int]:
+    """Bytes of parameters, buffers and packed quantized weights, per dtype, each tensor once.
+
+    Quantized weights count under their storage dtype ("int8" for qint8); their per-tensor
+    scale and zero point (two Python scalars per layer) are not counted.
+    """
+    out: dict[str, int] = {}
+    for t in _unique_tensors(model, set(), buffers=True):
+        if t.is_quantized:
+            if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+                for extra in (t.q_per_channel_scales(), t.q_per_channel_zero_points()):
+                    key = str(extra.dtype).removeprefix("torch.")
+                    out[key] = out.get(key, 0) + extra.numel() * extra.element_size()
+            t = t.int_repr()
+        key = str(t.dtype).removeprefix("torch.")
+        out[key] = out.get(key, 0) + t.numel() * t.element_size()
+    return out
+
+
+def flops_per_token(cfg: GPTConfig, n_params_non_embedding: int | None = None) -> int:
+    """Training FLOPs per token (forward + backward), PaLM paper (Chowdhery et al. 2022), appendix B.
+
+    6 * N + 12 * n_layer * n_embd * block_size, where N is the non-embedding parameter count
+    and the second term is the attention score/value matmuls at full context length.
+
+    Args:
+        cfg: model shape.
+        n_params_non_embedding: N; computed from `cfg` when None (equal to
+            `parameter_counts(GPT(cfg))["non_embedding"]`).
+    """
+    if n_params_non_embedding is None:
+        C, b = cfg.n_embd, int(cfg.bias)
+        per_layer = (
+            2 * (C + b * C)  # ln_1, ln_2
+            + 3 * C * C + b * 3 * C  # attn.c_attn
+            + C * C + b * C  # attn.c_proj
+            + 4 * C * C + b * 4 * C  # mlp.c_fc
+            + 4 * C * C + b * C  # mlp.c_proj
+        )
+        n_params_non_embedding = cfg.n_layer * per_layer + (C + b * C)  # + ln_f
+    return 6 * n_params_non_embedding + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def _write_json_atomic(path: str, data: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def save_model(model: GPT, folder: str) -> None:
+    """Write `folder/model.safetensors` and `folder/config.json` (folder created if missing).
+
+    Each file goes to a temporary name first and is then renamed, so a reader never sees a
+    half-written file. The tied lm_head weight is stored once (safetensors drops the alias).
+    """
+    os.makedirs(folder, exist_ok=True)
+    weights = os.path.join(folder, WEIGHTS_FILE)
+    tmp = weights + ".tmp"
+    safetensors.torch.save_model(model, tmp)
+    os.replace(tmp, weights)
+    _write_json_atomic(os.path.join(folder, CONFIG_FILE), model.config.to_dict())
+
+
+def load_model(folder: str, map_location: str = "cpu") -> GPT:
+    """Inverse of `save_model`; returns the model on `map_location`, in eval mode.
+
+    A folder written by quantize_model in bf16/fp16 loads too (upcast to float32).
+
+    Raises:
+        FileNotFoundError: config.json or model.safetensors is missing.
+        ValueError: the folder holds an int8 model (use `components.quantize.load_variant`).
+    """
+    config_path = os.path.join(folder, CONFIG_FILE)
+    weights = os.path.join(folder, WEIGHTS_FILE)
+    for path in (config_path, weights):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} not found; is {folder!r} a model folder written by save_model?")
+    with open(config_path) as f:
+        raw = json.load(f)
+    if raw.get("quantization", "fp32") not in ("fp32", "bf16", "fp16"):
+        raise ValueError(
+            f"{folder!r} holds a {raw['quantization']!r} model; load it with components.quantize.load_variant"
+        )
+    model = GPT(GPTConfig.from_dict(raw))
+    safetensors.torch.load_model(model, weights, strict=True, device="cpu")
+    return model.to(map_location).eval()

@@ -1,0 +1,1 @@
+"""gptforge wiring: the only package that talks to Ray and MLflow."""

@@ -1,0 +1,160 @@
+"""The stages as they run inside the pipeline: a component plus its logging.
+
+Each function takes the experiment config, the previous stage's output record
+and the `RunLogger` of its MLflow run, and returns its own output record.
+`prepare_data`, `quantize` and `evaluate` run as Ray tasks; `pretrain` and
+`finetune` drive Ray Train from the driver.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from components import data as data_lib
+from components import evaluate as evaluate_lib
+from components import model as gpt
+from components import quantize as quantize_lib
+from components.artifacts import Checkpoint, EvalReport, QuantizedModel, TokenizedData
+from components.config import ExperimentConfig
+from pipelines import ray_runtime
+from pipelines.tracking import RunLogger
+
+PROGRESS_TAG = "gptforge.progress"
+CHECKSUMS_FILE = "checksums.json"
+
+
+# ------------------------------------------------------------------- data
+
+
+def prepare_data(cfg: ExperimentConfig, out_dir: str, logger: RunLogger) -> TokenizedData:
+    """Ray task: corpus -> tokenizer -> packed parquet shards + SFT pairs."""
+    result = data_lib.prepare_data(
+        out_dir,
+        source=cfg.data.source, text_field=cfg.data.text_field, max_bytes=cfg.data.max_bytes,
+        block_size=cfg.data.block_size, val_fraction=cfg.data.val_fraction,
+        vocab_size=cfg.tokenizer.vocab_size,
+        sft_source=cfg.finetune.source, sft_max_bytes=cfg.finetune.max_bytes,
+        sft_max_pairs=cfg.finetune.max_pairs, sft_heldout_fraction=cfg.finetune.heldout_fraction,
+        progress=lambda message: logger.set_tags({PROGRESS_TAG: message}),
+    )
+    logger.log_metrics({f"data/{k}": v for k, v in result.stats.items()})
+    logger.set_tags({"data.fingerprint": result.fingerprint})
+    logger.log_artifacts(out_dir, "data")  # tokenizer, manifest and shards: small at this scale
+    return result
+
+
+def model_config(cfg: ExperimentConfig, data: TokenizedData) -> gpt.GPTConfig:
+    """The GPT this experiment trains: the preset, the YAML's overrides, the data's vocab and context."""
+    m = cfg.model
+    return gpt.config_from_preset(
+        m.preset, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout,
+        vocab_size=data.vocab_size, block_size=data.block_size,
+    )
+
+
+def parameter_count_params(model_cfg: gpt.GPTConfig) -> dict:
+    """Parameter counts of the experiment's model as MLflow params (`param_count.*`) plus FLOPs per token."""
+    import torch
+
+    with torch.device("meta"):  # shapes only: counting a gpt2-xl costs no memory
+        counts = gpt.parameter_counts(gpt.GPT(model_cfg))
+    params = {f"param_count.{k.replace('/', '.')}": v for k, v in counts.items()}
+    params["model.flops_per_token"] = gpt.flops_per_token(model_cfg, counts["non_embedding"])
+    return params
+
+
+# --------------------------------------------------------------- training
+
+
+def pretrain(cfg: ExperimentConfig, data: TokenizedData, storage: str, logger: RunLogger) -> Checkpoint:
+    """Driver: train a fresh GPT on the packed rows with Ray Train (DDP)."""
+    spec = ray_runtime.TrainSpec(
+        name=f"pretrain-{logger.run_id}", loop=ray_runtime.loop_fields(cfg.pretrain),
+        batch_size=cfg.pretrain.batch_size, seed=cfg.pretrain.seed,
+        model_config=model_config(cfg, data).to_dict(), init_from=None, lora=None,
+        extra_files=(data.tokenizer_uri,), logger=logger,
+    )
+    folder = ray_runtime.fit(spec, data.train_uri, cfg.pretrain.num_workers, cfg.pretrain.use_gpu, storage)
+    logger.log_artifacts(folder, "model")
+    return Checkpoint(uri=folder, step=cfg.pretrain.max_steps, metrics=logger.latest_metrics())
+
+
+def finetune(cfg: ExperimentConfig, data: TokenizedData, pretrained: Checkpoint, storage: str,
+             logger: RunLogger) -> Checkpoint:
+    """Driver: continue from the pretrained checkpoint on prompt/completion pairs (loss on completions)."""
+    ft = cfg.finetune
+    spec = ray_runtime.TrainSpec(
+        name=f"finetune-{logger.run_id}", loop=ray_runtime.loop_fields(ft),
+        batch_size=ft.batch_size, seed=ft.seed, model_config=None, init_from=pretrained.uri,
+        lora={"rank": ft.lora_rank, "alpha": ft.lora_alpha} if ft.method == "lora" else None,
+        extra_files=(data.tokenizer_uri,), logger=logger,
+    )
+    folder = ray_runtime.fit(spec, data.sft_train_uri, ft.num_workers, ft.use_gpu, storage)
+    logger.log_artifacts(folder, "model")
+    return Checkpoint(uri=folder, step=ft.max_steps, metrics=logger.latest_metrics())
+
+
+# ------------------------------------------------------------- candidates
+
+
+def quantize(finetuned: Checkpoint, variant: str, out_dir: str, logger: RunLogger) -> QuantizedModel:
+    """Ray task: store the fine-tuned model as `variant`, with checksums, in the candidate's run."""
+    result = quantize_lib.quantize_model(finetuned.uri, variant, out_dir)
+    write_checksums(out_dir)
+    logger.log_artifacts(out_dir, "model")
+    logger.log_params({"candidate.variant": variant})
+    return result
+
+
+def evaluate(candidate: QuantizedModel, data: TokenizedData, cfg: ExperimentConfig, logger: RunLogger) -> EvalReport:
+    """Ray task: measure one candidate and log its metrics, parameter counts and samples."""
+    import torch
+
+    torch.set_num_threads(1)  # every candidate gets the same one CPU, so tokens/s compare fairly
+    model = quantize_lib.load_variant(candidate.uri)
+    e = cfg.evaluate
+    report = evaluate_lib.evaluate(
+        model, variant=candidate.variant, val_uri=data.val_uri, sft_heldout_uri=data.sft_heldout_uri,
+        tokenizer_uri=data.tokenizer_uri, size_bytes=candidate.size_bytes, max_batches=e.max_batches,
+        batch_size=e.batch_size, gen_tokens=e.gen_tokens, num_samples=e.num_samples, temperature=e.temperature,
+    )
+    counts = gpt.parameter_counts(model)
+    metrics = dict(report.metrics)
+    metrics["model/params_total"] = float(counts["total"])
+    metrics.update({f"model/bytes_{dtype}": float(n) for dtype, n in gpt.bytes_by_dtype(model).items()})
+    logger.log_metrics(metrics)
+    logger.log_dict({"samples": report.samples}, "samples.json")
+    return replace(report, metrics=metrics)
+
+
+# ------------------------------------------------------------- integrity
+
+
+def write_checksums(folder: str) -> None:
+    """Record the sha256 of every file in `folder`; serving refuses files that do not match."""
+    sums = {p.name: _sha256(p) for p in sorted(Path(folder).iterdir()) if p.is_file() and p.name != CHECKSUMS_FILE}
+    tmp = Path(folder) / f".{CHECKSUMS_FILE}.tmp"
+    tmp.write_text(json.dumps(sums, indent=2))
+    os.replace(tmp, Path(folder) / CHECKSUMS_FILE)
+
+
+def verify_checksums(folder: str) -> None:
+    """Raises ValueError naming the first file whose sha256 differs from checksums.json (or is missing)."""
+    path = Path(folder) / CHECKSUMS_FILE
+    if not path.exists():
+        raise ValueError(f"{folder}: no {CHECKSUMS_FILE}; refusing to load unverified weights")
+    for name, expected in json.loads(path.read_text()).items():
+        file = Path(folder) / name
+        if not file.exists() or _sha256(file) != expected:
+            raise ValueError(f"{file}: sha256 does not match {CHECKSUMS_FILE}; the artifact is damaged or altered")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,182 @@
+import json
+import math
+
+import pytest
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+
+from components.model import (
+    GPT,
+    PRESETS,
+    GPTConfig,
+    bytes_by_dtype,
+    config_from_preset,
+    flops_per_token,
+    load_model,
+    parameter_counts,
+    save_model,
+)
+
+TINY = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16)
+
+
+@pytest.fixture
+def model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(TINY).eval()
+
+
+def test_forward_shapes(model):
+    idx = torch.randint(0, 64, (3, 10))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 10, 64)
+    assert loss is None
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, 10, 64)
+    assert loss.shape == () and loss.dtype == torch.float32
+
+
+def test_forward_rejects_too_long_input(model):
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_loss_ignores_masked_targets(model):
+    idx = torch.randint(0, 64, (2, 8))
+    targets = torch.full((2, 8), -100)
+    targets[1, 5] = 7
+    logits, loss = model(idx, targets)
+    expected = F.cross_entropy(logits[1, 5].unsqueeze(0), torch.tensor([7]))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_loss_is_float32_in_bf16(model):
+    idx = torch.randint(0, 64, (2, 8))
+    logits, loss = model.to(torch.bfloat16)(idx, idx)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+
+
+def test_golden_loss():
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    x = torch.randint(0, 64, (4, 16))
+    y = torch.randint(0, 64, (4, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _, first = model(x, y)
+    for _ in range(20):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _, final = model(x, y)
+    assert abs(first.item() - math.log(64)) < 0.3
+    assert final.item() < 2.2  # from ln(64) = 4.16 by memorising the batch
+    assert final.item() == pytest.approx(1.6235, abs=0.1)  # measured on torch 2.13 CPU
+
+
+def test_generate(model):
+    idx = torch.randint(0, 64, (2, 3))
+    out = model.generate(idx, 5, temperature=0)
+    assert out.shape == (2, 8) and torch.equal(out[:, :3], idx)
+    assert torch.equal(out, model.generate(idx, 5, temperature=0))  # greedy is deterministic
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a = model.generate(idx, 5, temperature=1.0, top_k=5, generator=g1)
+    assert torch.equal(a, model.generate(idx, 5, temperature=1.0, top_k=5, generator=g2))
+    # longer than block_size: the context is cropped
+    assert model.generate(idx, 20, temperature=0).shape == (2, 23)
+
+
+def test_generate_stops_at_eos(model):
+    idx = torch.randint(0, 64, (2, 3))
+    greedy = model.generate(idx, 1, temperature=0)[:, -1]
+    eos = int(greedy[0])
+    if int(greedy[1]) == eos:  # both rows stop after one step
+        assert model.generate(idx, 5, temperature=0, eos_id=eos).shape == (2, 4)
+    out = model.generate(idx, 5, temperature=0, eos_id=eos)
+    assert (out[0, 3:] == eos).all()  # row 0 finished and is padded with eos
+
+
+def test_parameter_counts(model):
+    counts = parameter_counts(model)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())  # parameters() dedupes the tie
+    assert counts["trainable"] == counts["total"]
+    assert counts["module/lm_head"] == 0
+    assert counts["module/wte"] == 64 * 16 and counts["module/wpe"] == 16 * 16
+    assert counts["embedding"] == 64 * 16 + 16 * 16
+    assert counts["embedding"] + counts["non_embedding"] == counts["total"]
+    module_keys = [k for k in counts if k.startswith("module/")]
+    assert set(module_keys) == {"module/wte", "module/wpe", "module/h", "module/ln_f", "module/lm_head"}
+    assert sum(counts[k] for k in module_keys) == counts["total"]
+    assert counts["non_embedding"] == flops_per_token(TINY) // 6 - 2 * TINY.n_layer * TINY.n_embd * TINY.block_size
+
+
+def test_parameter_counts_with_frozen_base(model):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(True)
+    counts = parameter_counts(model)
+    assert counts["trainable"] == 64 * 16
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_bytes_by_dtype(model):
+    assert bytes_by_dtype(model) == {"float32": 4 * parameter_counts(model)["total"]}
+
+
+def test_gpt2_small_has_124m_params():
+    cfg = config_from_preset("gpt2", vocab_size=50257, block_size=1024)
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        model = GPT(cfg)
+    counts = parameter_counts(model)
+    assert counts["total"] == 124_439_808
+    assert counts["non_embedding"] == 85_056_000
+
+
+def test_flops_per_token_gpt2():
+    cfg = config_from_preset("gpt2", vocab_size=50257, block_size=1024)
+    L, C, T = 12, 768, 1024
+    n = L * (12 * C * C + 13 * C) + 2 * C  # per block: 12 C^2 weights, 13 C biases/LN; plus ln_f
+    assert flops_per_token(cfg) == 6 * n + 12 * L * C * T
+    assert flops_per_token(cfg, n_params_non_embedding=85_000_000) == 6 * 85_000_000 + 12 * L * C * T
+    assert 6 * 85e6 < flops_per_token(cfg) < 6 * 85e6 * 1.25  # attention adds ~22% at T=1024
+
+
+def test_save_load_round_trip(model, tmp_path):
+    save_model(model, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = load_model(str(tmp_path))
+    assert loaded.config == model.config
+    assert loaded.transformer.wte.weight is loaded.lm_head.weight  # still tied
+    idx = torch.randint(0, 64, (2, 10))
+    assert torch.equal(model(idx)[0], loaded(idx)[0])
+    # plain safetensors, no pickle: readable without the model class
+    tensors = safetensors.torch.load_file(str(tmp_path / "model.safetensors"))
+    assert "transformer.h.0.attn.c_attn.weight" in tensors
+    assert json.loads((tmp_path / "config.json").read_text()) == model.config.to_dict()
+
+
+def test_config_dict_round_trip():
+    d = TINY.to_dict() | {"quantization": "int8_dynamic"}
+    assert GPTConfig.from_dict(d) == TINY
+
+
+def test_config_validation_names_every_problem():
+    with pytest.raises(ValueError, match="n_embd.*n_head") as e:
+        GPTConfig(n_embd=10, n_head=3, dropout=1.5)
+    assert "dropout" in str(e.value)
+
+
+def test_config_from_preset():
+    cfg = config_from_preset("mini", vocab_size=100, dropout=None)
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, cfg.dropout) == (6, 6, 384, 100, 0.0)
+    for name in PRESETS:
+        config_from_preset(name)
+
+
+def test_config_from_preset_errors():
+    with pytest.raises(ValueError, match="gpt5") as e:
+        config_from_preset("gpt5")
+    assert "gpt2-xl" in str(e.value)  # lists the known presets
+    with pytest.raises(ValueError, match="n_layers"):
+        config_from_preset("tiny", n_layers=3)
