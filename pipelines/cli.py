@@ -6,6 +6,7 @@ print one message and exit 2 without a traceback; bugs keep their traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    # `kill` and job schedulers send SIGTERM: end MLflow runs and Ray/Serve as on Ctrl-C.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         return args.handler(args)
     except KeyboardInterrupt:
@@ -34,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gptforge: error: {cause}", file=sys.stderr)
             return 2
         raise
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -37,10 +37,16 @@ def init_ray(num_cpus: int, address: str | None = None) -> None:
     # runs on this machine (plain ray.init() would attach to it; NOTES.md).
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     kwargs = {"num_cpus": num_cpus, "dashboard_host": "127.0.0.1"} if address == "local" else {}
+    # Token auth stays on (the Ray 2.60 default); its notice at every start is not news to a user.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, **kwargs)
     from ray.data import DataContext
 
+    # The stages print their own progress; Ray Data's bars, its notice that they are
+    # off, and its execution plans at INFO would bury it.
     DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def shutdown_ray() -> None:

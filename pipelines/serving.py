@@ -7,8 +7,8 @@ load), tests may hand it `FolderLoader` on a model folder they made.
 Endpoints: `POST /v1/completions`, `GET /v1/models`, `GET /healthz`.
 Every request is validated; bad input gets a 4xx with a message, never a 5xx.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI must see the real request
+# type on the endpoint, or it reads `request` as a query parameter.
 import logging
 import time
 import urllib.request

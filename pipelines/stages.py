@@ -124,7 +124,9 @@ def evaluate(candidate: QuantizedModel, data: TokenizedData, cfg: ExperimentConf
     counts = gpt.parameter_counts(model)
     metrics = dict(report.metrics)
     metrics["model/params_total"] = float(counts["total"])
-    metrics.update({f"model/bytes_{dtype}": float(n) for dtype, n in gpt.bytes_by_dtype(model).items()})
+    # Every dtype any variant uses, zero where absent: candidates must share metric names.
+    by_dtype = {dtype: 0 for dtype in ("float32", "bfloat16", "float16", "int8")} | gpt.bytes_by_dtype(model)
+    metrics.update({f"model/bytes_{dtype}": float(n) for dtype, n in by_dtype.items()})
     logger.log_metrics(metrics)
     logger.log_dict({"samples": report.samples}, "samples.json")
     return replace(report, metrics=metrics)

@@ -1,0 +1,179 @@
+"""The whole tiny pipeline through the real CLI: real Ray, Ray Train, MLflow SQLite, Ray Serve, HTTP.
+
+One pipeline run (module fixture, ~2 minutes on 2 cores) backs every test here.
+"""
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+from mlflow import MlflowClient
+
+from components.config import load_config
+from pipelines.tracking import STAGE_TAG
+from tests.conftest import FAST_OVERRIDES, TINY_EXPERIMENT, free_port, gptforge
+
+pytestmark = pytest.mark.integration
+
+STAGES = {"prepare_data", "pretrain", "finetune", "quantize", "evaluate", "promote"}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tiny-run")
+    overrides = [*FAST_OVERRIDES, f"workdir={workdir}"]
+    result = gptforge("run", str(TINY_EXPERIMENT), *overrides, cwd=workdir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    cfg = load_config(TINY_EXPERIMENT, overrides)
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    return {"cfg": cfg, "stdout": result.stdout, "stderr": result.stderr, "client": client, "workdir": workdir}
+
+
+def _runs(pipeline):
+    client, cfg = pipeline["client"], pipeline["cfg"]
+    experiment = client.get_experiment_by_name(cfg.name)
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    return parents[0], children
+
+
+def test_run_prints_stages_table_champion_and_run_id(pipeline):
+    out = pipeline["stdout"]
+    for stage in ["==> prepare_data", "==> pretrain", "==> finetune", "==> quantize", "==> evaluate", "==> promote"]:
+        assert stage in out
+    assert "step    30/30  loss" in out  # training progress reaches the terminal
+    assert "candidate" in out and "val ppl" in out and "int8_dynamic" in out
+    assert "<- champion" in out
+    parent, _ = _runs(pipeline)
+    assert f"MLflow run: {parent.info.run_id}" in out
+    assert "(RayTrainWorker" not in out + pipeline["stderr"]  # no raw Ray worker log lines
+
+
+def test_mlflow_run_tree(pipeline):
+    parent, children = _runs(pipeline)
+    assert parent.info.status == "FINISHED"
+    stages = {r.data.tags[STAGE_TAG]: r for r in children}
+    assert STAGES | {"candidate"} == set(stages)
+    candidates = sorted(r.data.tags["mlflow.runName"] for r in children if r.data.tags[STAGE_TAG] == "candidate")
+    assert candidates == ["candidate-fp32", "candidate-int8_dynamic"]
+    assert all(r.info.status == "FINISHED" for r in children)
+
+
+def test_every_run_logs_config_and_parameter_counts(pipeline):
+    parent, children = _runs(pipeline)
+    for run in [parent, *children]:
+        params = run.data.params
+        assert params["pretrain.max_steps"] == "30", run.data.tags["mlflow.runName"]
+        for key in ["total", "trainable", "embedding", "non_embedding", "module.wte", "module.wpe", "module.h",
+                    "module.ln_f", "module.lm_head"]:
+            assert f"param_count.{key}" in params, (run.data.tags["mlflow.runName"], key)
+        assert int(params["param_count.embedding"]) + int(params["param_count.non_embedding"]) == int(
+            params["param_count.total"])
+    # The counts match the model actually trained: tiny preset, the trained vocab, block 128.
+    cfg = pipeline["cfg"]
+    d, v, t, layers = 128, cfg.tokenizer.vocab_size, cfg.data.block_size, 4
+    per_block = 12 * d * d + 13 * d  # attn 4d^2+4d, mlp 8d^2+5d, two LayerNorms 4d
+    assert int(parent.data.params["param_count.total"]) == v * d + t * d + layers * per_block + 2 * d
+
+
+def test_training_metrics_per_step_and_candidate_metrics_share_names(pipeline):
+    client = pipeline["client"]
+    _, children = _runs(pipeline)
+    pretrain = next(r for r in children if r.data.tags[STAGE_TAG] == "pretrain")
+    history = client.get_metric_history(pretrain.info.run_id, "train/loss")
+    assert [m.step for m in history] == [5, 10, 15, 20, 25, 30]
+    assert history[-1].value < history[0].value  # it learns
+    for key in ["train/lr", "train/tokens_per_s"]:
+        assert key in pretrain.data.metrics
+    candidates = [r for r in children if r.data.tags[STAGE_TAG] == "candidate"]
+    keys = [set(r.data.metrics) for r in candidates]
+    assert keys[0] == keys[1]
+    for key in ["eval/val_ppl", "eval/completion_loss", "eval/tokens_per_s", "model/size_bytes"]:
+        assert key in keys[0]
+    sizes = {r.data.params["candidate.variant"]: r.data.metrics["model/size_bytes"] for r in candidates}
+    assert sizes["int8_dynamic"] < sizes["fp32"]
+
+
+def test_champion_alias_points_at_the_winner(pipeline):
+    client, cfg = pipeline["client"], pipeline["cfg"]
+    version = client.get_model_version_by_alias(cfg.name, "champion")
+    _, children = _runs(pipeline)
+    promote = next(r for r in children if r.data.tags[STAGE_TAG] == "promote")
+    assert promote.data.tags["promote.version"] == str(version.version)
+    winner = client.get_run(version.run_id)
+    assert winner.data.tags["mlflow.runName"] == f"candidate-{promote.data.tags['promote.winner']}"
+    assert version.tags["data.fingerprint"] == winner.data.tags["data.fingerprint"]
+
+
+@pytest.fixture(scope="module")
+def endpoint(pipeline):
+    """The champion served by Ray Serve from the run's registry, as `gptforge serve` does."""
+    from pipelines import ray_runtime, serving
+
+    cfg = pipeline["cfg"]
+    serve_cfg = type(cfg.serve)(port=free_port())
+    ray_runtime.init_ray(cfg.ray_num_cpus)
+    try:
+        loader = serving.RegistryLoader(str(pipeline["client"].tracking_uri), cfg.name)
+        yield serving.deploy(loader, serve_cfg)
+    finally:
+        serving.shutdown()
+        ray_runtime.shutdown_ray()
+
+
+def _post(url, body):
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_http_completion_from_the_champion(endpoint, pipeline):
+    status, body = _post(f"{endpoint}/v1/completions",
+                         {"prompt": "def add(a, b):\n", "max_tokens": 8, "temperature": 0})
+    assert status == 200
+    assert body["object"] == "text_completion"
+    assert body["model"].startswith(f"{pipeline['cfg'].name}:v")
+    choice = body["choices"][0]
+    assert isinstance(choice["text"], str) and choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert 0 < usage["completion_tokens"] <= 8 or choice["finish_reason"] == "stop"
+    # Greedy decoding is deterministic.
+    assert _post(f"{endpoint}/v1/completions", {"prompt": "def add(a, b):\n", "max_tokens": 8,
+                                                "temperature": 0})[1]["choices"][0]["text"] == choice["text"]
+    with urllib.request.urlopen(f"{endpoint}/healthz", timeout=10) as response:
+        assert json.loads(response.read())["status"] == "ok"
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"prompt": "x", "max_tokens": 100000}, "max_tokens"),
+    ({"prompt": "x" * 5000}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"max_tokens": 3}, "prompt"),
+    ({"prompt": "x", "stream": True}, "stream"),
+])
+def test_bad_requests_get_4xx(endpoint, body, fragment):
+    status, reply = _post(f"{endpoint}/v1/completions", body)
+    assert 400 <= status < 500
+    assert fragment in json.dumps(reply)
+
+
+def test_empty_corpus_fails_clearly_and_leaves_no_run_running(tmp_path):
+    corpus = tmp_path / "empty_corpus"
+    corpus.mkdir()
+    result = gptforge("run", str(TINY_EXPERIMENT), f"data.source={corpus}", f"workdir={tmp_path}", cwd=tmp_path,
+                      timeout=300)
+    assert result.returncode == 2
+    assert "no documents found in data.source" in result.stderr and str(corpus) in result.stderr
+    assert "Traceback" not in result.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("tiny")
+    statuses = {r.info.status for r in client.search_runs([experiment.experiment_id])}
+    assert statuses == {"FAILED"}

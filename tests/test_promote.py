@@ -1,0 +1,65 @@
+"""The promotion decision (pure) and the registry side effect on a real MLflow SQLite store."""
+import pytest
+
+from components.promote import Candidate, Policy, decide
+from pipelines.tracking import CHAMPION, PREVIOUS, Tracker
+
+
+def c(name, ppl, size):
+    return Candidate(name, {"eval/val_ppl": ppl, "model/size_bytes": size})
+
+
+def test_best_metric_wins():
+    d = decide([c("fp32", 10.0, 100), c("int8", 12.0, 30)], None, Policy())
+    assert d.winner.name == "fp32" and d.promote
+
+
+def test_tie_goes_to_the_smaller_model():
+    d = decide([c("fp32", 10.0, 100), c("int8", 10.05, 30)], None, Policy(tie_tolerance=0.01))
+    assert d.winner.name == "int8"
+    assert "tied" in d.reason
+
+
+def test_mode_max():
+    policy = Policy(metric="eval/acc", mode="max")
+    a = Candidate("a", {"eval/acc": 0.5, "model/size_bytes": 1})
+    b = Candidate("b", {"eval/acc": 0.9, "model/size_bytes": 2})
+    assert decide([a, b], None, policy).winner.name == "b"
+
+
+def test_better_incumbent_is_kept():
+    d = decide([c("fp32", 12.0, 100)], c("v1", 10.0, 100), Policy())
+    assert not d.promote and "kept" in d.reason
+    d = decide([c("fp32", 9.0, 100)], c("v1", 10.0, 100), Policy())
+    assert d.promote
+
+
+def test_missing_metric_names_candidate_and_key():
+    with pytest.raises(ValueError, match=r"'int8'.*eval/val_ppl"):
+        decide([Candidate("int8", {})], None, Policy())
+
+
+def test_champion_and_previous_aliases(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "aliases", artifact_location=str(tmp_path / "art"))
+    versions = []
+    for i in range(2):
+        with tracker.run(f"candidate-{i}") as run:
+            folder = tmp_path / f"m{i}"
+            folder.mkdir()
+            (folder / "weights.txt").write_text(str(i))
+            run.log_artifacts(str(folder), "model")
+        versions.append(tracker.register("aliases", run.run_id, "model", {"run_id": run.run_id}))
+        tracker.move_champion("aliases", versions[-1])
+    assert tracker.alias_version("aliases", CHAMPION).version == versions[1]
+    assert tracker.alias_version("aliases", PREVIOUS).version == versions[0]
+
+
+def test_failed_stage_leaves_no_run_running(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "failures", artifact_location=str(tmp_path / "art"))
+    with pytest.raises(RuntimeError):
+        with tracker.run("parent") as parent:
+            candidate = tracker.open_run("candidate", parent)
+            with tracker.run("stage", parent):
+                raise RuntimeError("boom")
+    statuses = {tracker.client.get_run(r).info.status for r in (parent.run_id, candidate.run_id)}
+    assert statuses == {"FAILED"}
