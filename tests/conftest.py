@@ -46,3 +46,13 @@ def tiny_gpt():
 
     torch.manual_seed(0)
     return GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=8))
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests skip, with the reason shown, where CUDA is not available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
