@@ -79,8 +79,8 @@ class PretrainConfig:
     """AdamW weight decay on 2-D weights."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
-    log_every: int = 10
-    """Report metrics (and show progress) every this many steps."""
+    log_every: int = 1
+    """Log training metrics to MLflow every this many steps."""
     seed: int = 1337
     """Seed for weights and data order."""
 
@@ -120,8 +120,8 @@ class FinetuneConfig:
     """AdamW weight decay."""
     grad_clip: float = 1.0
     """Gradient norm clip; 0 disables it."""
-    log_every: int = 10
-    """Report metrics every this many steps."""
+    log_every: int = 1
+    """Log training metrics to MLflow every this many steps."""
     seed: int = 1337
     """Seed for adapters and data order."""
 

@@ -18,6 +18,8 @@ from torch import nn
 from components.artifacts import EvalReport
 from components.train import IGNORE_INDEX, to_inputs_and_targets
 
+_SPEED_PROMPTS = 8  # held-out prompts timed per candidate
+
 
 def evaluate(
     model: nn.Module,
@@ -42,7 +44,7 @@ def evaluate(
             rows are used (all when max_batches is 0), the same rows for every candidate.
         sft_heldout_uri: held-out prompt/completion rows (`tokens`, `mask`).
         size_bytes: size of the candidate's stored weights.
-        gen_tokens: tokens generated per held-out prompt, to time generation.
+        gen_tokens: tokens generated per sample, and per timed prompt for `eval/tokens_per_s`.
 
     Returns:
         EvalReport with metrics `eval/val_loss`, `eval/val_ppl`,
@@ -57,33 +59,45 @@ def evaluate(
     completion_loss = _mean_loss(model, heldout, batch_size)
 
     tokenizer = Tokenizer.from_file(tokenizer_uri)
-    samples, generated, seconds = [], 0, 0.0
-    for tokens, mask in list(zip(heldout["tokens"], heldout["mask"]))[: max(num_samples, 1)]:
-        prompt_ids = tokens[: int(np.argmax(mask))]  # the prompt ends where the loss mask starts
+    prompts = [tokens[: int(np.argmax(mask))] for tokens, mask in zip(heldout["tokens"], heldout["mask"])]
+    tokens_per_s = _generation_speed(model, prompts[:_SPEED_PROMPTS], gen_tokens)
+    samples = []
+    for prompt_ids, tokens, mask in list(zip(prompts, heldout["tokens"], heldout["mask"]))[:num_samples]:
         idx = torch.tensor(prompt_ids, dtype=torch.long)[None, :]  # (1, P)
-        start = time.perf_counter()
         out = model.generate(idx, gen_tokens, temperature=temperature, top_k=50 if temperature > 0 else None,
                              eos_id=eos_id)
-        seconds += time.perf_counter() - start
-        new_ids = out[0, idx.shape[1]:].tolist()
-        generated += len(new_ids)
-        completion_ids = [int(t) for t, m in zip(tokens, mask) if m]
         samples.append({
             "prompt": tokenizer.decode(list(prompt_ids)),
-            "generated": tokenizer.decode(new_ids),
-            "reference": tokenizer.decode(completion_ids),
+            "generated": tokenizer.decode(out[0, idx.shape[1]:].tolist()),
+            "reference": tokenizer.decode([int(t) for t, m in zip(tokens, mask) if m]),
         })
-    samples = samples[:num_samples]
     metrics = {
         "eval/val_loss": val_loss,
         "eval/val_ppl": math.exp(min(val_loss, 50.0)),
         "eval/completion_loss": completion_loss,
         "eval/completion_ppl": math.exp(min(completion_loss, 50.0)),
-        "eval/tokens_per_s": generated / seconds if seconds else 0.0,
-        "eval/ms_per_token": 1000.0 * seconds / generated if generated else 0.0,
+        "eval/tokens_per_s": tokens_per_s,
+        "eval/ms_per_token": 1000.0 / tokens_per_s if tokens_per_s else 0.0,
         "model/size_bytes": float(size_bytes),
     }
     return EvalReport(variant=variant, metrics=metrics, samples=samples)
+
+
+@torch.no_grad()
+def _generation_speed(model: nn.Module, prompts: list, gen_tokens: int) -> float:
+    """Batch-1 decoding speed in new tokens per second.
+
+    Every prompt generates exactly `gen_tokens` (no stop at end-of-text), after
+    one warm-up call, so candidates are timed on the same amount of work.
+    """
+    if not prompts or gen_tokens == 0:
+        return 0.0
+    first = torch.tensor(prompts[0], dtype=torch.long)[None, :]  # (1, P)
+    model.generate(first, min(4, gen_tokens), temperature=0.0)  # warm-up: first-call allocations
+    start = time.perf_counter()
+    for prompt_ids in prompts:
+        model.generate(torch.tensor(prompt_ids, dtype=torch.long)[None, :], gen_tokens, temperature=0.0)
+    return len(prompts) * gen_tokens / (time.perf_counter() - start)
 
 
 def _read_rows(uri: str, columns: list[str], limit: int | None) -> dict[str, np.ndarray]:

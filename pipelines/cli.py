@@ -25,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     # `kill` and job schedulers send SIGTERM: end MLflow runs and Ray/Serve as on Ctrl-C.
+    # SIGINT is set explicitly because a shell starting us in the background ignores it.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return args.handler(args)
     except KeyboardInterrupt:

@@ -47,7 +47,9 @@ class Progress:
                 seen["message"] = message
                 self.say(f"    {message}")
             step = int(metrics.get("train/step", 0))
-            if step > seen["step"]:
+            # About twenty lines per training stage, whatever log_every is, plus the last step.
+            stride = max(1, (total_steps or 0) // 20)
+            if step > seen["step"] and (step - seen["step"] >= stride or step == total_steps):
                 seen["step"] = step
                 of = f"/{total_steps}" if total_steps else ""
                 self.say(

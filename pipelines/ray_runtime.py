@@ -150,8 +150,12 @@ def _train_loop_per_worker(config: dict) -> None:
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         if rank == 0:
             spec.logger.log_metrics(metrics, step=int(metrics["train/step"]))
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)  # copies the checkpoint into Ray Train storage
+        # Metrics go to MLflow (above); Ray Train only hears of checkpoints. Its report()
+        # waits for the controller's poll, which would throttle per-step reporting (NOTES.md).
+        # Every rank reports the final step; only rank 0 has a checkpoint folder.
+        if metrics["train/step"] == spec.loop["max_steps"]:
+            checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+            ray.train.report(metrics, checkpoint=checkpoint)  # copies the checkpoint into Ray Train storage
         if checkpoint_dir:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
