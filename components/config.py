@@ -58,9 +58,9 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
-    strategy: str = "ddp"
-    """Data-parallel strategy. Only `ddp` is implemented so far."""
+class TrainingConfig:
+    """What pretraining and fine-tuning share: workers and the optimisation schedule."""
+
     num_workers: int = 2
     """Ray Train workers (processes); each gets one CPU or one GPU."""
     use_gpu: bool = False
@@ -82,11 +82,23 @@ class PretrainConfig:
     log_every: int = 1
     """Log training metrics to MLflow every this many steps."""
     seed: int = 1337
-    """Seed for weights and data order."""
+    """Seed for weights, adapters and data order."""
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class PretrainConfig(TrainingConfig):
+    strategy: str = "ddp"
+    """Data-parallel strategy. Only `ddp` is implemented so far."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(TrainingConfig):
+    # Fine-tuning defaults differ from pretraining's: fewer steps on one worker, no decay.
+    num_workers: int = 1
+    max_steps: int = 100
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+
     source: str = "stdlib"
     """Prompt/completion pairs: `stdlib` (function signature+docstring -> body, via ast),
     a folder of .py files, or a .jsonl with `prompt` and `completion` fields."""
@@ -102,28 +114,6 @@ class FinetuneConfig:
     """Rank of the LoRA adapters."""
     lora_alpha: float = 16.0
     """LoRA scaling numerator (the update is scaled by alpha / rank)."""
-    num_workers: int = 1
-    """Ray Train workers for fine-tuning."""
-    use_gpu: bool = False
-    """Fine-tune on GPUs."""
-    max_steps: int = 100
-    """Optimizer steps."""
-    batch_size: int = 16
-    """Pairs per worker per step."""
-    lr: float = 1e-3
-    """Peak learning rate."""
-    min_lr: float = 1e-4
-    """Learning rate at the end of the cosine decay."""
-    warmup_steps: int = 10
-    """Linear warmup steps."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    grad_clip: float = 1.0
-    """Gradient norm clip; 0 disables it."""
-    log_every: int = 1
-    """Log training metrics to MLflow every this many steps."""
-    seed: int = 1337
-    """Seed for adapters and data order."""
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from components.artifacts import TokenizedData
+from components.files import atomic_write
 
 EOT = "<|endoftext|>"
 PAD_ID = 0  # padding reuses the EOT id; the SFT mask hides it from the loss
@@ -531,13 +532,13 @@ def prepare_data(
     manifest_path.unlink(missing_ok=True)
     paths = {name: root / f"{name}.parquet" for name in ("train", "val", "sft_train", "sft_heldout")}
     tokenizer_path = root / _TOKENIZER_FILE
-    _atomic_write(tokenizer_path, lambda tmp: tokenizer.save(str(tmp)))
+    atomic_write(tokenizer_path, lambda tmp: tokenizer.save(str(tmp)))
     for name in ("train", "val"):
         table = pa.table({"tokens": _list_column(splits[name][2], pa.int32())})
-        _atomic_write(paths[name], lambda tmp, t=table: pq.write_table(t, tmp))
+        atomic_write(paths[name], lambda tmp, t=table: pq.write_table(t, tmp))
     for name, (tokens, mask) in sft.items():
         table = pa.table({"tokens": _list_column(tokens, pa.int32()), "mask": _list_column(mask, pa.int8())})
-        _atomic_write(paths[name], lambda tmp, t=table: pq.write_table(t, tmp))
+        atomic_write(paths[name], lambda tmp, t=table: pq.write_table(t, tmp))
     manifest = {
         "source": source,
         "sft_source": sft_source,
@@ -552,7 +553,7 @@ def prepare_data(
         "stats": stats,
         "config": config,
     }
-    _atomic_write(manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
+    atomic_write(manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
     say(f"wrote {root}")
 
     return TokenizedData(
@@ -634,13 +635,3 @@ def _list_column(rows: np.ndarray, value_type: pa.DataType) -> pa.Array:
     assert n * length < 2**31, "list<> offsets are int32; shard the split instead"
     offsets = pa.array(np.arange(n + 1, dtype=np.int32) * length, type=pa.int32())
     return pa.ListArray.from_arrays(offsets, pa.array(rows.reshape(-1), type=value_type))
-
-
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write via a hidden temp file then rename, so a crash never leaves a half file under the real name."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

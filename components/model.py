@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from components.files import atomic_write, write_json_atomic
+
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -394,14 +396,6 @@ def flops_per_token(cfg: GPTConfig, n_params_non_embedding: int | None = None) -
 # ----------------------------------------------------------------------------- storage
 
 
-def _write_json_atomic(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def save_model(model: GPT, folder: str) -> None:
     """Write `folder/model.safetensors` and `folder/config.json` (folder created if missing).
 
@@ -410,10 +404,8 @@ def save_model(model: GPT, folder: str) -> None:
     """
     os.makedirs(folder, exist_ok=True)
     weights = os.path.join(folder, WEIGHTS_FILE)
-    tmp = weights + ".tmp"
-    safetensors.torch.save_model(model, tmp)
-    os.replace(tmp, weights)
-    _write_json_atomic(os.path.join(folder, CONFIG_FILE), model.config.to_dict())
+    atomic_write(weights, lambda tmp: safetensors.torch.save_model(model, str(tmp)))
+    write_json_atomic(os.path.join(folder, CONFIG_FILE), model.config.to_dict())
 
 
 def load_model(folder: str, map_location: str = "cpu") -> GPT:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from components.config import PromoteConfig
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -14,14 +16,6 @@ class Candidate:
 
     name: str
     metrics: dict
-
-
-@dataclass(frozen=True)
-class Policy:
-    metric: str = "eval/val_ppl"
-    mode: str = "min"
-    tie_tolerance: float = 0.01
-    tie_breaker: str = "model/size_bytes"
 
 
 @dataclass(frozen=True)
@@ -33,7 +27,7 @@ class Decision:
     reason: str
 
 
-def decide(candidates: list[Candidate], incumbent: Candidate | None, policy: Policy) -> Decision:
+def decide(candidates: list[Candidate], incumbent: Candidate | None, policy: PromoteConfig) -> Decision:
     """Pick the best candidate and whether it should replace the incumbent champion.
 
     The best candidate has the best `policy.metric`; candidates within

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from components.artifacts import QuantizedModel
+from components.files import atomic_write, write_json_atomic
 from components.model import CONFIG_FILE, GPT, WEIGHTS_FILE, GPTConfig, load_model
 
 VARIANTS = ("fp32", "bf16", "fp16", "int8_dynamic")
@@ -114,14 +115,6 @@ def _load_int8_state(model: GPT, tensors: dict[str, torch.Tensor], metadata: dic
             t.copy_(tensors[name])
 
 
-def _write_json_atomic(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def quantize_model(src_folder: str, variant: str, out_folder: str) -> QuantizedModel:
     """Write `variant` of the fp32 model in `src_folder` to `out_folder`, stored in that dtype.
 
@@ -142,14 +135,13 @@ def quantize_model(src_folder: str, variant: str, out_folder: str) -> QuantizedM
     model = load_model(src_folder)
     os.makedirs(out_folder, exist_ok=True)
     weights = os.path.join(out_folder, WEIGHTS_FILE)
-    tmp = weights + ".tmp"
     if variant in _FLOAT_DTYPES:
-        safetensors.torch.save_model(model.to(_FLOAT_DTYPES[variant]), tmp, metadata={"quantization": variant})
+        atomic_write(weights, lambda tmp: safetensors.torch.save_model(
+            model.to(_FLOAT_DTYPES[variant]), str(tmp), metadata={"quantization": variant}))
     else:
         tensors, metadata = _int8_state(apply_int8_dynamic(model))
-        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, weights)
-    _write_json_atomic(os.path.join(out_folder, CONFIG_FILE), {**model.config.to_dict(), "quantization": variant})
+        atomic_write(weights, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))
+    write_json_atomic(os.path.join(out_folder, CONFIG_FILE), {**model.config.to_dict(), "quantization": variant})
     tokenizer = os.path.join(src_folder, TOKENIZER_FILE)
     if os.path.exists(tokenizer):
         shutil.copyfile(tokenizer, os.path.join(out_folder, TOKENIZER_FILE))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from components.artifacts import EvalReport, TokenizedData
 from components.config import ExperimentConfig, config_hash
-from components.promote import Candidate, Decision, Policy, decide
+from components.promote import Candidate, Decision, decide
 from pipelines.tracking import CHAMPION, RunLogger, Tracker
 
 MODEL_ARTIFACT = "model"
@@ -19,10 +19,9 @@ MODEL_ARTIFACT = "model"
 def promote(tracker: Tracker, cfg: ExperimentConfig, reports: list[EvalReport], runs: dict[str, RunLogger],
             data: TokenizedData, log: RunLogger) -> tuple[Decision, str | None]:
     """Decide, register the winner, move `champion` if it won. Returns (decision, registered version)."""
-    policy = Policy(cfg.promote.metric, cfg.promote.mode, cfg.promote.tie_tolerance, cfg.promote.tie_breaker)
     candidates = [Candidate(r.variant, r.metrics) for r in reports]
     incumbent, note = _incumbent(tracker, cfg.name, data.fingerprint)
-    decision = decide(candidates, incumbent, policy)
+    decision = decide(candidates, incumbent, cfg.promote)
     winner_run = runs[decision.winner.name]
     version = tracker.register(cfg.name, winner_run.run_id, MODEL_ARTIFACT, tags={
         "run_id": winner_run.run_id,

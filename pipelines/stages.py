@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from components import model as gpt
 from components import quantize as quantize_lib
 from components.artifacts import Checkpoint, EvalReport, QuantizedModel, TokenizedData
 from components.config import ExperimentConfig
+from components.files import write_json_atomic
 from pipelines import ray_runtime
 from pipelines.tracking import RunLogger
 
@@ -71,6 +71,7 @@ def parameter_count_params(model_cfg: gpt.GPTConfig) -> dict:
 
 def pretrain(cfg: ExperimentConfig, data: TokenizedData, storage: str, logger: RunLogger) -> Checkpoint:
     """Driver: train a fresh GPT on the packed rows with Ray Train (DDP)."""
+    _check_one_step_of_data(data.stats["train_rows"], cfg.pretrain, "pretrain", "training rows", "data.source")
     spec = ray_runtime.TrainSpec(
         name=f"pretrain-{logger.run_id}", loop=ray_runtime.loop_fields(cfg.pretrain),
         batch_size=cfg.pretrain.batch_size, seed=cfg.pretrain.seed,
@@ -86,6 +87,7 @@ def finetune(cfg: ExperimentConfig, data: TokenizedData, pretrained: Checkpoint,
              logger: RunLogger) -> Checkpoint:
     """Driver: continue from the pretrained checkpoint on prompt/completion pairs (loss on completions)."""
     ft = cfg.finetune
+    _check_one_step_of_data(data.stats["sft_train_pairs"], ft, "finetune", "training pairs", "finetune.source")
     spec = ray_runtime.TrainSpec(
         name=f"finetune-{logger.run_id}", loop=ray_runtime.loop_fields(ft),
         batch_size=ft.batch_size, seed=ft.seed, model_config=None, init_from=pretrained.uri,
@@ -95,6 +97,17 @@ def finetune(cfg: ExperimentConfig, data: TokenizedData, pretrained: Checkpoint,
     folder = ray_runtime.fit(spec, data.sft_train_uri, ft.num_workers, ft.use_gpu, storage)
     logger.log_artifacts(folder, "model")
     return Checkpoint(uri=folder, step=ft.max_steps, metrics=logger.latest_metrics())
+
+
+def _check_one_step_of_data(rows: int, training, section: str, what: str, source_key: str) -> None:
+    """Each worker's shard must fill one batch, or its epoch yields nothing to train on."""
+    needed = training.num_workers * training.batch_size
+    if rows < needed:
+        raise data_lib.DataError(
+            f"{source_key} gives {rows} {what}, fewer than one step needs "
+            f"({section}.num_workers={training.num_workers} x {section}.batch_size={training.batch_size} = {needed}); "
+            f"use more data or lower {section}.batch_size"
+        )
 
 
 # ------------------------------------------------------------- candidates
@@ -138,9 +151,7 @@ def evaluate(candidate: QuantizedModel, data: TokenizedData, cfg: ExperimentConf
 def write_checksums(folder: str) -> None:
     """Record the sha256 of every file in `folder`; serving refuses files that do not match."""
     sums = {p.name: _sha256(p) for p in sorted(Path(folder).iterdir()) if p.is_file() and p.name != CHECKSUMS_FILE}
-    tmp = Path(folder) / f".{CHECKSUMS_FILE}.tmp"
-    tmp.write_text(json.dumps(sums, indent=2))
-    os.replace(tmp, Path(folder) / CHECKSUMS_FILE)
+    write_json_atomic(Path(folder) / CHECKSUMS_FILE, sums)
 
 
 def verify_checksums(folder: str) -> None:

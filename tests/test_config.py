@@ -66,3 +66,19 @@ def test_cli_reports_a_bad_key_without_traceback(tmp_path):
     assert "pretrain.max_stepz: unknown key" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (Path(tmp_path) / "mlflow.db").exists()  # nothing started for a config that cannot run
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["serve"], ["runs"]])
+def test_help_says_what_each_command_does(command, tmp_path):
+    result = gptforge(*command, "--help", cwd=tmp_path, timeout=120)
+    assert result.returncode == 0
+    assert "usage: gptforge" in result.stdout
+    if command:
+        assert "EXPERIMENT" in result.stdout and "key=value" in result.stdout
+
+
+def test_serve_without_a_champion_says_so(tmp_path):
+    result = gptforge("serve", str(TINY_EXPERIMENT), f"workdir={tmp_path}", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert "no model version with alias 'champion'" in result.stderr
+    assert "gptforge run" in result.stderr and "Traceback" not in result.stderr

@@ -107,6 +107,24 @@ def test_champion_alias_points_at_the_winner(pipeline):
     assert version.tags["data.fingerprint"] == winner.data.tags["data.fingerprint"]
 
 
+def test_runs_lists_the_pipeline_run(pipeline):
+    parent, _ = _runs(pipeline)
+    result = gptforge("runs", str(TINY_EXPERIMENT), f"workdir={pipeline['workdir']}", cwd=pipeline["workdir"],
+                      timeout=120)
+    assert result.returncode == 0
+    assert parent.info.run_id in result.stdout and "FINISHED" in result.stdout
+
+
+def test_a_corpus_smaller_than_one_step_is_a_data_error(tmp_path):
+    corpus = tmp_path / "small"
+    corpus.mkdir()
+    (corpus / "notes.txt").write_text("def f(x):\n    return x + 1\n" * 100)  # a few rows of 129 tokens
+    result = gptforge("run", str(TINY_EXPERIMENT), f"data.source={corpus}", "data.val_fraction=0.3",
+                      f"workdir={tmp_path}", cwd=tmp_path, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "data.source gives" in result.stderr and "pretrain.batch_size" in result.stderr
+
+
 @pytest.fixture(scope="module")
 def endpoint(pipeline):
     """The champion served by Ray Serve from the run's registry, as `gptforge serve` does."""

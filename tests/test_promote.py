@@ -1,7 +1,8 @@
 """The promotion decision (pure) and the registry side effect on a real MLflow SQLite store."""
 import pytest
 
-from components.promote import Candidate, Policy, decide
+from components.config import PromoteConfig as Policy
+from components.promote import Candidate, decide
 from pipelines.tracking import CHAMPION, PREVIOUS, Tracker
 
 
