@@ -36,7 +36,7 @@ def run_pipeline(cfg: ExperimentConfig, progress: Progress) -> PipelineResult:
         out = workdir / "runs" / parent.run_id
         parent.log_params(common)
         parent.log_text(to_yaml(cfg), "experiment.yaml")
-        progress.say(f"MLflow run {parent.run_id} in {tracker.tracking_uri}")
+        progress.say(f"MLflow run {parent.run_id} in {tracker.run_url(parent.run_id) or tracker.tracking_uri}")
 
         # ------------------------------------------------------------ data
         progress.stage("prepare_data")

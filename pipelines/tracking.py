@@ -23,6 +23,9 @@ PREVIOUS = "previous"
 # MLflow logs database migrations at INFO and draws progress bars for artifact
 # downloads; neither helps someone watching a pipeline run.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Against a server, MLflow prints a "View run ... at" link for every run it ends;
+# gptforge prints the parent run's link once instead.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def _client(tracking_uri: str):
@@ -142,11 +145,11 @@ class Tracker:
             raise
         self.close_run(logger)
 
-    def child_runs(self, parent_run_id: str) -> list:
-        """The nested runs of a parent run (the stages and candidates)."""
-        return self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=1000
-        )
+    def run_url(self, run_id: str) -> str | None:
+        """The run's page in the MLflow UI, when tracking goes to a server."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return None
+        return f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
 
     # ---------------------------------------------------------------- registry
 
