@@ -30,36 +30,33 @@ def run_pipeline(cfg: ExperimentConfig, progress: Progress) -> PipelineResult:
     """Run every stage of `cfg` under one MLflow parent run. Ray must be initialised."""
     workdir = Path(cfg.workdir).resolve()
     tracker = Tracker(resolve_tracking_uri(cfg.workdir), cfg.name, artifact_location=str(workdir / "mlartifacts"))
-    common = flatten(cfg)
+    config_params = flatten(cfg)
 
-    with tracker.run(f"{cfg.name}-pipeline", stage="pipeline") as parent:
+    with tracker.run(f"{cfg.name}-pipeline", stage="pipeline", params=config_params) as parent:
         out = workdir / "runs" / parent.run_id
-        parent.log_params(common)
         parent.log_text(to_yaml(cfg), "experiment.yaml")
         progress.say(f"MLflow run {parent.run_id} in {tracker.run_url(parent.run_id) or tracker.tracking_uri}")
 
         # ------------------------------------------------------------ data
         progress.stage("prepare_data")
-        with tracker.run("prepare_data", parent, stage="prepare_data") as log:
-            log.log_params(common)
+        with tracker.run("prepare_data", parent, stage="prepare_data", params=config_params) as log:
             data = progress.during(lambda: run_task(stages.prepare_data, cfg, str(out / "data"), log), log)
             counts = stages.parameter_count_params(stages.model_config(cfg, data))
             log.log_params(counts)
         parent.log_params(counts)
+        params = {**config_params, **counts}  # every later run logs the config and the counts
         parent.set_tags({"data.fingerprint": data.fingerprint})
         progress.done(f"{data.stats['train_tokens']:,} train tokens, {data.stats['sft_train_pairs']:,} SFT pairs")
 
         # -------------------------------------------------------- training
         progress.stage(f"pretrain ({cfg.pretrain.num_workers} Ray Train workers, {counts['param_count.total']:,} params)")
-        with tracker.run("pretrain", parent, stage="pretrain") as log:
-            log.log_params({**common, **counts})
+        with tracker.run("pretrain", parent, stage="pretrain", params=params) as log:
             pretrained = progress.during(
                 lambda: stages.pretrain(cfg, data, str(workdir / "ray_results"), log), log, cfg.pretrain.max_steps)
         progress.done()
 
         progress.stage(f"finetune ({cfg.finetune.method}, {cfg.finetune.num_workers} worker)")
-        with tracker.run("finetune", parent, stage="finetune") as log:
-            log.log_params({**common, **counts})
+        with tracker.run("finetune", parent, stage="finetune", params=params) as log:
             finetuned = progress.during(
                 lambda: stages.finetune(cfg, data, pretrained, str(workdir / "ray_results"), log), log,
                 cfg.finetune.max_steps)
@@ -68,11 +65,9 @@ def run_pipeline(cfg: ExperimentConfig, progress: Progress) -> PipelineResult:
         # ------------------------------------------------------ candidates
         candidates = {}
         progress.stage(f"quantize ({', '.join(cfg.quantize.variants)})")
-        with tracker.run("quantize", parent, stage="quantize") as log:
-            log.log_params({**common, **counts})
+        with tracker.run("quantize", parent, stage="quantize", params=params) as log:
             for variant in cfg.quantize.variants:
-                run = tracker.open_run(f"candidate-{variant}", parent, stage="candidate")
-                run.log_params({**common, **counts})
+                run = tracker.open_run(f"candidate-{variant}", parent, stage="candidate", params=params)
                 run.set_tags({"data.fingerprint": data.fingerprint})
                 model = run_task(stages.quantize, finetuned, variant, str(out / "candidates" / variant), run)
                 log.log_metrics({f"quantize/{variant}/size_bytes": model.size_bytes})
@@ -81,8 +76,7 @@ def run_pipeline(cfg: ExperimentConfig, progress: Progress) -> PipelineResult:
 
         progress.stage("evaluate")
         reports = []
-        with tracker.run("evaluate", parent, stage="evaluate") as log:
-            log.log_params({**common, **counts})
+        with tracker.run("evaluate", parent, stage="evaluate", params=params) as log:
             for variant, (run, model) in candidates.items():
                 reports.append(run_task(stages.evaluate, model, data, cfg, run))
                 tracker.close_run(run)
@@ -92,8 +86,7 @@ def run_pipeline(cfg: ExperimentConfig, progress: Progress) -> PipelineResult:
 
         # ------------------------------------------------------- promotion
         progress.stage("promote")
-        with tracker.run("promote", parent, stage="promote") as log:
-            log.log_params({**common, **counts})
+        with tracker.run("promote", parent, stage="promote", params=params) as log:
             runs = {variant: run for variant, (run, _) in candidates.items()}
             decision, version = promotion.promote(tracker, cfg, reports, runs, data, log)
         progress.done(decision.reason)

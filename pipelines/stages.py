@@ -42,7 +42,9 @@ def prepare_data(cfg: ExperimentConfig, out_dir: str, logger: RunLogger) -> Toke
     )
     logger.log_metrics({f"data/{k}": v for k, v in result.stats.items()})
     logger.set_tags({"data.fingerprint": result.fingerprint})
-    logger.log_artifacts(out_dir, "data")  # tokenizer, manifest and shards: small at this scale
+    # The tokenizer and manifest describe the data; the shards stay in the workdir (they grow with the corpus).
+    for path in (result.tokenizer_uri, result.manifest_uri):
+        logger.log_artifact(path, "data")
     return result
 
 

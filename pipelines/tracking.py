@@ -72,6 +72,9 @@ class RunLogger:
     def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
         _client(self.tracking_uri).log_artifacts(self.run_id, local_dir, artifact_path)
 
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        _client(self.tracking_uri).log_artifact(self.run_id, local_path, artifact_path)
+
     def log_text(self, text: str, artifact_file: str) -> None:
         _client(self.tracking_uri).log_text(self.run_id, text, artifact_file)
 
@@ -107,8 +110,9 @@ class Tracker:
         else:
             self.experiment_id = experiment.experiment_id
 
-    def open_run(self, name: str, parent: RunLogger | None = None, stage: str | None = None) -> RunLogger:
-        """Create a run that stays open until `close_run` (or until an enclosing `run` fails)."""
+    def open_run(self, name: str, parent: RunLogger | None = None, stage: str | None = None,
+                 params: dict | None = None) -> RunLogger:
+        """Create a run, with `params` logged, that stays open until `close_run` (or an enclosing `run` fails)."""
         tags = {"mlflow.runName": name}
         if parent is not None:
             tags[PARENT_TAG] = parent.run_id
@@ -119,7 +123,10 @@ class Tracker:
             tags["mlflow.source.git.commit"] = commit
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
         self._open.append(run.info.run_id)
-        return RunLogger(self.tracking_uri, run.info.run_id)
+        logger = RunLogger(self.tracking_uri, run.info.run_id)
+        if params:
+            logger.log_params(params)
+        return logger
 
     def close_run(self, logger: RunLogger, status: str = "FINISHED") -> None:
         if logger.run_id in self._open:
@@ -127,14 +134,14 @@ class Tracker:
             self.client.set_terminated(logger.run_id, status)
 
     @contextlib.contextmanager
-    def run(self, name: str, parent: RunLogger | None = None, stage: str | None = None):
+    def run(self, name: str, parent: RunLogger | None = None, stage: str | None = None, params: dict | None = None):
         """A run that always ends: FINISHED, FAILED, or KILLED on Ctrl-C.
 
         A failure also ends, with the same status, every run opened inside this
         one and still open (candidate runs span several stages), so no run is
         left RUNNING after a crash.
         """
-        logger = self.open_run(name, parent, stage)
+        logger = self.open_run(name, parent, stage, params)
         try:
             yield logger
         except BaseException as error:
