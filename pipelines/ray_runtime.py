@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -107,12 +108,37 @@ def fit(spec: TrainSpec, train_uri: str, num_workers: int, use_gpu: bool, storag
         ),
         datasets={"train": dataset},
     )
-    result = trainer.fit()
+    result = _off_the_main_thread(trainer.fit)
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"training run {spec.name} finished without a checkpoint")
     return result.checkpoint.path
+
+
+def _off_the_main_thread(work: Callable):
+    """Run `work()` in a helper thread and wait for it.
+
+    On the main thread, TorchTrainer.fit installs its own SIGINT handler, which
+    exits the process (status 1) and stays installed after fit returns. Off the
+    main thread it does not, so Ctrl-C remains a KeyboardInterrupt here: the CLI
+    marks the MLflow runs KILLED and shutting Ray down stops the workers.
+    """
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as error:  # handed to the caller's thread below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, name="gptforge-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # short waits keep the main thread responsive to signals
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _train_loop_per_worker(config: dict) -> None:

@@ -195,3 +195,28 @@ def test_empty_corpus_fails_clearly_and_leaves_no_run_running(tmp_path):
     experiment = client.get_experiment_by_name("tiny")
     statuses = {r.info.status for r in client.search_runs([experiment.experiment_id])}
     assert statuses == {"FAILED"}
+
+
+def test_ctrl_c_during_training_exits_130_and_marks_runs_killed(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", "run", str(TINY_EXPERIMENT), *FAST_OVERRIDES,
+         "pretrain.max_steps=2000", f"workdir={tmp_path}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    seen = []
+    for line in process.stdout:  # wait until training really runs
+        seen.append(line)
+        if "/2000  loss" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 130, "".join(seen) + output
+    assert "interrupted" in output and "Traceback" not in output
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    statuses = {r.data.tags["mlflow.runName"]: r.info.status for r in runs}
+    assert statuses == {"tiny-pipeline": "KILLED", "prepare_data": "FINISHED", "pretrain": "KILLED"}
