@@ -150,12 +150,12 @@ def candidate_table(reports: list, winner: str) -> str:
 def _serve(args) -> int:
     from pipelines import ray_runtime, serving
     from pipelines.progress import Progress
-    from pipelines.tracking import download_model, resolve_tracking_uri
+    from pipelines.tracking import find_alias, resolve_tracking_uri
 
     cfg = _load(args)
     tracking_uri = resolve_tracking_uri(cfg.workdir)
     # Fail here, with a plain message, when nothing was promoted yet (not inside a Serve replica).
-    download_model(tracking_uri, cfg.name, args.alias)
+    find_alias(tracking_uri, cfg.name, args.alias)
     ray_runtime.init_ray(cfg.ray_num_cpus)
     try:
         _serve_forever(serving.RegistryLoader(tracking_uri, cfg.name, args.alias), cfg, Progress())

@@ -41,8 +41,8 @@ class FolderLoader:
     def __call__(self) -> LoadedModel:
         from tokenizers import Tokenizer
 
+        from components.files import verify_checksums
         from components.quantize import load_variant
-        from pipelines.stages import verify_checksums
 
         verify_checksums(self.folder)
         return LoadedModel(load_variant(self.folder), Tokenizer.from_file(f"{self.folder}/tokenizer.json"),

@@ -7,10 +7,7 @@ and the `RunLogger` of its MLflow run, and returns its own output record.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import replace
-from pathlib import Path
 
 from components import data as data_lib
 from components import evaluate as evaluate_lib
@@ -18,12 +15,11 @@ from components import model as gpt
 from components import quantize as quantize_lib
 from components.artifacts import Checkpoint, EvalReport, QuantizedModel, TokenizedData
 from components.config import ExperimentConfig
-from components.files import write_json_atomic
+from components.files import write_checksums
 from pipelines import ray_runtime
 from pipelines.tracking import RunLogger
 
 PROGRESS_TAG = "gptforge.progress"
-CHECKSUMS_FILE = "checksums.json"
 
 
 # ------------------------------------------------------------------- data
@@ -145,31 +141,3 @@ def evaluate(candidate: QuantizedModel, data: TokenizedData, cfg: ExperimentConf
     logger.log_metrics(metrics)
     logger.log_dict({"samples": report.samples}, "samples.json")
     return replace(report, metrics=metrics)
-
-
-# ------------------------------------------------------------- integrity
-
-
-def write_checksums(folder: str) -> None:
-    """Record the sha256 of every file in `folder`; serving refuses files that do not match."""
-    sums = {p.name: _sha256(p) for p in sorted(Path(folder).iterdir()) if p.is_file() and p.name != CHECKSUMS_FILE}
-    write_json_atomic(Path(folder) / CHECKSUMS_FILE, sums)
-
-
-def verify_checksums(folder: str) -> None:
-    """Raises ValueError naming the first file whose sha256 differs from checksums.json (or is missing)."""
-    path = Path(folder) / CHECKSUMS_FILE
-    if not path.exists():
-        raise ValueError(f"{folder}: no {CHECKSUMS_FILE}; refusing to load unverified weights")
-    for name, expected in json.loads(path.read_text()).items():
-        file = Path(folder) / name
-        if not file.exists() or _sha256(file) != expected:
-            raise ValueError(f"{file}: sha256 does not match {CHECKSUMS_FILE}; the artifact is damaged or altered")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -197,23 +197,28 @@ class Tracker:
         return dict(self.client.get_run(run_id).data.tags)
 
 
-def download_model(tracking_uri: str, model_name: str, alias: str = CHAMPION, dst_dir: str | None = None) -> tuple[str, object]:
-    """Download the files of the version `alias` points at; returns (local folder, model version).
+def find_alias(tracking_uri: str, model_name: str, alias: str = CHAMPION):
+    """The model version `alias` points at.
 
     Raises:
         LookupError: the model or alias does not exist (nothing promoted yet).
     """
-    import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    client = _client(tracking_uri)
     try:
-        version = client.get_model_version_by_alias(model_name, alias)
+        return _client(tracking_uri).get_model_version_by_alias(model_name, alias)
     except MlflowException:
         raise LookupError(
             f"no model version with alias {alias!r} for registered model {model_name!r} in {tracking_uri}; "
             f"run `gptforge run` first (or check MLFLOW_TRACKING_URI and the experiment name)"
         ) from None
+
+
+def download_model(tracking_uri: str, model_name: str, alias: str = CHAMPION, dst_dir: str | None = None) -> tuple[str, object]:
+    """Download the files of the version `alias` points at; returns (local folder, model version)."""
+    import mlflow.artifacts
+
+    version = find_alias(tracking_uri, model_name, alias)
     dst = dst_dir or tempfile.mkdtemp(prefix="gptforge-model-")
     folder = mlflow.artifacts.download_artifacts(artifact_uri=version.source, tracking_uri=tracking_uri, dst_path=dst)
     return folder, version
