@@ -121,7 +121,7 @@ def _run(args) -> int:
         progress.say(f"MLflow run: {result.run_id}  ({result.tracking_uri})")
         progress.say(f"total time: {time.perf_counter() - started:.0f}s")
         if args.serve:
-            loader = serving.RegistryLoader(result.tracking_uri, result.model_name)
+            loader = serving.RegistryLoader(result.tracking_uri, result.model_name, _serving_cache(cfg))
             _serve_forever(loader, cfg, progress)
         else:
             progress.say("serve it with: gptforge serve" + (f" {args.experiment}" if args.experiment else ""))
@@ -158,10 +158,15 @@ def _serve(args) -> int:
     find_alias(tracking_uri, cfg.name, args.alias)
     ray_runtime.init_ray(cfg.ray_num_cpus)
     try:
-        _serve_forever(serving.RegistryLoader(tracking_uri, cfg.name, args.alias), cfg, Progress())
+        loader = serving.RegistryLoader(tracking_uri, cfg.name, _serving_cache(cfg), args.alias)
+        _serve_forever(loader, cfg, Progress())
     finally:
         ray_runtime.shutdown_ray()
     return 0
+
+
+def _serving_cache(cfg: ExperimentConfig) -> str:
+    return str(Path(cfg.workdir).resolve() / "serving")
 
 
 def _serve_forever(loader, cfg: ExperimentConfig, progress) -> None:

@@ -10,10 +10,13 @@ Every request is validated; bad input gets a 4xx with a message, never a 5xx.
 # No `from __future__ import annotations` here: FastAPI must see the real request
 # type on the endpoint, or it reads `request` as a query parameter.
 import logging
+import os
+import shutil
 import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict
@@ -51,17 +54,30 @@ class FolderLoader:
 
 @dataclass(frozen=True)
 class RegistryLoader:
-    """Load the version an alias of a registered model points at (by default `champion`)."""
+    """Load the version an alias of a registered model points at (by default `champion`).
+
+    Files are downloaded once per version into `cache_dir/<name>-v<version>` and
+    checked against their sha256 at every load.
+    """
 
     tracking_uri: str
     model_name: str
+    cache_dir: str
     alias: str = "champion"
 
     def __call__(self) -> LoadedModel:
-        from pipelines.tracking import download_model
+        from pipelines.tracking import download_version, find_alias
 
-        folder, version = download_model(self.tracking_uri, self.model_name, self.alias)
-        return FolderLoader(folder, f"{self.model_name}:v{version.version}")()
+        version = find_alias(self.tracking_uri, self.model_name, self.alias)
+        target = Path(self.cache_dir) / f"{self.model_name}-v{version.version}"
+        if not (target / "checksums.json").exists():
+            staging = target.with_name(target.name + ".download")
+            shutil.rmtree(staging, ignore_errors=True)
+            folder = download_version(self.tracking_uri, version, str(staging))
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(folder, target)  # a complete folder or none under the final name
+            shutil.rmtree(staging, ignore_errors=True)
+        return FolderLoader(str(target), f"{self.model_name}:v{version.version}")()
 
 
 class CompletionRequest(BaseModel):

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,14 +213,11 @@ def find_alias(tracking_uri: str, model_name: str, alias: str = CHAMPION):
         ) from None
 
 
-def download_model(tracking_uri: str, model_name: str, alias: str = CHAMPION, dst_dir: str | None = None) -> tuple[str, object]:
-    """Download the files of the version `alias` points at; returns (local folder, model version)."""
+def download_version(tracking_uri: str, version, dst_dir: str) -> str:
+    """Download the files of a model version (from `find_alias`) under `dst_dir`; returns their folder."""
     import mlflow.artifacts
 
-    version = find_alias(tracking_uri, model_name, alias)
-    dst = dst_dir or tempfile.mkdtemp(prefix="gptforge-model-")
-    folder = mlflow.artifacts.download_artifacts(artifact_uri=version.source, tracking_uri=tracking_uri, dst_path=dst)
-    return folder, version
+    return mlflow.artifacts.download_artifacts(artifact_uri=version.source, tracking_uri=tracking_uri, dst_path=dst_dir)
 
 
 def list_runs(tracking_uri: str, experiment_name: str, max_results: int = 20) -> list:

@@ -40,14 +40,6 @@ def gptforge(*args: str, cwd: Path, timeout: float = 900, env: dict | None = Non
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def tiny_gpt():
-    from components.model import GPT, GPTConfig
-
-    torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=8))
-
-
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests skip, with the reason shown, where CUDA is not available."""
     if torch.cuda.is_available():

@@ -134,7 +134,8 @@ def endpoint(pipeline):
     serve_cfg = type(cfg.serve)(port=free_port())
     ray_runtime.init_ray(cfg.ray_num_cpus)
     try:
-        loader = serving.RegistryLoader(str(pipeline["client"].tracking_uri), cfg.name)
+        loader = serving.RegistryLoader(str(pipeline["client"].tracking_uri), cfg.name,
+                                        str(pipeline["workdir"] / "serving"))
         yield serving.deploy(loader, serve_cfg)
     finally:
         serving.shutdown()

@@ -4,7 +4,7 @@ import os
 import pytest
 from mlflow import MlflowClient
 
-from pipelines.tracking import download_model
+from pipelines.tracking import download_version, find_alias
 from tests.conftest import FAST_OVERRIDES, TINY_EXPERIMENT, gptforge
 
 pytestmark = pytest.mark.integration
@@ -22,7 +22,8 @@ def test_pipeline_against_an_mlflow_server(tmp_path, mlflow_server):
 
     client = MlflowClient(mlflow_server)
     version = client.get_model_version_by_alias("tiny", "champion")
-    folder, served = download_model(mlflow_server, "tiny")
+    served = find_alias(mlflow_server, "tiny")
     assert served.version == version.version
+    folder = download_version(mlflow_server, served, str(tmp_path / "download"))
     names = set(os.listdir(folder))
     assert {"model.safetensors", "config.json", "tokenizer.json", "checksums.json"} <= names
