@@ -13,9 +13,10 @@ from pathlib import Path
 
 from components.config import ConfigError, ExperimentConfig, load_config
 from components.data import DataError
+from pipelines.serving import ServeError
 
 DEFAULT_EXPERIMENT = "experiments/tiny.yaml"
-USER_ERRORS = (ConfigError, DataError, LookupError)
+USER_ERRORS = (ConfigError, DataError, LookupError, ServeError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ Every request is validated; bad input gets a 4xx with a message, never a 5xx.
 import logging
 import os
 import shutil
+import socket
 import time
 import urllib.request
 import uuid
@@ -183,6 +184,7 @@ def deploy(loader, cfg: ServeConfig, timeout_s: float = 120.0) -> str:
     from ray import serve
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    _check_port_free(cfg.host, cfg.port)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     limits = {"max_prompt_chars": cfg.max_prompt_chars, "max_tokens_cap": cfg.max_tokens_cap}
     app = _deployment().options(ray_actor_options={"num_cpus": cfg.num_cpus}).bind(loader, limits)
@@ -190,6 +192,20 @@ def deploy(loader, cfg: ServeConfig, timeout_s: float = 120.0) -> str:
     url = f"http://{cfg.host}:{cfg.port}"
     _wait_healthy(url, timeout_s)
     return url
+
+
+class ServeError(RuntimeError):
+    """The endpoint cannot start for a reason the user can fix (a busy port)."""
+
+
+def _check_port_free(host: str, port: int) -> None:
+    # Serve's proxy would fail to bind in the background and leave us waiting for /healthz.
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as error:
+            raise ServeError(f"cannot serve on {host}:{port} ({error.strerror}); stop what uses the port "
+                             f"or pick another with serve.port=PORT") from None
 
 
 def _wait_healthy(url: str, timeout_s: float) -> None:
