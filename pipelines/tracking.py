@@ -192,9 +192,6 @@ class Tracker:
     def run_metrics(self, run_id: str) -> dict:
         return dict(self.client.get_run(run_id).data.metrics)
 
-    def run_tags(self, run_id: str) -> dict:
-        return dict(self.client.get_run(run_id).data.tags)
-
 
 def find_alias(tracking_uri: str, model_name: str, alias: str = CHAMPION):
     """The model version `alias` points at.
