@@ -67,11 +67,12 @@ class RegistryLoader:
     alias: str = "champion"
 
     def __call__(self) -> LoadedModel:
+        from components.files import CHECKSUMS_FILE
         from pipelines.tracking import download_version, find_alias
 
         version = find_alias(self.tracking_uri, self.model_name, self.alias)
         target = Path(self.cache_dir) / f"{self.model_name}-v{version.version}"
-        if not (target / "checksums.json").exists():
+        if not (target / CHECKSUMS_FILE).exists():
             staging = target.with_name(target.name + ".download")
             shutil.rmtree(staging, ignore_errors=True)
             folder = download_version(self.tracking_uri, version, str(staging))

@@ -175,11 +175,9 @@ class Tracker:
 
     def alias_version(self, model_name: str, alias: str):
         """The model version an alias points at, or None."""
-        from mlflow.exceptions import MlflowException
-
         try:
-            return self.client.get_model_version_by_alias(model_name, alias)
-        except MlflowException:
+            return find_alias(self.tracking_uri, model_name, alias)
+        except LookupError:
             return None
 
     def move_champion(self, model_name: str, version: str) -> None:

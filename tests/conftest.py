@@ -33,11 +33,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipelines.cli", *args]
+
+
+def cli_env(extra: dict | None = None) -> dict:
+    """The environment for a CLI run: MLflow on its default local store and an embedded Ray, unless `extra` says otherwise."""
+    return {**{k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}, **(extra or {})}
+
+
 def gptforge(*args: str, cwd: Path, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the CLI in a fresh process; MLflow on its default local store unless `env` says otherwise."""
-    env = {**{k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    """Run the CLI in a fresh process and wait for it."""
+    return subprocess.run(cli_command(*args), cwd=cwd, env=cli_env(env), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 
 from components.config import load_config
 from pipelines.tracking import STAGE_TAG
-from tests.conftest import FAST_OVERRIDES, TINY_EXPERIMENT, free_port, gptforge
+from tests.conftest import FAST_OVERRIDES, TINY_EXPERIMENT, cli_command, cli_env, free_port, gptforge
 
 pytestmark = pytest.mark.integration
 
@@ -201,12 +201,10 @@ def test_empty_corpus_fails_clearly_and_leaves_no_run_running(tmp_path):
 def test_ctrl_c_during_training_exits_130_and_marks_runs_killed(tmp_path):
     import signal
     import subprocess
-    import sys
 
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", "run", str(TINY_EXPERIMENT), *FAST_OVERRIDES,
-         "pretrain.max_steps=2000", f"workdir={tmp_path}"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cli_command("run", str(TINY_EXPERIMENT), *FAST_OVERRIDES, "pretrain.max_steps=2000", f"workdir={tmp_path}"),
+        cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     seen = []
     for line in process.stdout:  # wait until training really runs
