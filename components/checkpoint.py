@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +34,7 @@ ADAPTER_MARK = "lora_"  # parameter names of LoRA adapters (components/finetune.
 
 def save(folder: str | None, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
          data_position: dict, fresh_module: Callable[[], nn.Module],
-         export: Callable[[nn.Module], gpt.GPT] = lambda m: m) -> None:
+         export: Callable[[nn.Module], gpt.GPT] = lambda m: m, extra_files: tuple[str, ...] = ()) -> None:
     """Write a checkpoint of `model` (as `parallelize` returned it) at `step` into `folder`.
 
     Args:
@@ -43,6 +44,7 @@ def save(folder: str | None, model: nn.Module, optimizer: torch.optim.Optimizer,
             LoRA adapters when fine-tuning with LoRA); built on the meta device, so free.
         export: turns that module into the plain GPT stored as the model file
             (`components.finetune.merge_lora` for LoRA).
+        extra_files: copied in as they are (the tokenizer).
     """
     model_state, optimizer_state = _full_state_dicts(model, optimizer)
     ranks = _gather({"rng": _rng_state(), "data": data_position})
@@ -58,6 +60,8 @@ def save(folder: str | None, model: nn.Module, optimizer: torch.optim.Optimizer,
     adapters = {k: v for k, v in model_state.items() if ADAPTER_MARK in k}
     torch.save({"step": step, "optimizer": optimizer_state, "ranks": ranks, "adapters": adapters},
                os.path.join(folder, TRAINER_STATE_FILE))
+    for path in extra_files:
+        shutil.copy(path, folder)
     write_manifest(folder, step)
 
 

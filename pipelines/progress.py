@@ -12,8 +12,7 @@ import threading
 import time
 from typing import Callable, TextIO
 
-from pipelines.stages import PROGRESS_TAG
-from pipelines.tracking import RunLogger
+from pipelines.tracking import PROGRESS_TAG, RunLogger
 
 
 class Progress:

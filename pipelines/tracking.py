@@ -16,6 +16,7 @@ from pathlib import Path
 
 PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG = "gptforge.stage"
+PROGRESS_TAG = "gptforge.progress"  # a stage's latest progress message, which the CLI prints
 CHAMPION = "champion"
 PREVIOUS = "previous"
 
@@ -88,6 +89,57 @@ class RunLogger:
         """(metrics, tags) of the run as they are now; the CLI shows progress from them."""
         data = _client(self.tracking_uri).get_run(self.run_id).data
         return dict(data.metrics), dict(data.tags)
+
+
+class MetricsBuffer:
+    """A training worker's metrics, sent to MLflow in batches from a background thread.
+
+    Logging a step then costs the training loop a list append, not a database write
+    (tens of milliseconds, more than a whole GPU step). `latest` holds the newest values.
+    """
+
+    def __init__(self, logger: RunLogger, interval_s: float = 1.0):
+        import threading
+
+        self.logger = logger
+        self.latest: dict = {}
+        self._pending: list = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval_s,), name="gptforge-metrics", daemon=True)
+        self._thread.start()
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.latest = dict(metrics)
+        with self._lock:
+            self._pending.append((dict(metrics), step))
+
+    def flush(self) -> None:
+        """Send everything logged so far; returns when MLflow has it."""
+        from mlflow.entities import Metric
+        import time
+
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if not pending:
+            return
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for metrics, step in pending for k, v in metrics.items()]
+        client = _client(self.logger.tracking_uri)
+        for start in range(0, len(batch), 1000):  # log_batch takes at most 1000 metrics per call
+            client.log_batch(self.logger.run_id, metrics=batch[start : start + 1000])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.flush()
+
+    def _run(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - a busy store must not kill training; the next flush retries
+                logging.getLogger(__name__).warning("could not log metrics to MLflow; retrying", exc_info=True)
 
 
 class Tracker:
