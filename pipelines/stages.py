@@ -37,6 +37,7 @@ def prepare_data(cfg: ExperimentConfig, out_dir: str, logger: RunLogger) -> Toke
         progress=lambda message: logger.set_tags({PROGRESS_TAG: message}),
     )
     logger.log_metrics({f"data/{k}": v for k, v in result.stats.items()})
+    logger.log_params(parameter_count_params(model_config(cfg, result)))
     logger.set_tags({"data.fingerprint": result.fingerprint})
     # The tokenizer and manifest describe the data; the shards stay in the workdir (they grow with the corpus).
     for path in (result.tokenizer_uri, result.manifest_uri):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG = "gptforge.stage"
+OUTPUT_TAG = "gptforge.output"  # a finished stage's output record (JSON), what --resume reuses
 PROGRESS_TAG = "gptforge.progress"  # a stage's latest progress message, which the CLI prints
 CHAMPION = "champion"
 PREVIOUS = "previous"
@@ -81,6 +82,10 @@ class RunLogger:
     def log_dict(self, data, artifact_file: str) -> None:
         _client(self.tracking_uri).log_dict(self.run_id, data, artifact_file)
 
+    def record_output(self, record_json: str) -> None:
+        """Keep the stage's output record (`components.artifacts.to_json`) on its run for --resume."""
+        self.set_tags({OUTPUT_TAG: record_json})
+
     def latest_metrics(self) -> dict:
         """The newest value of every metric of the run."""
         return self.snapshot()[0]
@@ -142,6 +147,32 @@ class MetricsBuffer:
                 logging.getLogger(__name__).warning("could not log metrics to MLflow; retrying", exc_info=True)
 
 
+@dataclass(frozen=True)
+class StageRun:
+    run_id: str
+    status: str  # FINISHED, RUNNING (its driver was killed), KILLED, FAILED
+    output: str | None  # the recorded output (JSON) of a finished stage
+
+
+@dataclass(frozen=True)
+class InterruptedRun:
+    """A pipeline run that did not finish: what `gptforge run --resume` continues."""
+
+    run_id: str
+    experiment_yaml: str  # the resolved config it ran with
+    stages: dict  # stage name -> StageRun (the newest run of each stage)
+    running: tuple = ()  # ids of child runs still marked RUNNING (their driver was killed)
+
+    def finished_output(self, stage: str) -> str | None:
+        run = self.stages.get(stage)
+        return run.output if run is not None and run.status == "FINISHED" else None
+
+    def unfinished_run(self, stage: str) -> str | None:
+        """The run of `stage` that was interrupted, to continue rather than start again."""
+        run = self.stages.get(stage)
+        return run.run_id if run is not None and run.status != "FINISHED" else None
+
+
 class Tracker:
     """The driver's side: experiment set-up, the run tree, and the model registry."""
 
@@ -184,15 +215,23 @@ class Tracker:
             self._open.remove(logger.run_id)
             self.client.set_terminated(logger.run_id, status)
 
+    def reopen_run(self, run_id: str) -> RunLogger:
+        """Mark an interrupted run RUNNING again (for --resume); it stays open until `close_run`."""
+        self.client.update_run(run_id, status="RUNNING")
+        self._open.append(run_id)
+        return RunLogger(self.tracking_uri, run_id)
+
     @contextlib.contextmanager
-    def run(self, name: str, parent: RunLogger | None = None, stage: str | None = None, params: dict | None = None):
+    def run(self, name: str, parent: RunLogger | None = None, stage: str | None = None, params: dict | None = None,
+            reopen: str | None = None):
         """A run that always ends: FINISHED, FAILED, or KILLED on Ctrl-C.
 
+        With `reopen`, that existing run continues instead of a new one being created.
         A failure also ends, with the same status, every run opened inside this
         one and still open (candidate runs span several stages), so no run is
         left RUNNING after a crash.
         """
-        logger = self.open_run(name, parent, stage, params)
+        logger = self.reopen_run(reopen) if reopen else self.open_run(name, parent, stage, params)
         try:
             yield logger
         except BaseException as error:
@@ -202,6 +241,46 @@ class Tracker:
                 self.close_run(RunLogger(self.tracking_uri, run_id), status)
             raise
         self.close_run(logger)
+
+    def interrupted_pipeline(self, run_id: str | None = None) -> InterruptedRun:
+        """The pipeline run to resume: `run_id`, or the newest one of this experiment that did not finish.
+
+        Raises:
+            LookupError: no such run, or it finished (nothing to resume).
+        """
+        from mlflow.exceptions import MlflowException
+
+        if run_id is None:
+            runs = list_runs(self.tracking_uri, self.experiment_name, max_results=1000)
+            unfinished = [r for r in runs if r.info.status != "FINISHED"]
+            if not unfinished:
+                raise LookupError(f"no interrupted run of experiment {self.experiment_name!r} in "
+                                  f"{self.tracking_uri} to resume; start one with `gptforge run`")
+            parent = unfinished[0]
+        else:
+            try:
+                parent = self.client.get_run(run_id)
+            except MlflowException:
+                raise LookupError(f"no run {run_id} in {self.tracking_uri}") from None
+            if parent.data.tags.get(PARENT_TAG) or parent.info.experiment_id != self.experiment_id:
+                raise LookupError(f"run {run_id} is not a pipeline run of experiment {self.experiment_name!r}")
+            if parent.info.status == "FINISHED":
+                raise LookupError(f"run {run_id} finished; there is nothing to resume")
+        children = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'", max_results=1000)
+        stages = {}
+        running = tuple(c.info.run_id for c in children if c.info.status == "RUNNING")
+        for child in sorted(children, key=lambda r: r.info.start_time):  # the newest run of a stage wins
+            stage = child.data.tags.get(STAGE_TAG)
+            if stage:
+                stages[stage] = StageRun(child.info.run_id, child.info.status, child.data.tags.get(OUTPUT_TAG))
+        yaml_text = self.client.download_artifacts(parent.info.run_id, "experiment.yaml")
+        return InterruptedRun(parent.info.run_id, Path(yaml_text).read_text(), stages, running)
+
+    def end_runs(self, run_ids, status: str) -> None:
+        """Mark runs that no process will continue (status KILLED, FAILED, ...)."""
+        for run_id in run_ids:
+            self.client.set_terminated(run_id, status)
 
     def run_url(self, run_id: str) -> str | None:
         """The run's page in the MLflow UI, when tracking goes to a server."""
