@@ -248,7 +248,10 @@ def _train_loop_per_worker(config: dict) -> None:
     else:
         _gather_pids()
 
+    latest: dict = {}  # the newest metrics, reported to Ray Train with each checkpoint
+
     def log(metrics: dict, step: int) -> None:
+        latest.update(metrics)
         if logger is not None:
             logger.log(metrics, step)
 
@@ -260,7 +263,7 @@ def _train_loop_per_worker(config: dict) -> None:
             if logger is not None:
                 logger.flush()  # the metrics up to this checkpoint are in MLflow before it counts
             # Every rank reports; only rank 0 has a folder, which Ray Train copies into its storage.
-            ray.train.report({"step": step, **(logger.latest if logger else {})},
+            ray.train.report({**latest, "step": step},
                              checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
         finally:
             if folder:
