@@ -115,3 +115,27 @@ def test_a_worker_killed_mid_run_is_replaced_and_training_continues(setup):
     steps = [s for s, _ in _history(setup, log.run_id, "train/step")]
     assert max(steps) == 60
     assert all(math.isfinite(v) for _, v in _history(setup, log.run_id, "train/loss"))
+
+
+def test_lora_fine_tuning_under_fsdp_saves_a_merged_plain_model(setup):
+    """Fine-tuning shares the loop and its options: LoRA adapters on a sharded model, merged at the end."""
+    import torch
+
+    from components.finetune import LoRALinear
+    from components.model import GPT, load_model, save_model
+
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(block_size=BLOCK, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32))
+    save_model(base, str(setup["tmp"] / "base"))
+    with setup["tracker"].run("finetune-fsdp-lora") as log:
+        spec = _spec(setup, log, "fsdp", max_steps=10, checkpoint_every=5)
+        spec = ray_runtime.TrainSpec(**{**spec.__dict__, "init_from": str(setup["tmp"] / "base"),
+                                        "lora": {"rank": 4, "alpha": 8.0}})
+        result = ray_runtime.fit(spec, setup["train"], setup["val"], ray_runtime.Workers(num_workers=2),
+                                 str(setup["tmp"] / "ray"))
+    losses = [v for _, v in sorted(_history(setup, log.run_id, "train/loss"))]
+    assert losses[-1] < losses[0]
+    tuned = load_model(result.checkpoint)  # a plain GPT: the adapters are merged into its weights
+    assert not any(isinstance(m, LoRALinear) for m in tuned.modules())
+    changed = [n for n, p in tuned.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
+    assert changed and all(".h." in n and n.endswith(".weight") for n in changed)  # only the adapted Linears
