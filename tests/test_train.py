@@ -186,3 +186,15 @@ def test_an_incomplete_checkpoint_folder_is_not_used(tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
     assert checkpoint.step_of(tmp_path / "c10") is None
     assert checkpoint.newest(checkpoint.find_under(tmp_path)) == (str(tmp_path / "c5"), 5)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one():
+    """torch.compile on the CPU (slow: the first steps compile for tens of seconds)."""
+    from components.parallel import FP32, parallelize
+
+    eager, compiled = _tiny_model(), parallelize(_tiny_model(), "ddp", torch.device("cpu"), FP32, compile=True)
+    logs = {"eager": [], "compiled": []}
+    for name, model in (("eager", eager), ("compiled", compiled)):
+        train(model, _batches(), _loop(20), Hooks(log=lambda m, s, name=name: logs[name].append(m["train/loss"])))
+    assert logs["compiled"] == pytest.approx(logs["eager"], rel=1e-3)
