@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,9 @@ PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG = "gptforge.stage"
 CHAMPION = "champion"
 PREVIOUS = "previous"
+# Model version tag: sha256 of the version's checksums.json, recorded at registration.
+# The registry (the tracking database) pins what the artifact store must hold.
+CHECKSUMS_TAG = "checksums.sha256"
 
 # MLflow logs database migrations at INFO and draws progress bars for artifact
 # downloads; neither helps someone watching a pipeline run.
@@ -25,6 +29,54 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # Against a server, MLflow prints a "View run ... at" link for every run it ends;
 # gptforge prints the parent run's link once instead.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+class TrackingError(RuntimeError):
+    """The tracking server or model registry did not answer; nothing was changed by the failed call."""
+
+
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+_SECRET_QUERY = re.compile(
+    r"(?P<key>[?&;][^=&\s]*(?:token|password|passwd|pwd|secret|key|sig|signature|credential|auth)[^=&\s]*=)"
+    r"[^&#\s]*", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` with the secrets of every URI in it replaced by `***`: for anything printed or logged.
+
+    `http://user:pw@host` -> `http://user:***@host`; `postgresql://user:pw@host/db` likewise; a
+    user part alone (often a token) -> `***@host`; query values such as `?token=...` -> `***`.
+    """
+    def userinfo(match: re.Match) -> str:
+        user, colon, _ = match["userinfo"].partition(":")
+        return f"{match['scheme']}{user}:***@" if colon else f"{match['scheme']}***@"
+
+    return _SECRET_QUERY.sub(r"\g<key>***", _USERINFO.sub(userinfo, str(text)))
+
+
+def _is_not_found(error) -> bool:
+    """An MlflowException that means "this model, version or alias does not exist"."""
+    return getattr(error, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
+@contextlib.contextmanager
+def _registry_call(tracking_uri: str, what: str):
+    """Turn any error but "does not exist" into a TrackingError naming the server (redacted)."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - MlflowException, or requests/SQLAlchemy errors beneath it
+        if _is_not_found(error):
+            raise
+        raise TrackingError(
+            f"the MLflow tracking server {redact(tracking_uri)} failed while {what}: "
+            f"{redact(_first_line(error))}; nothing was changed in the registry. "
+            f"Check that it is running and reachable (MLFLOW_TRACKING_URI), then run again"
+        ) from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]
 
 
 def _client(tracking_uri: str):
@@ -98,16 +150,17 @@ class Tracker:
         self.experiment_name = experiment_name
         self.client = _client(tracking_uri)
         self._open: list[str] = []  # ids of runs created here and not yet ended, oldest first
-        experiment = self.client.get_experiment_by_name(experiment_name)
-        if experiment is None:
-            # An explicit location keeps artifacts beside the SQLite file instead of ./mlruns
-            # under whatever folder the user ran from. A server chooses its own.
-            location = None
-            if artifact_location and tracking_uri.startswith("sqlite:"):
-                location = Path(artifact_location).resolve().as_uri()
-            self.experiment_id = self.client.create_experiment(experiment_name, artifact_location=location)
-        else:
-            self.experiment_id = experiment.experiment_id
+        with _registry_call(tracking_uri, f"opening experiment {experiment_name!r}"):
+            experiment = self.client.get_experiment_by_name(experiment_name)
+            if experiment is None:
+                # An explicit location keeps artifacts beside the SQLite file instead of ./mlruns
+                # under whatever folder the user ran from. A server chooses its own.
+                location = None
+                if artifact_location and tracking_uri.startswith("sqlite:"):
+                    location = Path(artifact_location).resolve().as_uri()
+                self.experiment_id = self.client.create_experiment(experiment_name, artifact_location=location)
+            else:
+                self.experiment_id = experiment.experiment_id
 
     def open_run(self, name: str, parent: RunLogger | None = None, stage: str | None = None,
                  params: dict | None = None) -> RunLogger:
@@ -147,7 +200,12 @@ class Tracker:
             status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
             first = self._open.index(logger.run_id)
             for run_id in reversed(self._open[first:]):
-                self.close_run(RunLogger(self.tracking_uri, run_id), status)
+                try:
+                    self.close_run(RunLogger(self.tracking_uri, run_id), status)
+                except Exception as close_error:  # noqa: BLE001 - the server may be what failed; keep the cause
+                    self._open.remove(run_id)
+                    logging.getLogger(__name__).warning("could not mark run %s %s: %s", run_id, status,
+                                                        redact(_first_line(close_error)))
             raise
         self.close_run(logger)
 
@@ -155,26 +213,37 @@ class Tracker:
         """The run's page in the MLflow UI, when tracking goes to a server."""
         if not self.tracking_uri.startswith(("http://", "https://")):
             return None
-        return f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return redact(f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}")
 
     # ---------------------------------------------------------------- registry
 
     def register(self, model_name: str, run_id: str, artifact_path: str, tags: dict) -> str:
-        """Register the folder `artifact_path` of `run_id` as a new version; returns the version."""
+        """Register the folder `artifact_path` of `run_id` as a new version; returns the version.
+
+        Raises:
+            TrackingError: the registry failed (anything but "the model does not exist yet").
+        """
         from mlflow.exceptions import MlflowException
 
-        try:
-            self.client.get_registered_model(model_name)
-        except MlflowException:
-            self.client.create_registered_model(model_name, description="gptforge champion/challenger line")
-        version = self.client.create_model_version(
-            model_name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id,
-            tags={k: str(v) for k, v in tags.items()},
-        )
+        with _registry_call(self.tracking_uri, f"registering a version of {model_name!r}"):
+            try:
+                self.client.get_registered_model(model_name)
+            except MlflowException as error:
+                if not _is_not_found(error):
+                    raise
+                self.client.create_registered_model(model_name, description="gptforge champion/challenger line")
+            version = self.client.create_model_version(
+                model_name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id,
+                tags={k: str(v) for k, v in tags.items()},
+            )
         return version.version
 
     def alias_version(self, model_name: str, alias: str):
-        """The model version an alias points at, or None."""
+        """The model version an alias points at, or None when the model or alias does not exist.
+
+        Raises:
+            TrackingError: the registry failed; that is not the same as "no champion yet".
+        """
         try:
             return find_alias(self.tracking_uri, model_name, alias)
         except LookupError:
@@ -183,12 +252,18 @@ class Tracker:
     def move_champion(self, model_name: str, version: str) -> None:
         """Point `champion` at `version`; the old champion becomes `previous` (for rollback)."""
         old = self.alias_version(model_name, CHAMPION)
-        if old is not None and old.version != version:
-            self.client.set_registered_model_alias(model_name, PREVIOUS, old.version)
-        self.client.set_registered_model_alias(model_name, CHAMPION, version)
+        with _registry_call(self.tracking_uri, f"moving the {CHAMPION!r} alias of {model_name!r}"):
+            if old is not None and old.version != version:
+                self.client.set_registered_model_alias(model_name, PREVIOUS, old.version)
+            self.client.set_registered_model_alias(model_name, CHAMPION, version)
+
+    def run_tags(self, run_id: str) -> dict:
+        with _registry_call(self.tracking_uri, f"reading run {run_id}"):
+            return dict(self.client.get_run(run_id).data.tags)
 
     def run_metrics(self, run_id: str) -> dict:
-        return dict(self.client.get_run(run_id).data.metrics)
+        with _registry_call(self.tracking_uri, f"reading run {run_id}"):
+            return dict(self.client.get_run(run_id).data.metrics)
 
 
 def find_alias(tracking_uri: str, model_name: str, alias: str = CHAMPION):
@@ -196,14 +271,16 @@ def find_alias(tracking_uri: str, model_name: str, alias: str = CHAMPION):
 
     Raises:
         LookupError: the model or alias does not exist (nothing promoted yet).
+        TrackingError: any other failure (server unreachable, 5xx, a broken store).
     """
     from mlflow.exceptions import MlflowException
 
     try:
-        return _client(tracking_uri).get_model_version_by_alias(model_name, alias)
-    except MlflowException:
+        with _registry_call(tracking_uri, f"looking up {model_name}@{alias}"):
+            return _client(tracking_uri).get_model_version_by_alias(model_name, alias)
+    except MlflowException:  # only "does not exist" gets past _registry_call
         raise LookupError(
-            f"no model version with alias {alias!r} for registered model {model_name!r} in {tracking_uri}; "
+            f"no model version with alias {alias!r} for registered model {model_name!r} in {redact(tracking_uri)}; "
             f"run `gptforge run` first (or check MLFLOW_TRACKING_URI and the experiment name)"
         ) from None
 
@@ -212,7 +289,9 @@ def download_version(tracking_uri: str, version, dst_dir: str) -> str:
     """Download the files of a model version (from `find_alias`) under `dst_dir`; returns their folder."""
     import mlflow.artifacts
 
-    return mlflow.artifacts.download_artifacts(artifact_uri=version.source, tracking_uri=tracking_uri, dst_path=dst_dir)
+    with _registry_call(tracking_uri, f"downloading {version.source}"):
+        return mlflow.artifacts.download_artifacts(artifact_uri=version.source, tracking_uri=tracking_uri,
+                                                   dst_path=dst_dir)
 
 
 def list_runs(tracking_uri: str, experiment_name: str, max_results: int = 20) -> list:
