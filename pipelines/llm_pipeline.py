@@ -13,7 +13,7 @@ from components.config import ExperimentConfig, flatten, to_yaml
 from pipelines import promotion, stages
 from pipelines.progress import Progress
 from pipelines.ray_runtime import run_task
-from pipelines.tracking import Tracker, resolve_tracking_uri
+from pipelines.tracking import Tracker, redact, resolve_tracking_uri
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def run_pipeline(cfg: ExperimentConfig, progress: Progress) -> PipelineResult:
     with tracker.run(f"{cfg.name}-pipeline", stage="pipeline", params=config_params) as parent:
         out = workdir / "runs" / parent.run_id
         parent.log_text(to_yaml(cfg), "experiment.yaml")
-        progress.say(f"MLflow run {parent.run_id} in {tracker.run_url(parent.run_id) or tracker.tracking_uri}")
+        progress.say(f"MLflow run {parent.run_id} in {tracker.run_url(parent.run_id) or redact(tracker.tracking_uri)}")
 
         # ------------------------------------------------------------ data
         progress.stage("prepare_data")

@@ -173,16 +173,18 @@ def _train_loop_per_worker(config: dict) -> None:
     ))
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
-        if rank == 0:
-            spec.logger.log_metrics(metrics, step=int(metrics["train/step"]))
-        # Metrics go to MLflow (above); Ray Train only hears of checkpoints. Its report()
-        # waits for the controller's poll, which would throttle per-step reporting (NOTES.md).
-        # Every rank reports the final step; only rank 0 has a checkpoint folder.
-        if metrics["train/step"] == spec.loop["max_steps"]:
-            checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-            ray.train.report(metrics, checkpoint=checkpoint)  # copies the checkpoint into Ray Train storage
-        if checkpoint_dir:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        try:
+            if rank == 0:
+                spec.logger.log_metrics(metrics, step=int(metrics["train/step"]))
+            # Metrics go to MLflow (above); Ray Train only hears of checkpoints. Its report()
+            # waits for the controller's poll, which would throttle per-step reporting (NOTES.md).
+            # Every rank reports the final step; only rank 0 has a checkpoint folder.
+            if metrics["train/step"] == spec.loop["max_steps"]:
+                checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+                ray.train.report(metrics, checkpoint=checkpoint)  # copies the checkpoint into Ray Train storage
+        finally:
+            if checkpoint_dir:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
     def save_checkpoint(step: int) -> str | None:
         if rank != 0:
@@ -191,9 +193,13 @@ def _train_loop_per_worker(config: dict) -> None:
         if spec.lora is not None:
             finetune.merge_lora(plain)
         folder = tempfile.mkdtemp(prefix=f"{spec.name}-step{step}-")
-        gpt.save_model(plain, folder)
-        for path in spec.extra_files:
-            shutil.copy(path, folder)
+        try:
+            gpt.save_model(plain, folder)
+            for path in spec.extra_files:
+                shutil.copy(path, folder)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)  # report() removes it on success
+            raise
         return folder
 
     train(model, batches, LoopConfig(**spec.loop), report, save_checkpoint, device)

@@ -64,6 +64,8 @@ def _registry_call(tracking_uri: str, what: str):
     """Turn any error but "does not exist" into a TrackingError naming the server (redacted)."""
     try:
         yield
+    except LookupError:
+        raise
     except Exception as error:  # noqa: BLE001 - MlflowException, or requests/SQLAlchemy errors beneath it
         if _is_not_found(error):
             raise
@@ -275,14 +277,22 @@ def find_alias(tracking_uri: str, model_name: str, alias: str = CHAMPION):
     """
     from mlflow.exceptions import MlflowException
 
-    try:
-        with _registry_call(tracking_uri, f"looking up {model_name}@{alias}"):
-            return _client(tracking_uri).get_model_version_by_alias(model_name, alias)
-    except MlflowException:  # only "does not exist" gets past _registry_call
-        raise LookupError(
-            f"no model version with alias {alias!r} for registered model {model_name!r} in {redact(tracking_uri)}; "
-            f"run `gptforge run` first (or check MLFLOW_TRACKING_URI and the experiment name)"
-        ) from None
+    client = _client(tracking_uri)
+    missing = LookupError(
+        f"no model version with alias {alias!r} for registered model {model_name!r} in {redact(tracking_uri)}; "
+        f"run `gptforge run` first (or check MLFLOW_TRACKING_URI and the experiment name)")
+    # Not get_model_version_by_alias: a missing alias and a bad request share its error code,
+    # while a missing model has its own (RESOURCE_DOES_NOT_EXIST) and the aliases are listed.
+    with _registry_call(tracking_uri, f"looking up {model_name}@{alias}"):
+        try:
+            model = client.get_registered_model(model_name)
+        except MlflowException as error:
+            if _is_not_found(error):
+                raise missing from None
+            raise
+        if alias not in model.aliases:
+            raise missing
+        return client.get_model_version(model_name, model.aliases[alias])
 
 
 def download_version(tracking_uri: str, version, dst_dir: str) -> str:
@@ -297,10 +307,12 @@ def download_version(tracking_uri: str, version, dst_dir: str) -> str:
 def list_runs(tracking_uri: str, experiment_name: str, max_results: int = 20) -> list:
     """Recent top-level pipeline runs of an experiment, newest first."""
     client = _client(tracking_uri)
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        return []
-    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1000)
+    with _registry_call(tracking_uri, f"listing the runs of {experiment_name!r}"):
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            return []
+        runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"],
+                                  max_results=1000)
     return [r for r in runs if PARENT_TAG not in r.data.tags][:max_results]
 
 
