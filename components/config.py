@@ -382,7 +382,7 @@ _RANGES = {
     "serve.max_prompt_chars": (lambda v: v >= 1, "must be at least 1"),
     "serve.max_tokens_cap": (lambda v: v >= 1, "must be at least 1"),
     # Ray refuses fractional resource amounts above 1 ("must be whole numbers").
-    "serve.num_cpus": (lambda v: 0 <= v <= 1 or v == int(v), "must be between 0 and 1, or a whole number"),
+    "serve.num_cpus": (lambda v: 0 <= v <= 1 or (v > 1 and v == int(v)), "must be 0 to 1, or a whole number"),
 }
 _TRAINING_SECTIONS = ("pretrain", "finetune")
 # A registered model name that MLflow takes (no '/' or ':') and that is also a safe folder name (serving cache).
