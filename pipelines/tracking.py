@@ -78,7 +78,7 @@ def _registry_call(tracking_uri: str, what: str):
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]
+    return text.splitlines()[0][:800]
 
 
 def _client(tracking_uri: str):
@@ -150,9 +150,9 @@ class Tracker:
     def __init__(self, tracking_uri: str, experiment_name: str, artifact_location: str | None = None):
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
-        self.client = _client(tracking_uri)
         self._open: list[str] = []  # ids of runs created here and not yet ended, oldest first
         with _registry_call(tracking_uri, f"opening experiment {experiment_name!r}"):
+            self.client = _client(tracking_uri)
             experiment = self.client.get_experiment_by_name(experiment_name)
             if experiment is None:
                 # An explicit location keeps artifacts beside the SQLite file instead of ./mlruns
@@ -175,7 +175,8 @@ class Tracker:
         commit = _git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
-        run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
+        with _registry_call(self.tracking_uri, f"creating run {name!r}"):
+            run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
         self._open.append(run.info.run_id)
         logger = RunLogger(self.tracking_uri, run.info.run_id)
         if params:
@@ -185,7 +186,8 @@ class Tracker:
     def close_run(self, logger: RunLogger, status: str = "FINISHED") -> None:
         if logger.run_id in self._open:
             self._open.remove(logger.run_id)
-            self.client.set_terminated(logger.run_id, status)
+            with _registry_call(self.tracking_uri, f"ending run {logger.run_id}"):
+                self.client.set_terminated(logger.run_id, status)
 
     @contextlib.contextmanager
     def run(self, name: str, parent: RunLogger | None = None, stage: str | None = None, params: dict | None = None):
@@ -205,7 +207,6 @@ class Tracker:
                 try:
                     self.close_run(RunLogger(self.tracking_uri, run_id), status)
                 except Exception as close_error:  # noqa: BLE001 - the server may be what failed; keep the cause
-                    self._open.remove(run_id)
                     logging.getLogger(__name__).warning("could not mark run %s %s: %s", run_id, status,
                                                         redact(_first_line(close_error)))
             raise
@@ -277,13 +278,13 @@ def find_alias(tracking_uri: str, model_name: str, alias: str = CHAMPION):
     """
     from mlflow.exceptions import MlflowException
 
-    client = _client(tracking_uri)
     missing = LookupError(
         f"no model version with alias {alias!r} for registered model {model_name!r} in {redact(tracking_uri)}; "
         f"run `gptforge run` first (or check MLFLOW_TRACKING_URI and the experiment name)")
     # Not get_model_version_by_alias: a missing alias and a bad request share its error code,
     # while a missing model has its own (RESOURCE_DOES_NOT_EXIST) and the aliases are listed.
     with _registry_call(tracking_uri, f"looking up {model_name}@{alias}"):
+        client = _client(tracking_uri)
         try:
             model = client.get_registered_model(model_name)
         except MlflowException as error:
@@ -306,8 +307,8 @@ def download_version(tracking_uri: str, version, dst_dir: str) -> str:
 
 def list_runs(tracking_uri: str, experiment_name: str, max_results: int = 20) -> list:
     """Recent top-level pipeline runs of an experiment, newest first."""
-    client = _client(tracking_uri)
     with _registry_call(tracking_uri, f"listing the runs of {experiment_name!r}"):
+        client = _client(tracking_uri)
         experiment = client.get_experiment_by_name(experiment_name)
         if experiment is None:
             return []

@@ -21,7 +21,7 @@ def _data(fingerprint="fp-1"):
                          manifest_uri="", fingerprint=fingerprint, vocab_size=300, block_size=32)
 
 
-def promote_candidates(tracker, cfg, tmp_path, ppl_by_variant, tag=True):
+def promote_candidates(tracker, cfg, tmp_path, ppl_by_variant, tag=True, before_promote=lambda: None):
     """Candidate runs as the pipeline makes them (real folders, tagged, uploaded), then the promote stage."""
     reports, runs = [], {}
     with tracker.run(f"{cfg.name}-pipeline") as parent:
@@ -36,6 +36,7 @@ def promote_candidates(tracker, cfg, tmp_path, ppl_by_variant, tag=True):
             runs[variant] = run
             reports.append(EvalReport(variant, {"eval/val_ppl": ppl, "model/size_bytes": float(len(variant))}))
         with tracker.run("promote", parent, stage="promote") as log:
+            before_promote()
             return promotion.promote(tracker, cfg, reports, runs, _data(), log)
 
 
