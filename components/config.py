@@ -10,12 +10,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from components.metrics import CANDIDATE_METRICS
+from components.sampling import seed_problem, temperature_problem
 
 
 class ConfigError(ValueError):
@@ -270,7 +275,9 @@ def _apply_override(raw: dict, item: str, errors: list[str]) -> None:
     node = raw
     *parents, leaf = key.strip().split(".")
     for part in parents:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or left empty in the YAML (`data:`): the override fills it
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             errors.append(f"override {item!r}: {part} is not a section")
             return
@@ -389,10 +396,84 @@ def _validate(cfg: ExperimentConfig) -> list[str]:
             errors.append(f"quantize.variants: {v!r} is not one of {', '.join(_QUANT_VARIANTS)}")
     if not 0 < cfg.serve.port < 65536:
         errors.append(f"serve.port: {cfg.serve.port} is not a TCP port")
+    errors.extend(_validate_numbers(cfg))
+    errors.extend(_validate_promote(cfg))
+    errors.extend(_validate_names(cfg))
     errors.extend(_validate_model(cfg))
-    for section in ("pretrain", "finetune"):
+    for section in _TRAINING_SECTIONS:
         errors.extend(_validate_training(cfg, section))
     return errors
+
+
+# Ranges of the numbers that the lists in _validate leave out: key -> (is the value fine, what it must be).
+# `{t}` stands for each training section. Every number is also checked to be finite (_validate_numbers).
+_RANGES = {
+    "model.n_layer": (lambda v: v is None or v >= 1, "must be at least 1 (or null for the preset's)"),
+    "model.n_head": (lambda v: v is None or v >= 1, "must be at least 1 (or null for the preset's)"),
+    "model.n_embd": (lambda v: v is None or v >= 1, "must be at least 1 (or null for the preset's)"),
+    "model.dropout": (lambda v: 0 <= v < 1, "must be at least 0 and below 1"),
+    "{t}.lr": (lambda v: v > 0, "must be positive"),
+    "{t}.min_lr": (lambda v: v >= 0, "must not be negative"),
+    "{t}.weight_decay": (lambda v: v >= 0, "must not be negative"),
+    "{t}.grad_clip": (lambda v: v >= 0, "must not be negative (0 disables clipping)"),
+    "finetune.lora_alpha": (lambda v: v > 0, "must be positive"),
+    "promote.tie_tolerance": (lambda v: 0 <= v < 1, "must be at least 0 and below 1 (a relative distance)"),
+    "serve.max_prompt_chars": (lambda v: v >= 1, "must be at least 1"),
+    "serve.max_tokens_cap": (lambda v: v >= 1, "must be at least 1"),
+    # Ray refuses fractional resource amounts above 1 ("must be whole numbers").
+    "serve.num_cpus": (lambda v: 0 <= v <= 1 or (v > 1 and v == int(v)), "must be 0 to 1, or a whole number"),
+}
+_TRAINING_SECTIONS = ("pretrain", "finetune")
+# A registered model name that MLflow takes (no '/' or ':') and that is also a safe folder name (serving cache).
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _validate_numbers(cfg: ExperimentConfig) -> list[str]:
+    """Every number finite (NaN and inf load as floats from YAML), then in its range."""
+    errors = []
+    flat = flatten(cfg)
+    for key, value in flat.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            errors.append(f"{key}: must be a finite number, got {value}")
+    finite = {k for k, v in flat.items() if not (isinstance(v, float) and not math.isfinite(v))}
+    for pattern, (ok, must) in _RANGES.items():
+        for key in dict.fromkeys(pattern.format(t=t) for t in _TRAINING_SECTIONS):
+            if key in finite and not ok(flat[key]):
+                errors.append(f"{key}: {must}, got {flat[key]}")
+    for t in _TRAINING_SECTIONS:
+        section = getattr(cfg, t)
+        if {f"{t}.lr", f"{t}.min_lr"} <= finite and section.min_lr > section.lr:
+            errors.append(f"{t}.min_lr: must not exceed {t}.lr ({section.lr}), got {section.min_lr}")
+        problem = seed_problem(section.seed)
+        if problem:
+            errors.append(f"{t}.seed: {problem}")
+    if "evaluate.temperature" in finite:
+        problem = temperature_problem(cfg.evaluate.temperature)
+        if problem:
+            errors.append(f"evaluate.temperature: {problem}")
+    return errors
+
+
+def _validate_promote(cfg: ExperimentConfig) -> list[str]:
+    """Promotion settings that would otherwise fail (or be ignored) only after the whole run."""
+    errors = []
+    known = ", ".join(CANDIDATE_METRICS)
+    for key in ("promote.metric", "promote.tie_breaker"):
+        if get_dotted(cfg, key) not in CANDIDATE_METRICS:
+            errors.append(f"{key}: {get_dotted(cfg, key)!r} is not a metric the candidates log; choose one of {known}")
+    seen = set()
+    for v in cfg.quantize.variants:
+        if v in seen:
+            errors.append(f"quantize.variants: {v!r} is listed more than once (each variant is one candidate)")
+        seen.add(v)
+    return errors
+
+
+def _validate_names(cfg: ExperimentConfig) -> list[str]:
+    if not _NAME.fullmatch(cfg.name):
+        return [f"name: {cfg.name!r} cannot name an MLflow registered model; use up to 100 letters, digits, "
+                f"'.', '_' or '-', starting with a letter or digit"]
+    return []
 
 
 def _validate_model(cfg: ExperimentConfig) -> list[str]:
@@ -402,17 +483,11 @@ def _validate_model(cfg: ExperimentConfig) -> list[str]:
     m = cfg.model
     if m.preset not in gpt.PRESETS:
         return [f"model.preset: {m.preset!r} is not one of {', '.join(gpt.PRESETS)}"]
-    errors = []
-    for key in ("n_layer", "n_head", "n_embd"):
-        value = getattr(m, key)
-        if value is not None and value <= 0:
-            errors.append(f"model.{key}: must be positive, got {value}")
-    if not 0.0 <= m.dropout < 1.0:
-        errors.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
     if m.pad_vocab_to <= 0:
-        errors.append(f"model.pad_vocab_to: must be positive, got {m.pad_vocab_to}")
-    if errors:
-        return errors
+        return [f"model.pad_vocab_to: must be positive, got {m.pad_vocab_to}"]
+    if any(getattr(m, k) is not None and getattr(m, k) <= 0 for k in ("n_layer", "n_head", "n_embd")):
+        return []  # _validate_numbers names those
+    errors = []
     shape = {**gpt.PRESETS[m.preset], **{k: getattr(m, k) for k in ("n_layer", "n_head", "n_embd")
                                          if getattr(m, k) is not None}}
     if shape["n_embd"] % shape["n_head"]:

@@ -1,53 +1,113 @@
-"""Writing files so that a reader never sees a half-written one."""
+"""Writing files so that a reader never sees a half-written one, and checking them before use."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 CHECKSUMS_FILE = "checksums.json"
+
+
+class IntegrityError(ValueError):
+    """A model folder is not exactly what was written: the message names the file."""
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp)` on a temporary name beside `path`, then rename it to `path`.
 
-    The rename is atomic on one filesystem, so a crash leaves either the old file or
-    none, never a truncated one presented as complete.
+    The file is fsynced before the rename and its folder after it, so even across
+    a power loss the name holds either the old file or the complete new one, never
+    a truncated one presented as complete.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)  # the rename itself lives in the folder's entry
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: str | Path, data) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
-def write_checksums(folder: str | Path) -> None:
-    """Record the sha256 of every file in `folder` in checksums.json; loaders check it (verify_checksums)."""
+def write_checksums(folder: str | Path) -> str:
+    """Record the sha256 of every file in `folder` in checksums.json; loaders check it (verify_checksums).
+
+    Returns:
+        The sha256 of the checksums.json written: pin it somewhere the artifact store
+        cannot rewrite (the registry), and pass it to `verify_checksums`.
+    """
     folder = Path(folder)
-    sums = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS_FILE}
+    sums = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS_FILE}
     write_json_atomic(folder / CHECKSUMS_FILE, sums)
+    return sha256_file(folder / CHECKSUMS_FILE)
 
 
-def verify_checksums(folder: str | Path) -> None:
-    """Raise ValueError naming the first file whose sha256 differs from checksums.json, or is missing."""
-    path = Path(folder) / CHECKSUMS_FILE
-    if not path.exists():
-        raise ValueError(f"{folder}: no {CHECKSUMS_FILE}; refusing to load unverified weights")
-    for name, expected in json.loads(path.read_text()).items():
-        file = Path(folder) / name
-        if not file.exists() or _sha256(file) != expected:
-            raise ValueError(f"{file}: sha256 does not match {CHECKSUMS_FILE}; the artifact is damaged or altered")
+def verify_checksums(folder: str | Path, files: Collection[str], checksums_sha256: str | None = None) -> None:
+    """Check that `folder` holds exactly `files` plus checksums.json, each as checksums.json records it.
+
+    Args:
+        folder: the model folder.
+        files: the plain file names its format needs (for a candidate: weights, config, tokenizer).
+        checksums_sha256: the sha256 of checksums.json as pinned elsewhere (the model
+            version's registry tag). Without it, someone who can rewrite the weights in the
+            artifact store can rewrite checksums.json to match.
+
+    Raises:
+        IntegrityError: naming the file that is missing, extra, unlisted, not a plain
+            file name, damaged, or a checksums.json that does not match the pin.
+    """
+    folder = Path(folder)
+    record = folder / CHECKSUMS_FILE
+    if not record.is_file() or record.is_symlink():
+        raise IntegrityError(f"{record}: missing; refusing to load unverified weights")
+    if checksums_sha256 is not None and sha256_file(record) != checksums_sha256:
+        raise IntegrityError(f"{record}: sha256 does not match the one pinned in the model registry; "
+                             f"the artifact was altered after it was registered")
+    try:
+        sums = json.loads(record.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise IntegrityError(f"{record}: not valid JSON ({error})") from None
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise IntegrityError(f"{record}: expected a mapping of file name to sha256")
+    bad_names = [name for name in sums if not _plain_name(name)]
+    if bad_names:
+        raise IntegrityError(f"{record}: {bad_names[0]!r} is not a plain file name inside the folder")
+    present = {p.name for p in folder.iterdir()} - {CHECKSUMS_FILE}
+    problems = [f"{folder / n}: not listed in {CHECKSUMS_FILE}" for n in sorted(set(files) - set(sums))]
+    problems += [f"{folder / n}: listed in {CHECKSUMS_FILE} but not part of this model format"
+                 for n in sorted(set(sums) - set(files))]
+    problems += [f"{folder / n}: unexpected file in the model folder" for n in sorted(present - set(files))]
+    for name in sorted(set(files) & set(sums)):
+        path = folder / name
+        if not path.is_file() or path.is_symlink():
+            problems.append(f"{path}: missing (or not a regular file)")
+        elif sha256_file(path) != sums[name]:
+            problems.append(f"{path}: sha256 does not match {CHECKSUMS_FILE}; the artifact is damaged or altered")
+    if problems:
+        raise IntegrityError("; ".join(problems))
 
 
-def _sha256(path: Path) -> str:
+def _plain_name(name: str) -> bool:
+    """A bare file name: no folder part, no `..`, nothing a path join could lead outside the folder with."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

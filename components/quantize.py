@@ -26,6 +26,8 @@ from components.model import CONFIG_FILE, GPT, WEIGHTS_FILE, GPTConfig, load_mod
 VARIANTS = ("fp32", "bf16", "fp16", "int8_dynamic")
 _FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOKENIZER_FILE = "tokenizer.json"
+CANDIDATE_FILES = (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE)
+"""Exactly the files of a candidate folder (besides checksums.json); serving refuses any other set."""
 
 # Keys of the int8 file, per quantized Linear `<name>`: <name>.weight_int8 (out, in) int8,
 # <name>.weight_scale and <name>.weight_zero_point ((1,) for per-tensor, (out,) for per-channel),

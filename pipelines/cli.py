@@ -1,7 +1,9 @@
 """The `gptforge` command line.
 
-User errors (a bad experiment file, an empty corpus, nothing promoted yet)
-print one message and exit 2 without a traceback; bugs keep their traceback.
+User errors (a bad experiment file, an empty corpus, nothing promoted yet, an
+unreachable tracking server, a champion whose files fail their check) print one
+message and exit 2 without a traceback; bugs keep their traceback. Whatever is
+printed goes through `redact`, so no tracking-URI password or token reaches it.
 """
 from __future__ import annotations
 
@@ -9,14 +11,17 @@ import argparse
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from components.config import ConfigError, ExperimentConfig, load_config
 from components.data import DataError
+from components.files import IntegrityError
 from pipelines.serving import ServeError
+from pipelines.tracking import TrackingError, redact
 
 DEFAULT_EXPERIMENT = "experiments/tiny.yaml"
-USER_ERRORS = (ConfigError, DataError, LookupError, ServeError)
+USER_ERRORS = (ConfigError, DataError, LookupError, ServeError, TrackingError, IntegrityError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,9 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - sorted into user errors and bugs below
         cause = getattr(error, "cause", None) or error  # a Ray task re-raises the task's exception as .cause
         if isinstance(cause, USER_ERRORS):
-            print(f"gptforge: error: {cause}", file=sys.stderr)
+            print(f"gptforge: error: {redact(str(cause))}", file=sys.stderr)
             return 2
-        raise
+        sys.stderr.write(redact(traceback.format_exc()))  # a bug: the whole traceback, less any secret
+        return 1
 
 
 def _raise_keyboard_interrupt(signum, frame):
@@ -127,10 +133,11 @@ def _run(args) -> int:
         verdict = "became champion" if result.decision.promote else "registered, champion unchanged"
         progress.say(f"\n{result.decision.winner.name} -> {result.model_name} v{result.version}: {verdict}")
         progress.say(f"  why: {result.decision.reason}")
-        progress.say(f"MLflow run: {result.run_id}  ({result.tracking_uri})")
+        progress.say(f"MLflow run: {result.run_id}  ({redact(result.tracking_uri)})")
         progress.say(f"total time: {time.perf_counter() - started:.0f}s")
         if args.serve:
             loader = serving.RegistryLoader(result.tracking_uri, result.model_name, _serving_cache(cfg))
+            loader.fetch()  # download and check the champion here, where a refusal reads plainly
             _serve_forever(loader, cfg, progress)
         else:
             progress.say("serve it with: gptforge serve" + (f" {args.experiment}" if args.experiment else ""))
@@ -202,15 +209,16 @@ def candidate_table(reports: list, winner: str) -> str:
 def _serve(args) -> int:
     from pipelines import ray_runtime, serving
     from pipelines.progress import Progress
-    from pipelines.tracking import find_alias, resolve_tracking_uri
+    from pipelines.tracking import resolve_tracking_uri
 
     cfg = _load(args)
     tracking_uri = resolve_tracking_uri(cfg.workdir)
-    # Fail here, with a plain message, when nothing was promoted yet (not inside a Serve replica).
-    find_alias(tracking_uri, cfg.name, args.alias)
+    loader = serving.RegistryLoader(tracking_uri, cfg.name, _serving_cache(cfg), args.alias)
+    # Fail here, before Ray starts and with a plain message, when nothing was promoted yet, the
+    # registry does not answer, or the champion's files do not match the registry's record.
+    loader.fetch()
     ray_runtime.init_ray(cfg.ray_num_cpus)
     try:
-        loader = serving.RegistryLoader(tracking_uri, cfg.name, _serving_cache(cfg), args.alias)
         _serve_forever(loader, cfg, Progress())
     finally:
         ray_runtime.shutdown_ray()
@@ -247,7 +255,7 @@ def _runs(args) -> int:
     tracking_uri = resolve_tracking_uri(cfg.workdir)
     runs = list_runs(tracking_uri, cfg.name)
     if not runs:
-        print(f"no runs of experiment {cfg.name!r} in {tracking_uri}")
+        print(f"no runs of experiment {cfg.name!r} in {redact(tracking_uri)}")
         return 0
     print(f"{'run id':<34} {'status':<9} {'started':<20} data fingerprint")
     for r in runs:

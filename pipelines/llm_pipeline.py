@@ -15,7 +15,7 @@ from components.config import ExperimentConfig, flatten, to_yaml
 from pipelines import promotion, stages
 from pipelines.progress import Progress
 from pipelines.ray_runtime import run_task
-from pipelines.tracking import InterruptedRun, RunLogger, Tracker, resolve_tracking_uri
+from pipelines.tracking import InterruptedRun, RunLogger, Tracker, redact, resolve_tracking_uri
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def run_pipeline(cfg: ExperimentConfig, progress: Progress, resume: InterruptedR
         out = workdir / "runs" / parent.run_id
         if not resume:
             parent.log_text(to_yaml(cfg), "experiment.yaml")
-        progress.say(f"MLflow run {parent.run_id} in {tracker.run_url(parent.run_id) or tracker.tracking_uri}"
+        progress.say(f"MLflow run {parent.run_id} in {tracker.run_url(parent.run_id) or redact(tracker.tracking_uri)}"
                      + ("  (resumed)" if resume else ""))
         stage = StageRunner(tracker, parent, progress, resume)
 

@@ -5,13 +5,16 @@ The winner is registered as a new model version with its lineage in tags;
 becomes `previous`). A champion trained on other data (a different data
 fingerprint) is not comparable by perplexity, so it does not take part in the
 decision; the reason says so.
+
+Any registry error other than "no champion yet" raises `TrackingError` before
+anything moves: an unreachable registry must never look like an empty one.
 """
 from __future__ import annotations
 
 from components.artifacts import EvalReport, TokenizedData
 from components.config import ExperimentConfig, config_hash
 from components.promote import Candidate, Decision, decide
-from pipelines.tracking import CHAMPION, RunLogger, Tracker
+from pipelines.tracking import CHAMPION, CHECKSUMS_TAG, RunLogger, Tracker
 
 MODEL_ARTIFACT = "model"
 
@@ -23,7 +26,12 @@ def promote(tracker: Tracker, cfg: ExperimentConfig, reports: list[EvalReport], 
     incumbent, note = _incumbent(tracker, cfg.name, data.fingerprint)
     decision = decide(candidates, incumbent, cfg.promote)
     winner_run = runs[decision.winner.name]
+    checksums = tracker.run_tags(winner_run.run_id).get(CHECKSUMS_TAG)
+    if not checksums:
+        raise RuntimeError(f"candidate run {winner_run.run_id} has no {CHECKSUMS_TAG} tag, so its files "
+                            f"cannot be pinned in the registry; it was not registered")
     version = tracker.register(cfg.name, winner_run.run_id, MODEL_ARTIFACT, tags={
+        CHECKSUMS_TAG: checksums,
         "run_id": winner_run.run_id,
         "variant": decision.winner.name,
         "data.fingerprint": data.fingerprint,

@@ -1,11 +1,13 @@
 """The Ray Serve application: an OpenAI-style completions endpoint for the champion.
 
 The deployment takes its model loader as an argument (house style 7): the CLI
-hands it `RegistryLoader` (download `models:/NAME@champion`, check sha256,
-load), tests may hand it `FolderLoader` on a model folder they made.
+hands it `RegistryLoader` (download `models:/NAME@champion`, check its files
+against the sha256 pinned on the registry version, load), tests may hand it
+`FolderLoader` on a model folder they made.
 
 Endpoints: `POST /v1/completions`, `GET /v1/models`, `GET /healthz`.
-Every request is validated; bad input gets a 4xx with a message, never a 5xx.
+Every request is validated; bad input gets a 4xx in OpenAI's error shape
+(`{"error": {"message", "type", "param", "code"}}`), never a 5xx.
 """
 # No `from __future__ import annotations` here: FastAPI must see the real request
 # type on the endpoint, or it reads `request` as a query parameter.
@@ -13,16 +15,21 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from components.config import ServeConfig
+from components.files import IntegrityError
+from components.sampling import seed_problem, temperature_problem
 
 APP_NAME = "gptforge"
 EOT_ID = 0  # components.data.EOT is id 0 in every tokenizer gptforge trains
@@ -37,18 +44,32 @@ class LoadedModel:
 
 @dataclass(frozen=True)
 class FolderLoader:
-    """Load a candidate folder (model.safetensors + config.json + tokenizer.json + checksums.json)."""
+    """Load a candidate folder: exactly model.safetensors + config.json + tokenizer.json + checksums.json.
+
+    `checksums_sha256`, when given, is the registry's pin of checksums.json (see
+    `pipelines.tracking.CHECKSUMS_TAG`); without it the folder is only checked against itself.
+    """
 
     folder: str
     model_id: str = "local"
+    checksums_sha256: str | None = None
+
+    def verify(self) -> None:
+        """Raises IntegrityError naming the file that is missing, extra, unlisted or altered."""
+        from components.files import verify_checksums
+        from components.quantize import CANDIDATE_FILES
+
+        verify_checksums(self.folder, CANDIDATE_FILES, self.checksums_sha256)
 
     def __call__(self) -> LoadedModel:
+        self.verify()
+        return self._load()
+
+    def _load(self) -> LoadedModel:
         from tokenizers import Tokenizer
 
-        from components.files import verify_checksums
         from components.quantize import load_variant
 
-        verify_checksums(self.folder)
         return LoadedModel(load_variant(self.folder), Tokenizer.from_file(f"{self.folder}/tokenizer.json"),
                            self.model_id)
 
@@ -58,7 +79,9 @@ class RegistryLoader:
     """Load the version an alias of a registered model points at (by default `champion`).
 
     Files are downloaded once per version into `cache_dir/<name>-v<version>` and
-    checked against their sha256 at every load.
+    checked at every load against the sha256 the registry pinned at registration.
+    A cached copy that fails the check is discarded and downloaded once more;
+    a fresh download that fails it is refused.
     """
 
     tracking_uri: str
@@ -66,20 +89,41 @@ class RegistryLoader:
     cache_dir: str
     alias: str = "champion"
 
-    def __call__(self) -> LoadedModel:
-        from components.files import CHECKSUMS_FILE
-        from pipelines.tracking import download_version, find_alias
+    def fetch(self) -> FolderLoader:
+        """Download (unless cached) and verify the version's files; returns a loader for the checked folder.
+
+        Raises:
+            LookupError: no such model or alias. TrackingError: the registry failed.
+            IntegrityError: the files do not match the registry's record, even freshly downloaded.
+        """
+        from pipelines.tracking import CHECKSUMS_TAG, download_version, find_alias, redact
 
         version = find_alias(self.tracking_uri, self.model_name, self.alias)
+        model_id = f"{self.model_name}:v{version.version}"
+        pinned = version.tags.get(CHECKSUMS_TAG)
+        if not pinned:
+            raise IntegrityError(f"{model_id} has no {CHECKSUMS_TAG} tag in the registry at "
+                                 f"{redact(self.tracking_uri)}, so its files cannot be verified; refusing to serve it "
+                                 f"(register it again with `gptforge run`)")
         target = Path(self.cache_dir) / f"{self.model_name}-v{version.version}"
-        if not (target / CHECKSUMS_FILE).exists():
-            staging = target.with_name(target.name + ".download")
-            shutil.rmtree(staging, ignore_errors=True)
-            folder = download_version(self.tracking_uri, version, str(staging))
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(folder, target)  # a complete folder or none under the final name
-            shutil.rmtree(staging, ignore_errors=True)
-        return FolderLoader(str(target), f"{self.model_name}:v{version.version}")()
+        loader = FolderLoader(str(target), model_id, pinned)
+        if target.exists():
+            try:
+                loader.verify()
+                return loader
+            except IntegrityError as error:
+                logging.getLogger(__name__).warning("discarding the damaged cached copy of %s: %s", model_id, error)
+        staging = target.with_name(target.name + ".download")
+        shutil.rmtree(staging, ignore_errors=True)
+        folder = download_version(self.tracking_uri, version, str(staging))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(folder, target)  # a complete folder or none under the final name
+        shutil.rmtree(staging, ignore_errors=True)
+        loader.verify()
+        return loader
+
+    def __call__(self) -> LoadedModel:
+        return self.fetch()._load()
 
 
 class CompletionRequest(BaseModel):
@@ -97,6 +141,31 @@ class CompletionRequest(BaseModel):
 
 
 api = FastAPI(title="gptforge", description="OpenAI-style completions from the gptforge champion")
+
+
+class RequestError(Exception):
+    """A request the endpoint refuses; answered as an OpenAI error with `status_code`."""
+
+    def __init__(self, status_code: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status_code, self.message, self.param, self.code = status_code, message, param, code
+
+
+def _openai_error(status_code: int, message: str, param: str | None = None, code: str | None = None):
+    return JSONResponse(status_code=status_code, content={"error": {
+        "message": message, "type": "invalid_request_error", "param": param, "code": code}})
+
+
+@api.exception_handler(RequestError)
+async def _request_error(request: Request, error: RequestError):
+    return _openai_error(error.status_code, error.message, error.param, error.code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, error: RequestValidationError):
+    # pydantic's own checks (a missing prompt, a string for max_tokens), in the same shape.
+    problems = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in error.errors()]
+    return _openai_error(422, "; ".join(problems))
 
 
 def _deployment():
@@ -124,6 +193,7 @@ def _deployment():
 
         @api.post("/v1/completions")
         def completions(self, request: CompletionRequest) -> dict:
+            _check_model(request, self.loaded.model_id)
             _validate(request, self.limits)
             return _complete(self.loaded, request)
 
@@ -138,8 +208,10 @@ def _validate(request: CompletionRequest, limits: dict) -> None:
         problems.append(f"prompt: {len(request.prompt)} characters, more than the limit of {limits['max_prompt_chars']}")
     if not 1 <= request.max_tokens <= limits["max_tokens_cap"]:
         problems.append(f"max_tokens: must be between 1 and {limits['max_tokens_cap']}, got {request.max_tokens}")
-    if not 0.0 <= request.temperature <= 2.0:
-        problems.append(f"temperature: must be between 0 and 2, got {request.temperature}")
+    if temperature_problem(request.temperature):
+        problems.append(f"temperature: {temperature_problem(request.temperature)}")
+    if request.seed is not None and seed_problem(request.seed):
+        problems.append(f"seed: {seed_problem(request.seed)}")
     if request.top_k is not None and request.top_k < 1:
         problems.append(f"top_k: must be at least 1, got {request.top_k}")
     if request.n != 1:
@@ -147,7 +219,14 @@ def _validate(request: CompletionRequest, limits: dict) -> None:
     if request.stream:
         problems.append("stream: streaming is not supported yet; send stream=false")
     if problems:
-        raise HTTPException(status_code=400, detail="; ".join(problems))
+        raise RequestError(400, "; ".join(problems))
+
+
+def _check_model(request: CompletionRequest, model_id: str) -> None:
+    """A request may leave `model` out, or name the served version (`tiny:v3`) or its registered model (`tiny`)."""
+    if request.model is not None and request.model not in (model_id, model_id.split(":")[0]):
+        raise RequestError(404, f"The model {request.model!r} does not exist on this endpoint; it serves "
+                                f"{model_id!r} (GET /v1/models)", param="model", code="model_not_found")
 
 
 def _complete(loaded: LoadedModel, request: CompletionRequest) -> dict:
@@ -155,7 +234,7 @@ def _complete(loaded: LoadedModel, request: CompletionRequest) -> dict:
 
     prompt_ids = loaded.tokenizer.encode(request.prompt).ids
     if not prompt_ids:
-        raise HTTPException(status_code=400, detail="prompt: encodes to no tokens")
+        raise RequestError(400, "prompt: encodes to no tokens", param="prompt")
     # The model attends to its last block_size tokens; generate() crops the context itself.
     idx = torch.tensor(prompt_ids, dtype=torch.long)[None, :]  # (1, P)
     generator = torch.Generator().manual_seed(request.seed) if request.seed is not None else None
@@ -180,19 +259,52 @@ def _complete(loaded: LoadedModel, request: CompletionRequest) -> dict:
 def deploy(loader, cfg: ServeConfig, timeout_s: float = 120.0) -> str:
     """Start Serve on cfg.host:cfg.port with the model `loader` gives; returns the base URL once healthy.
 
-    Ray must be initialised. Raises TimeoutError if /healthz does not answer in time.
+    Ray must be initialised. On any failure Serve is shut down again, so no detached
+    application is left holding the port (on a cluster it would outlive this process).
+
+    Raises:
+        ServeError: the port is busy. TimeoutError: not healthy within `timeout_s`.
+        RuntimeError: the replica failed to start (Serve's message says why).
     """
     from ray import serve
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     _check_port_free(cfg.host, cfg.port)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    limits = {"max_prompt_chars": cfg.max_prompt_chars, "max_tokens_cap": cfg.max_tokens_cap}
-    app = _deployment().options(ray_actor_options={"num_cpus": cfg.num_cpus}).bind(loader, limits)
-    serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://{cfg.host}:{cfg.port}"
-    _wait_healthy(url, timeout_s)
+    deadline = time.monotonic() + timeout_s
+    try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        limits = {"max_prompt_chars": cfg.max_prompt_chars, "max_tokens_cap": cfg.max_tokens_cap}
+        app = _deployment().options(ray_actor_options={"num_cpus": cfg.num_cpus}).bind(loader, limits)
+        # serve.run waits, without a limit, until the replica is up: one that never gets
+        # its CPUs would hang here, so the wait runs on a helper thread with the deadline.
+        _with_deadline(lambda: serve.run(app, name=APP_NAME, route_prefix="/"), deadline,
+                       f"the Serve application {APP_NAME!r} did not start within {timeout_s:.0f}s")
+        _wait_healthy(url, deadline, timeout_s)
+    except BaseException:
+        shutdown()
+        raise
     return url
+
+
+def _with_deadline(work, deadline: float, message: str):
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as error:  # handed to the caller's thread below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, name="gptforge-serve-run", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        if time.monotonic() > deadline:
+            raise TimeoutError(message)
+        thread.join(0.5)  # short waits keep the main thread responsive to Ctrl-C
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 class ServeError(RuntimeError):
@@ -209,8 +321,7 @@ def _check_port_free(host: str, port: int) -> None:
                              f"or pick another with serve.port=PORT") from None
 
 
-def _wait_healthy(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
+def _wait_healthy(url: str, deadline: float, timeout_s: float) -> None:
     while True:
         try:
             with urllib.request.urlopen(f"{url}/healthz", timeout=5) as response:

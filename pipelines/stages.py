@@ -18,8 +18,7 @@ from components.artifacts import Checkpoint, EvalReport, QuantizedModel, Tokeniz
 from components.config import ExperimentConfig
 from components.files import write_checksums
 from pipelines import ray_runtime
-from pipelines.tracking import PROGRESS_TAG, RunLogger
-
+from pipelines.tracking import CHECKSUMS_TAG, PROGRESS_TAG, RunLogger
 
 
 # ------------------------------------------------------------------- data
@@ -128,7 +127,8 @@ def _check_one_step_of_data(rows: int, training, section: str, what: str, source
 def quantize(finetuned: Checkpoint, variant: str, out_dir: str, logger: RunLogger) -> QuantizedModel:
     """Ray task: store the fine-tuned model as `variant`, with checksums, in the candidate's run."""
     result = quantize_lib.quantize_model(finetuned.uri, variant, out_dir)
-    write_checksums(out_dir)
+    # Tagged before the upload: promotion pins this value on the registry version (CHECKSUMS_TAG).
+    logger.set_tags({CHECKSUMS_TAG: write_checksums(out_dir)})
     logger.log_artifacts(out_dir, "model")
     logger.log_params({"candidate.variant": variant})
     return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,9 @@ OUTPUT_TAG = "gptforge.output"  # a finished stage's output record (JSON), what 
 PROGRESS_TAG = "gptforge.progress"  # a stage's latest progress message, which the CLI prints
 CHAMPION = "champion"
 PREVIOUS = "previous"
+# Model version tag: sha256 of the version's checksums.json, recorded at registration.
+# The registry (the tracking database) pins what the artifact store must hold.
+CHECKSUMS_TAG = "checksums.sha256"
 
 # MLflow logs database migrations at INFO and draws progress bars for artifact
 # downloads; neither helps someone watching a pipeline run.
@@ -27,6 +31,56 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # Against a server, MLflow prints a "View run ... at" link for every run it ends;
 # gptforge prints the parent run's link once instead.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+class TrackingError(RuntimeError):
+    """The tracking server or model registry did not answer; nothing was changed by the failed call."""
+
+
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+_SECRET_QUERY = re.compile(
+    r"(?P<key>[?&;][^=&\s]*(?:token|password|passwd|pwd|secret|key|sig|signature|credential|auth)[^=&\s]*=)"
+    r"[^&#\s]*", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` with the secrets of every URI in it replaced by `***`: for anything printed or logged.
+
+    `http://user:pw@host` -> `http://user:***@host`; `postgresql://user:pw@host/db` likewise; a
+    user part alone (often a token) -> `***@host`; query values such as `?token=...` -> `***`.
+    """
+    def userinfo(match: re.Match) -> str:
+        user, colon, _ = match["userinfo"].partition(":")
+        return f"{match['scheme']}{user}:***@" if colon else f"{match['scheme']}***@"
+
+    return _SECRET_QUERY.sub(r"\g<key>***", _USERINFO.sub(userinfo, str(text)))
+
+
+def _is_not_found(error) -> bool:
+    """An MlflowException that means "this model, version or alias does not exist"."""
+    return getattr(error, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
+@contextlib.contextmanager
+def _registry_call(tracking_uri: str, what: str):
+    """Turn any error but "does not exist" into a TrackingError naming the server (redacted)."""
+    try:
+        yield
+    except LookupError:
+        raise
+    except Exception as error:  # noqa: BLE001 - MlflowException, or requests/SQLAlchemy errors beneath it
+        if _is_not_found(error):
+            raise
+        raise TrackingError(
+            f"the MLflow tracking server {redact(tracking_uri)} failed while {what}: "
+            f"{redact(_first_line(error))}; nothing was changed in the registry. "
+            f"Check that it is running and reachable (MLFLOW_TRACKING_URI), then run again"
+        ) from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:800]
 
 
 def _client(tracking_uri: str):
@@ -179,18 +233,19 @@ class Tracker:
     def __init__(self, tracking_uri: str, experiment_name: str, artifact_location: str | None = None):
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
-        self.client = _client(tracking_uri)
         self._open: list[str] = []  # ids of runs created here and not yet ended, oldest first
-        experiment = self.client.get_experiment_by_name(experiment_name)
-        if experiment is None:
-            # An explicit location keeps artifacts beside the SQLite file instead of ./mlruns
-            # under whatever folder the user ran from. A server chooses its own.
-            location = None
-            if artifact_location and tracking_uri.startswith("sqlite:"):
-                location = Path(artifact_location).resolve().as_uri()
-            self.experiment_id = self.client.create_experiment(experiment_name, artifact_location=location)
-        else:
-            self.experiment_id = experiment.experiment_id
+        with _registry_call(tracking_uri, f"opening experiment {experiment_name!r}"):
+            self.client = _client(tracking_uri)
+            experiment = self.client.get_experiment_by_name(experiment_name)
+            if experiment is None:
+                # An explicit location keeps artifacts beside the SQLite file instead of ./mlruns
+                # under whatever folder the user ran from. A server chooses its own.
+                location = None
+                if artifact_location and tracking_uri.startswith("sqlite:"):
+                    location = Path(artifact_location).resolve().as_uri()
+                self.experiment_id = self.client.create_experiment(experiment_name, artifact_location=location)
+            else:
+                self.experiment_id = experiment.experiment_id
 
     def open_run(self, name: str, parent: RunLogger | None = None, stage: str | None = None,
                  params: dict | None = None) -> RunLogger:
@@ -203,7 +258,8 @@ class Tracker:
         commit = _git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
-        run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
+        with _registry_call(self.tracking_uri, f"creating run {name!r}"):
+            run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
         self._open.append(run.info.run_id)
         logger = RunLogger(self.tracking_uri, run.info.run_id)
         if params:
@@ -213,7 +269,8 @@ class Tracker:
     def close_run(self, logger: RunLogger, status: str = "FINISHED") -> None:
         if logger.run_id in self._open:
             self._open.remove(logger.run_id)
-            self.client.set_terminated(logger.run_id, status)
+            with _registry_call(self.tracking_uri, f"ending run {logger.run_id}"):
+                self.client.set_terminated(logger.run_id, status)
 
     def reopen_run(self, run_id: str) -> RunLogger:
         """Mark an interrupted run RUNNING again (for --resume); it stays open until `close_run`."""
@@ -238,7 +295,11 @@ class Tracker:
             status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
             first = self._open.index(logger.run_id)
             for run_id in reversed(self._open[first:]):
-                self.close_run(RunLogger(self.tracking_uri, run_id), status)
+                try:
+                    self.close_run(RunLogger(self.tracking_uri, run_id), status)
+                except Exception as close_error:  # noqa: BLE001 - the server may be what failed; keep the cause
+                    logging.getLogger(__name__).warning("could not mark run %s %s: %s", run_id, status,
+                                                        redact(_first_line(close_error)))
             raise
         self.close_run(logger)
 
@@ -286,26 +347,37 @@ class Tracker:
         """The run's page in the MLflow UI, when tracking goes to a server."""
         if not self.tracking_uri.startswith(("http://", "https://")):
             return None
-        return f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return redact(f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}")
 
     # ---------------------------------------------------------------- registry
 
     def register(self, model_name: str, run_id: str, artifact_path: str, tags: dict) -> str:
-        """Register the folder `artifact_path` of `run_id` as a new version; returns the version."""
+        """Register the folder `artifact_path` of `run_id` as a new version; returns the version.
+
+        Raises:
+            TrackingError: the registry failed (anything but "the model does not exist yet").
+        """
         from mlflow.exceptions import MlflowException
 
-        try:
-            self.client.get_registered_model(model_name)
-        except MlflowException:
-            self.client.create_registered_model(model_name, description="gptforge champion/challenger line")
-        version = self.client.create_model_version(
-            model_name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id,
-            tags={k: str(v) for k, v in tags.items()},
-        )
+        with _registry_call(self.tracking_uri, f"registering a version of {model_name!r}"):
+            try:
+                self.client.get_registered_model(model_name)
+            except MlflowException as error:
+                if not _is_not_found(error):
+                    raise
+                self.client.create_registered_model(model_name, description="gptforge champion/challenger line")
+            version = self.client.create_model_version(
+                model_name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id,
+                tags={k: str(v) for k, v in tags.items()},
+            )
         return version.version
 
     def alias_version(self, model_name: str, alias: str):
-        """The model version an alias points at, or None."""
+        """The model version an alias points at, or None when the model or alias does not exist.
+
+        Raises:
+            TrackingError: the registry failed; that is not the same as "no champion yet".
+        """
         try:
             return find_alias(self.tracking_uri, model_name, alias)
         except LookupError:
@@ -314,12 +386,18 @@ class Tracker:
     def move_champion(self, model_name: str, version: str) -> None:
         """Point `champion` at `version`; the old champion becomes `previous` (for rollback)."""
         old = self.alias_version(model_name, CHAMPION)
-        if old is not None and old.version != version:
-            self.client.set_registered_model_alias(model_name, PREVIOUS, old.version)
-        self.client.set_registered_model_alias(model_name, CHAMPION, version)
+        with _registry_call(self.tracking_uri, f"moving the {CHAMPION!r} alias of {model_name!r}"):
+            if old is not None and old.version != version:
+                self.client.set_registered_model_alias(model_name, PREVIOUS, old.version)
+            self.client.set_registered_model_alias(model_name, CHAMPION, version)
+
+    def run_tags(self, run_id: str) -> dict:
+        with _registry_call(self.tracking_uri, f"reading run {run_id}"):
+            return dict(self.client.get_run(run_id).data.tags)
 
     def run_metrics(self, run_id: str) -> dict:
-        return dict(self.client.get_run(run_id).data.metrics)
+        with _registry_call(self.tracking_uri, f"reading run {run_id}"):
+            return dict(self.client.get_run(run_id).data.metrics)
 
 
 def find_alias(tracking_uri: str, model_name: str, alias: str = CHAMPION):
@@ -327,32 +405,46 @@ def find_alias(tracking_uri: str, model_name: str, alias: str = CHAMPION):
 
     Raises:
         LookupError: the model or alias does not exist (nothing promoted yet).
+        TrackingError: any other failure (server unreachable, 5xx, a broken store).
     """
     from mlflow.exceptions import MlflowException
 
-    try:
-        return _client(tracking_uri).get_model_version_by_alias(model_name, alias)
-    except MlflowException:
-        raise LookupError(
-            f"no model version with alias {alias!r} for registered model {model_name!r} in {tracking_uri}; "
-            f"run `gptforge run` first (or check MLFLOW_TRACKING_URI and the experiment name)"
-        ) from None
+    missing = LookupError(
+        f"no model version with alias {alias!r} for registered model {model_name!r} in {redact(tracking_uri)}; "
+        f"run `gptforge run` first (or check MLFLOW_TRACKING_URI and the experiment name)")
+    # Not get_model_version_by_alias: a missing alias and a bad request share its error code,
+    # while a missing model has its own (RESOURCE_DOES_NOT_EXIST) and the aliases are listed.
+    with _registry_call(tracking_uri, f"looking up {model_name}@{alias}"):
+        client = _client(tracking_uri)
+        try:
+            model = client.get_registered_model(model_name)
+        except MlflowException as error:
+            if _is_not_found(error):
+                raise missing from None
+            raise
+        if alias not in model.aliases:
+            raise missing
+        return client.get_model_version(model_name, model.aliases[alias])
 
 
 def download_version(tracking_uri: str, version, dst_dir: str) -> str:
     """Download the files of a model version (from `find_alias`) under `dst_dir`; returns their folder."""
     import mlflow.artifacts
 
-    return mlflow.artifacts.download_artifacts(artifact_uri=version.source, tracking_uri=tracking_uri, dst_path=dst_dir)
+    with _registry_call(tracking_uri, f"downloading {version.source}"):
+        return mlflow.artifacts.download_artifacts(artifact_uri=version.source, tracking_uri=tracking_uri,
+                                                   dst_path=dst_dir)
 
 
 def list_runs(tracking_uri: str, experiment_name: str, max_results: int = 20) -> list:
     """Recent top-level pipeline runs of an experiment, newest first."""
-    client = _client(tracking_uri)
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        return []
-    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1000)
+    with _registry_call(tracking_uri, f"listing the runs of {experiment_name!r}"):
+        client = _client(tracking_uri)
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            return []
+        runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"],
+                                  max_results=1000)
     return [r for r in runs if PARENT_TAG not in r.data.tags][:max_results]
 
 

@@ -27,6 +27,24 @@ FAST_OVERRIDES = [
 ]
 
 
+def make_candidate(folder: Path, variant: str = "fp32", seed: int = 0) -> str:
+    """A real candidate folder as the quantize stage writes it (tiny GPT, trained tokenizer, checksums.json).
+
+    Returns the sha256 of its checksums.json (what promotion pins in the registry).
+    """
+    from components.data import train_tokenizer
+    from components.files import write_checksums
+    from components.model import GPT, GPTConfig, save_model
+    from components.quantize import quantize_model
+
+    torch.manual_seed(seed)
+    src = folder.with_name(folder.name + "-fp32-src")
+    save_model(GPT(GPTConfig(block_size=32, vocab_size=300, n_layer=2, n_head=2, n_embd=16)), str(src))
+    train_tokenizer(["def add(a, b):\n    return a + b\n"] * 20, vocab_size=300).save(str(src / "tokenizer.json"))
+    quantize_model(str(src), variant, str(folder))
+    return write_checksums(folder)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -58,38 +76,60 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on 127.0.0.1 with a SQLite backend and proxied artifacts; stopped after the test."""
-    import signal
-    import time
-    import urllib.request
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 with a SQLite backend (`db`) and proxied artifacts."""
 
-    port = free_port()
-    log = open(tmp_path / "mlflow-server.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
+    def __init__(self, tmp_path: Path):
+        import time
+        import urllib.request
+
+        self.db = tmp_path / "server.db"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp_path / "mlflow-server.log"
+        self._log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.db}",
+             "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + 180  # slow on a loaded 2-core machine
         while True:
             try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
                     break
             except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start: {(tmp_path / 'mlflow-server.log').read_text()}")
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"mlflow server did not start: {self.log_path.read_text()}")
                 time.sleep(0.5)
-        yield url
+
+    def stop(self) -> None:
+        """Stop the server (and its workers); safe to call twice."""
+        import signal
+
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # the server runs uvicorn/gunicorn workers in its group
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def mlflow_server_process(tmp_path):
+    """A real `mlflow server` that a test may stop part-way (`.stop()`); stopped after the test anyway."""
+    server = MlflowServer(tmp_path)
+    try:
+        yield server
     finally:
-        os.killpg(process.pid, signal.SIGTERM)  # the server runs uvicorn/gunicorn workers in its group
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
+        server.stop()
+
+
+@pytest.fixture
+def mlflow_server(mlflow_server_process):
+    """The URL of a real `mlflow server` on 127.0.0.1; stopped after the test."""
+    return mlflow_server_process.url

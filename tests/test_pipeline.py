@@ -10,7 +10,8 @@ import pytest
 from mlflow import MlflowClient
 
 from components.config import load_config
-from pipelines.tracking import STAGE_TAG
+from components.metrics import CANDIDATE_METRICS
+from pipelines.tracking import CHECKSUMS_TAG, STAGE_TAG
 from tests.conftest import FAST_OVERRIDES, TINY_EXPERIMENT, cli_command, cli_env, free_port, gptforge
 
 pytestmark = pytest.mark.integration
@@ -90,6 +91,7 @@ def test_training_metrics_per_step_and_candidate_metrics_share_names(pipeline):
     candidates = [r for r in children if r.data.tags[STAGE_TAG] == "candidate"]
     keys = [set(r.data.metrics) for r in candidates]
     assert keys[0] == keys[1]
+    assert keys[0] == set(CANDIDATE_METRICS)  # what promote.metric and tie_breaker are checked against
     for key in ["eval/val_ppl", "eval/completion_loss", "eval/tokens_per_s", "model/size_bytes"]:
         assert key in keys[0]
     sizes = {r.data.params["candidate.variant"]: r.data.metrics["model/size_bytes"] for r in candidates}
@@ -105,6 +107,8 @@ def test_champion_alias_points_at_the_winner(pipeline):
     winner = client.get_run(version.run_id)
     assert winner.data.tags["mlflow.runName"] == f"candidate-{promote.data.tags['promote.winner']}"
     assert version.tags["data.fingerprint"] == winner.data.tags["data.fingerprint"]
+    assert len(version.tags[CHECKSUMS_TAG]) == 64  # the pin serving checks the files against
+    assert version.tags[CHECKSUMS_TAG] == winner.data.tags[CHECKSUMS_TAG]
 
 
 def test_runs_lists_the_pipeline_run(pipeline):
@@ -177,6 +181,9 @@ def test_http_completion_from_the_champion(endpoint, pipeline):
     ({"prompt": "x", "temperature": -1}, "temperature"),
     ({"max_tokens": 3}, "prompt"),
     ({"prompt": "x", "stream": True}, "stream"),
+    ({"prompt": "x", "temperature": 1e-39}, "temperature"),
+    ({"prompt": "x", "seed": 2**64}, "seed"),
+    ({"prompt": "x", "model": "gpt-4"}, "model"),
 ])
 def test_bad_requests_get_4xx(endpoint, body, fragment):
     status, reply = _post(f"{endpoint}/v1/completions", body)
