@@ -82,3 +82,14 @@ def test_serve_without_a_champion_says_so(tmp_path):
     assert result.returncode == 2
     assert "no model version with alias 'champion'" in result.stderr
     assert "gptforge run" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_candidate_settings_are_checked_together():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["quantize.variants=[fp32,int8_weight_only,fp32]", "evaluate.device=tpu",
+                           "evaluate.cpu_threads=0", "promote.tie_breaker_mode=fastest"])
+    for fragment in ["quantize.variants: fp32 listed more than once", "evaluate.device: 'tpu'",
+                     "evaluate.cpu_threads", "promote.tie_breaker_mode: 'fastest'"]:
+        assert fragment in str(e.value)
+    cfg = load_config(None, ["quantize.variants=[fp32,int8_weight_only,int4_weight_only]", "evaluate.device=cuda"])
+    assert cfg.quantize.variants == ["fp32", "int8_weight_only", "int4_weight_only"]
