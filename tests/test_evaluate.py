@@ -196,3 +196,22 @@ def _checkpoint(files):
     from components.artifacts import Checkpoint
 
     return Checkpoint(uri=str(files / "fp32-src"), step=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["fp32", "bf16", "int8_weight_only"])
+def test_evaluation_runs_on_the_gpu(files, tmp_path, variant):
+    quantize_model(str(files / "fp32-src"), variant, str(tmp_path / variant))
+    model = load_variant(str(tmp_path / variant), "cuda")
+    report = evaluate(
+        model, variant=variant, val_uri=str(files / "val.parquet"), sft_heldout_uri=str(files / "heldout.parquet"),
+        tokenizer_uri=str(files / "tokenizer.json"), size_bytes=1, disk_bytes=stored_bytes(str(tmp_path / variant)),
+        max_batches=0, gen_tokens=6, num_samples=1, prompts=["def f3(x):\n"],
+    )
+    m = report.metrics
+    assert m["eval/on_cuda"] == 1.0 and m["eval/tokens_per_s"] > 0
+    assert m["eval/peak_mem_bytes"] >= m["model/linear_bytes"]  # the weights live on the GPU
+    cpu = evaluate(load_variant(str(files / "fp32-src")), variant="fp32", val_uri=str(files / "val.parquet"),
+                   sft_heldout_uri=str(files / "heldout.parquet"), tokenizer_uri=str(files / "tokenizer.json"),
+                   size_bytes=1, max_batches=0, gen_tokens=6, num_samples=1).metrics
+    assert m["eval/val_ppl"] == pytest.approx(cpu["eval/val_ppl"], rel=0.02)  # same data, same metric, other device
