@@ -119,10 +119,17 @@ def apply_torchao(model: GPT, variant: str, device: str = "cpu") -> GPT:
     """Quantize the blocks' Linears of `model` in place with torchao's `variant` config, on `device`.
 
     Raises:
-        VariantUnavailable: torchao is missing, or the variant needs CUDA and `device` is not.
+        VariantUnavailable: torchao is missing, the variant needs CUDA and `device` is not, or (int4)
+            a layer width is not a multiple of the group size.
     """
     if "cuda" not in device and "cpu" not in RUNS_ON[variant]:
         raise VariantUnavailable(f"{variant} is quantized on CUDA only (torchao 0.18 has no CPU int4 packing)")
+    if variant == "int4_weight_only":
+        odd = sorted({m.in_features for n, m in model.named_modules()
+                      if _in_blocks(m, n) and m.in_features % _INT4_GROUP_SIZE})
+        if odd:
+            raise VariantUnavailable(f"int4_weight_only packs groups of {_INT4_GROUP_SIZE} inputs; "
+                                     f"Linear input widths {odd} are not multiples of it")
     config = _torchao_config(variant)
     tq, _ = _torchao()
     model = model.to(device=device, dtype=_TORCHAO_VARIANTS[variant])
