@@ -135,10 +135,6 @@ class KVCache:
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, length + T, hs) each
 
-    def nbytes(self) -> int:
-        """Bytes the cache holds (all layers, keys and values)."""
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int = 0):
