@@ -90,7 +90,15 @@ def _generations_markdown(reports: list[EvalReport]) -> str:
 
 
 def _plot(reports: list[EvalReport], x_key: str, x_label: str, x_scale: float, path: str) -> None:
-    """Validation perplexity (lower is better) against `x_key`, one labelled point per candidate."""
+    import matplotlib.pyplot as plt
+
+    fig = quality_figure(reports, x_key, x_label, x_scale)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def quality_figure(reports: list[EvalReport], x_key: str, x_label: str, x_scale: float = 1.0):
+    """Validation perplexity (lower is better) against `x_key`: one labelled point per candidate."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on a Ray worker or a server
@@ -106,5 +114,4 @@ def _plot(reports: list[EvalReport], x_key: str, x_label: str, x_scale: float, p
     ax.set_title(f"Candidates: quality vs {x_label.split(' (')[0]}")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig

@@ -156,6 +156,12 @@ def test_comparison_lists_every_candidate_with_every_metric(files, tmp_path):
         assert all(r[k] != "" for k in CANDIDATE_METRICS), r["candidate"]
     for plot in ("quality_vs_size.png", "quality_vs_speed.png"):
         assert (tmp_path / "out" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    measured = reports[:2]
+    for key in ("model/size_bytes", "eval/tokens_per_s"):
+        ax = comparison.quality_figure(measured, key, key).axes[0]
+        assert [t.get_text() for t in ax.texts] == ["fp32", "int8_dynamic"]  # a labelled point per candidate
+        points = [tuple(c.get_offsets()[0]) for c in ax.collections]
+        assert points == [(r.metrics[key], r.metrics["eval/val_ppl"]) for r in measured]
     generations = (tmp_path / "out" / "generations.md").read_text()
     assert generations.count("**fp32**") == 2 and generations.count("**int8_dynamic**") == 2
 
