@@ -54,20 +54,30 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class QuantizedModel:
-    """One candidate: a model folder stored in its variant's dtype."""
+    """One candidate: a model folder stored in its variant's dtype.
+
+    `skipped` is empty, or why the variant could not be built here (then `uri` is empty).
+    """
 
     variant: str
     uri: str
     size_bytes: int
+    skipped: str = ""
 
 
 @dataclass(frozen=True)
 class EvalReport:
-    """Metrics of one candidate under the shared metric names, plus samples."""
+    """Metrics of one candidate under the shared metric names, plus samples.
+
+    `generations` maps each fixed prompt (evaluate.prompts) to the candidate's greedy
+    continuation. `skipped` is empty, or why the candidate was not measured (no metrics).
+    """
 
     variant: str
     metrics: dict
     samples: list = field(default_factory=list)
+    generations: dict = field(default_factory=dict)
+    skipped: str = ""
 
 
 _RECORD_TYPES = {cls.__name__: cls for cls in (TokenizedData, Checkpoint, QuantizedModel, EvalReport)}

@@ -157,7 +157,9 @@ class FinetuneConfig(TrainingConfig):
 @dataclass(frozen=True)
 class QuantizeConfig:
     variants: list[str] = field(default_factory=lambda: ["fp32", "int8_dynamic"])
-    """Candidates to build from the fine-tuned model: fp32, bf16, fp16, int8_dynamic."""
+    """Candidates to build from the fine-tuned model: fp32, bf16, fp16, int8_dynamic (CPU),
+    int8_weight_only, int4_weight_only (CUDA). A variant that cannot run here is skipped,
+    with the reason on its run. fp32, when listed, is the reference for the deltas."""
 
 
 @dataclass(frozen=True)
@@ -167,23 +169,37 @@ class EvaluateConfig:
     batch_size: int = 16
     """Sequences per evaluation batch."""
     gen_tokens: int = 32
-    """Tokens generated per sample, also used to measure generation tokens/s."""
+    """Tokens generated per sample and per fixed prompt, also used to measure generation speed."""
     num_samples: int = 3
     """Generated samples logged per candidate (prompts from the held-out pairs)."""
     temperature: float = 0.0
     """Sampling temperature for the samples; 0 is greedy, so runs are comparable."""
+    device: str = "auto"
+    """`auto` (each candidate on the GPU when there is one and its variant runs there, else
+    the CPU), `cpu`, or `cuda` (variants that cannot run there are skipped)."""
+    cpu_threads: int = 1
+    """torch threads for a candidate evaluated on the CPU; the same for all, so speeds compare."""
+    prompts: list[str] = field(default_factory=lambda: [
+        "def fibonacci(n):\n", "import os\n", "class Stack:\n    def __init__(self):\n", "for i in range(10):\n",
+    ])
+    """Fixed prompts whose greedy continuations are logged side by side across candidates."""
 
 
 @dataclass(frozen=True)
 class PromoteConfig:
     metric: str = "eval/val_ppl"
-    """Metric that decides the best candidate."""
+    """Metric that decides the best candidate (one of components.evaluate.CANDIDATE_METRICS)."""
     mode: str = "min"
     """`min` or `max`: which direction of `metric` is better."""
     tie_tolerance: float = 0.01
     """Candidates within this relative distance of the best count as tied."""
     tie_breaker: str = "model/size_bytes"
-    """Among tied candidates the one with the lowest value of this metric wins."""
+    """Among tied candidates the one with the best value of this metric wins. The defaults
+    read "the smallest candidate whose val perplexity is within 1% of the best"; with
+    tie_breaker eval/tokens_per_s, tie_breaker_mode max and tie_tolerance 0.02, "the
+    fastest within 2%"."""
+    tie_breaker_mode: str = "min"
+    """`min` or `max`: which direction of `tie_breaker` wins."""
 
 
 @dataclass(frozen=True)
@@ -229,7 +245,7 @@ _CHOICES = {
     "finetune.method": ("lora", "full"),
     "promote.mode": ("min", "max"),
 }
-_QUANT_VARIANTS = ("fp32", "bf16", "fp16", "int8_dynamic")
+_QUANT_VARIANTS = ("fp32", "bf16", "fp16", "int8_dynamic", "int8_weight_only", "int4_weight_only")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
@@ -402,6 +418,19 @@ def _validate(cfg: ExperimentConfig) -> list[str]:
     errors.extend(_validate_model(cfg))
     for section in _TRAINING_SECTIONS:
         errors.extend(_validate_training(cfg, section))
+    errors.extend(_validate_candidates(cfg))
+    return errors
+
+
+def _validate_candidates(cfg: ExperimentConfig) -> list[str]:
+    """quantize/evaluate/promote checks beyond the types."""
+    errors = []
+    if cfg.evaluate.device not in ("auto", "cpu", "cuda"):
+        errors.append(f"evaluate.device: {cfg.evaluate.device!r} is not one of auto, cpu, cuda")
+    if cfg.evaluate.cpu_threads <= 0:
+        errors.append(f"evaluate.cpu_threads: must be positive, got {cfg.evaluate.cpu_threads}")
+    if cfg.promote.tie_breaker_mode not in ("min", "max"):
+        errors.append(f"promote.tie_breaker_mode: {cfg.promote.tie_breaker_mode!r} is not one of min, max")
     return errors
 
 

@@ -11,6 +11,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
+from typing import Callable
 
 import safetensors.torch
 import torch
@@ -112,8 +113,31 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+class KVCache:
+    """Keys and values of the tokens already seen, per layer, for incremental decoding.
+
+    Preallocated to `block_size` positions so that a decode step writes one column in
+    place instead of concatenating (and copying) the whole history. `length` counts the
+    positions filled; `GPT.forward` advances it after every layer has written.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, device: torch.device | str, dtype: torch.dtype):
+        hs = config.n_embd // config.n_head
+        shape = (batch_size, config.n_head, config.block_size, hs)  # (B, nh, block_size, hs)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store `k`, `v` (B, nh, T, hs) after the cached positions; return all keys and values so far."""
+        end = self.length + k.size(2)
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, length + T, hs) each
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
         # key, query, value projections for all heads, in one batched Linear
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
@@ -122,16 +146,27 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.n_embd = config.n_embd
+        self.layer = layer  # index into a KVCache
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.size()  # batch, sequence length, n_embd
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
         hs = C // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        mask, causal = None, True
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(self.layer, k, v)  # (B, nh, past + T, hs)
+            if past and T == 1:
+                causal = False  # one new query may see every cached key
+            elif past:
+                # query i sits at position past + i and may see keys 0 .. past + i
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)  # (T, past+T)
+                causal = False
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=True
+            q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=causal
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
@@ -150,15 +185,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -172,7 +207,7 @@ class GPT(nn.Module):
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
                 ln_f=LayerNorm(config.n_embd, bias=config.bias),
             )
         )
@@ -197,7 +232,7 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for every position, and the mean next-token loss when targets are given.
 
@@ -205,19 +240,24 @@ class GPT(nn.Module):
             idx: (B, T) long token ids, T <= block_size.
             targets: (B, T) long ids of the next token; -100 marks positions the loss skips
                 (padding, prompt tokens in finetuning).
+            cache: keys and values of earlier positions (see `generate`); `idx` continues them,
+                at positions cache.length .. cache.length + T - 1, and the cache grows by T.
 
         Returns:
             logits (B, T, vocab_size) in the model's dtype, and the loss (float32 scalar) or None.
         """
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
         x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, cache)
+        if cache is not None:
+            cache.length += T
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
@@ -230,6 +270,11 @@ class GPT(nn.Module):
             )
         return logits, loss
 
+    def new_cache(self, batch_size: int, device: torch.device | str | None = None) -> KVCache:
+        """An empty KVCache for `batch_size` rows, on the model's device, in its activation dtype."""
+        ref = self.transformer.wpe.weight  # never quantized: its dtype is the activations' dtype
+        return KVCache(self.config, batch_size, device or ref.device, ref.dtype)
+
     @torch.no_grad()
     def generate(
         self,
@@ -239,8 +284,16 @@ class GPT(nn.Module):
         top_k: int | None = None,
         eos_id: int | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
+        on_token: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Extend each row of `idx` (B, T) by up to `max_new_tokens` sampled tokens.
+
+        With `use_cache`, the prompt is run once (prefill) and each later step feeds only the
+        newest token, reusing the keys and values of the earlier ones: a step costs O(context)
+        instead of O(context^2). Past `block_size` tokens the context is cropped to the last
+        `block_size`; every position then shifts, so the cache is rebuilt from the cropped
+        context at each step, exactly as without it. Both paths give the same tokens.
 
         Args:
             temperature: softmax temperature; 0 means greedy (argmax).
@@ -248,14 +301,24 @@ class GPT(nn.Module):
             eos_id: once a row has produced it, that row is padded with eos_id; generation
                 stops early when every row has.
             generator: torch.Generator for reproducible sampling.
+            use_cache: decode incrementally with a KVCache (False recomputes the whole context
+                at every step; kept as the reference the cache is tested against).
+            on_token: called with each new (B, 1) token tensor as soon as it is chosen
+                (evaluation times the steps with it; streaming can send it).
 
         Returns:
             (B, T + n) long tensor, n <= max_new_tokens. Call `model.eval()` first for dropout.
         """
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)  # (B,)
+        cache = None
         for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size :]  # (B, <=block_size): crop the context
-            logits, _ = self(idx_cond)
+            if not use_cache:
+                logits, _ = self(idx[:, -self.config.block_size :])  # (B, <=block_size, vocab_size)
+            elif cache is None or cache.length >= self.config.block_size:
+                cache = self.new_cache(idx.size(0), idx.device)  # prefill (again, once the context is full)
+                logits, _ = self(idx[:, -self.config.block_size :], cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], cache=cache)  # (B, 1, vocab_size): the newest token only
             logits = logits[:, -1, :].float()  # (B, vocab_size): last position only
             if temperature == 0:
                 idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
@@ -269,6 +332,8 @@ class GPT(nn.Module):
             if eos_id is not None:
                 idx_next = idx_next.masked_fill(finished.unsqueeze(1), eos_id)
                 finished |= idx_next.squeeze(1) == eos_id
+            if on_token is not None:
+                on_token(idx_next)
             idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
             if eos_id is not None and bool(finished.all()):
                 break
@@ -350,23 +415,50 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-def bytes_by_dtype(model: nn.Module) -> dict[str, int]:
-    """Bytes of parameters, buffers and packed quantized weights, per dtype, each tensor once.
+def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors that hold `t`'s bytes: itself, or a quantized tensor's int values and scales.
 
-    Quantized weights count under their storage dtype ("int8" for qint8); their per-tensor
-    scale and zero point (two Python scalars per layer) are not counted.
+    torch.ao quantized tensors keep an int8 representation and (per channel) scale and zero
+    point tensors; torchao tensor subclasses (Int8Tensor, Int4TilePackedTo4dTensor, ...)
+    name their inner tensors in `__tensor_flatten__`. A per-tensor scale and zero point are
+    two Python scalars per layer and are not counted.
     """
+    if t.is_quantized:
+        out = [t.int_repr()]
+        if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            out += [t.q_per_channel_scales(), t.q_per_channel_zero_points()]
+        return out
+    if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return [p for name in names for p in _plain_tensors(getattr(t, name))]
+    return [t]
+
+
+def _count_bytes(tensors: list[torch.Tensor]) -> dict[str, int]:
     out: dict[str, int] = {}
-    for t in _unique_tensors(model, set(), buffers=True):
-        if t.is_quantized:
-            if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-                for extra in (t.q_per_channel_scales(), t.q_per_channel_zero_points()):
-                    key = str(extra.dtype).removeprefix("torch.")
-                    out[key] = out.get(key, 0) + extra.numel() * extra.element_size()
-            t = t.int_repr()
-        key = str(t.dtype).removeprefix("torch.")
-        out[key] = out.get(key, 0) + t.numel() * t.element_size()
+    for t in tensors:
+        for p in _plain_tensors(t):
+            key = str(p.dtype).removeprefix("torch.")
+            out[key] = out.get(key, 0) + p.numel() * p.element_size()
     return out
+
+
+def bytes_by_dtype(model: nn.Module) -> dict[str, int]:
+    """Bytes of parameters, buffers and quantized weights in memory, per storage dtype, each tensor once.
+
+    Quantized weights count under the dtype that stores them ("int8" for torch.ao qint8 and
+    torchao Int8Tensor data, "int32" for torchao's packed int4), their scales under theirs.
+    """
+    return _count_bytes(_unique_tensors(model, set(), buffers=True))
+
+
+def linear_bytes(model: nn.Module) -> int:
+    """Bytes of the Linear layers inside the blocks (weights, scales, biases): what quantization shrinks."""
+    gpt = _find_gpt(model)
+    blocks = gpt.transformer.h if gpt is not None else model
+    return sum(_count_bytes(_unique_tensors(blocks, set(), buffers=True)).values()) - sum(
+        _count_bytes([t for m in blocks.modules() if isinstance(m, LayerNorm) for t in m.parameters()]).values()
+    )
 
 
 def flops_per_token(cfg: GPTConfig, n_params_non_embedding: int | None = None) -> int:

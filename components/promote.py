@@ -31,9 +31,11 @@ def decide(candidates: list[Candidate], incumbent: Candidate | None, policy: Pro
     """Pick the best candidate and whether it should replace the incumbent champion.
 
     The best candidate has the best `policy.metric`; candidates within
-    `tie_tolerance` (relative) of it are tied, and the tie goes to the lowest
-    `tie_breaker` (by default the smallest model). It is promoted unless the
-    incumbent is better by more than the tolerance.
+    `tie_tolerance` (relative) of it are tied, and the tie goes to the best
+    `tie_breaker` in `tie_breaker_mode` (by default the smallest model; with
+    `eval/tokens_per_s` and `max`, the fastest). So a policy can trade a bounded
+    loss of quality for size or speed. It is promoted unless the incumbent is
+    better by more than the tolerance.
 
     Raises:
         ValueError: no candidates, or a candidate lacks the metric.
@@ -46,12 +48,15 @@ def decide(candidates: list[Candidate], incumbent: Candidate | None, policy: Pro
     sign = 1.0 if policy.mode == "min" else -1.0
     best_value = min(sign * c.metrics[policy.metric] for c in candidates)
     tied = [c for c in candidates if _within(sign * c.metrics[policy.metric], best_value, policy.tie_tolerance)]
-    winner = min(tied, key=lambda c: (c.metrics.get(policy.tie_breaker, float("inf")), sign * c.metrics[policy.metric]))
+    tie_sign = 1.0 if policy.tie_breaker_mode == "min" else -1.0
+    winner = min(tied, key=lambda c: (tie_sign * c.metrics.get(policy.tie_breaker, tie_sign * float("inf")),
+                                      sign * c.metrics[policy.metric]))
     value = winner.metrics[policy.metric]
     why = f"{winner.name}: {policy.metric}={value:.4g}"
     if len(tied) > 1:
         others = ", ".join(c.name for c in tied if c is not winner)
-        why += f" (tied within {policy.tie_tolerance:.0%} with {others}; lower {policy.tie_breaker} wins)"
+        direction = "lower" if policy.tie_breaker_mode == "min" else "higher"
+        why += f" (tied within {policy.tie_tolerance:.0%} with {others}; {direction} {policy.tie_breaker} wins)"
     if incumbent is None or policy.metric not in incumbent.metrics:
         return Decision(winner, True, why + "; no comparable champion yet")
     incumbent_value = incumbent.metrics[policy.metric]

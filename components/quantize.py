@@ -1,17 +1,35 @@
 """The `quantize` stage: turn an fp32 model folder into one candidate variant on disk.
 
 Every variant is stored in its own dtype as safetensors + config.json (with a
-"quantization" key), never pickled, so `load_variant` can rebuild it anywhere.
+"quantization" key), never pickled, so `load_variant` rebuilds it, still quantized,
+without going back to fp32.
 
-int8_dynamic uses eager torch.ao `quantize_dynamic`. torchao (`quantize_` with
-Int8DynamicActivationInt8WeightConfig) is its successor, but on CPU it is only faster
-under torch.compile; the eager torch.ao kernels were the fastest without compiling
-(../shared/NOTES.md, "Quantization on CPU": batch-1 decode 2.90 ms -> 1.53 ms per step).
+The variants and where they run:
+- fp32, bf16, fp16: the same GPT cast to that dtype; CPU and CUDA.
+- int8_dynamic: eager torch.ao `quantize_dynamic` (int8 weights, activations quantized
+  per batch); CPU only. On CPU it is the fastest eager int8 path (../shared/NOTES.md,
+  "Quantization on CPU": batch-1 decode 2.90 ms -> 1.53 ms per step); torchao's
+  Int8DynamicActivationInt8WeightConfig is only faster under torch.compile.
+- int8_weight_only: torchao `Int8WeightOnlyConfig` (int8 weights with a per-row scale,
+  fp32 activations); CPU and CUDA.
+- int4_weight_only: torchao `Int4WeightOnlyConfig` packed as `tile_packed_to_4d` (two
+  weights per byte, a bf16 scale and zero point per group of 128, bf16 activations), the
+  tinygemm kernel that ships in PyTorch's CUDA build. CUDA only: torchao 0.18 has no CPU
+  packing for int4, and its CPU fallback (`IntxWeightOnlyConfig`) keeps int4 values
+  unpacked in int8, which would be no smaller than int8_weight_only.
+
+Only the Linear layers inside the blocks are quantized: lm_head shares its weight with
+the token embedding, and quantizing it would untie them (storing the matrix twice).
+
+A variant that cannot be built or run on a device raises `VariantUnavailable`; the
+pipeline skips that candidate and logs the reason on its run.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import struct
 import shutil
 import warnings
 
@@ -23,8 +41,18 @@ from components.artifacts import QuantizedModel
 from components.files import atomic_write, write_json_atomic
 from components.model import CONFIG_FILE, GPT, WEIGHTS_FILE, GPTConfig, load_model
 
-VARIANTS = ("fp32", "bf16", "fp16", "int8_dynamic")
+VARIANTS = ("fp32", "bf16", "fp16", "int8_dynamic", "int8_weight_only", "int4_weight_only")
+RUNS_ON: dict[str, tuple[str, ...]] = {
+    "fp32": ("cuda", "cpu"),  # preferred device first
+    "bf16": ("cuda", "cpu"),
+    "fp16": ("cuda", "cpu"),
+    "int8_dynamic": ("cpu",),  # torch.ao dynamic quantized Linear: fbgemm/qnnpack kernels only
+    "int8_weight_only": ("cuda", "cpu"),
+    "int4_weight_only": ("cuda",),  # packing and kernel are CUDA only (module docstring)
+}
 _FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_TORCHAO_VARIANTS = {"int8_weight_only": torch.float32, "int4_weight_only": torch.bfloat16}  # -> activation dtype
+_INT4_GROUP_SIZE = 128
 TOKENIZER_FILE = "tokenizer.json"
 CANDIDATE_FILES = (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE)
 """Exactly the files of a candidate folder (besides checksums.json); serving refuses any other set."""
@@ -33,6 +61,82 @@ CANDIDATE_FILES = (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE)
 # <name>.weight_scale and <name>.weight_zero_point ((1,) for per-tensor, (out,) for per-channel),
 # <name>.bias (fp32, when the layer has one). The qscheme (and axis) go in the file metadata.
 _INT8_SUFFIXES = (".weight_int8", ".weight_scale", ".weight_zero_point")
+
+
+class VariantUnavailable(RuntimeError):
+    """A variant cannot be built or run here; the message says why. The candidate is skipped."""
+
+
+def pick_device(variant: str, requested: str, cuda_available: bool) -> str:
+    """Where `variant` should run: `requested` ("cpu" or "cuda"), or for "auto" the fastest device present.
+
+    Raises:
+        VariantUnavailable: the variant does not run on the requested device, or needs CUDA and
+            there is none.
+    """
+    runs_on = RUNS_ON[variant]
+    if requested == "auto":
+        usable = [d for d in runs_on if d == "cpu" or cuda_available]
+        if not usable:
+            raise VariantUnavailable(f"{variant} runs only on {'/'.join(runs_on)}, and no CUDA GPU is available")
+        return usable[0]
+    if requested not in runs_on:
+        raise VariantUnavailable(f"{variant} does not run on {requested} (it runs on {'/'.join(runs_on)})")
+    if requested == "cuda" and not cuda_available:
+        raise VariantUnavailable(f"evaluate.device is cuda, but no CUDA GPU is available for {variant}")
+    return requested
+
+
+def _torchao():
+    """Import torchao's quantize_ API, or say why the torchao variants are unavailable."""
+    # On a CPU-only torch, torchao logs at import that its CUDA extensions cannot load, and
+    # torch's pytree warns about torchao's enums; both are harmless (NOTES.md).
+    quiet = [logging.getLogger(name) for name in ("torchao", "torchao.kernel.intmm", "torch.utils._pytree")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        import torchao.quantization as tq
+        from torchao.prototype.safetensors import safetensors_support
+    except ImportError as error:
+        raise VariantUnavailable(f"torchao is not installed or does not import ({error}); pip install torchao") from None
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+    return tq, safetensors_support
+
+
+def _torchao_config(variant: str):
+    tq, _ = _torchao()
+    if variant == "int8_weight_only":
+        return tq.Int8WeightOnlyConfig()  # per-row scale
+    return tq.Int4WeightOnlyConfig(group_size=_INT4_GROUP_SIZE, int4_packing_format="tile_packed_to_4d")
+
+
+def _in_blocks(module: nn.Module, fqn: str) -> bool:
+    return isinstance(module, nn.Linear) and fqn.startswith("transformer.h.")
+
+
+def apply_torchao(model: GPT, variant: str, device: str = "cpu") -> GPT:
+    """Quantize the blocks' Linears of `model` in place with torchao's `variant` config, on `device`.
+
+    Raises:
+        VariantUnavailable: torchao is missing, the variant needs CUDA and `device` is not, or (int4)
+            a layer width is not a multiple of the group size.
+    """
+    if "cuda" not in device and "cpu" not in RUNS_ON[variant]:
+        raise VariantUnavailable(f"{variant} is quantized on CUDA only (torchao 0.18 has no CPU int4 packing)")
+    if variant == "int4_weight_only":
+        odd = sorted({m.in_features for n, m in model.named_modules()
+                      if _in_blocks(m, n) and m.in_features % _INT4_GROUP_SIZE})
+        if odd:
+            raise VariantUnavailable(f"int4_weight_only packs groups of {_INT4_GROUP_SIZE} inputs; "
+                                     f"Linear input widths {odd} are not multiples of it")
+    config = _torchao_config(variant)
+    tq, _ = _torchao()
+    model = model.to(device=device, dtype=_TORCHAO_VARIANTS[variant])
+    tq.quantize_(model, config, filter_fn=_in_blocks)
+    return model.eval()
 
 
 def apply_int8_dynamic(model: GPT) -> GPT:
@@ -117,7 +221,43 @@ def _load_int8_state(model: GPT, tensors: dict[str, torch.Tensor], metadata: dic
             t.copy_(tensors[name])
 
 
-def quantize_model(src_folder: str, variant: str, out_folder: str) -> QuantizedModel:
+def _torchao_state(model: GPT, variant: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Plain tensors and metadata for a torchao-quantized GPT (the round trip is in NOTES.md).
+
+    torchao's weights are tensor subclasses (Int8Tensor: `qdata` int8 + `scale`, ...), which
+    `safetensors` cannot store directly. `flatten_tensor_state_dict` splits each into its
+    plain tensors (`<module>._weight_qdata`, `<module>._weight_scale`, ...) and a JSON
+    description (class name from an allow-list, block size, dtype) in the file metadata.
+    """
+    _, st = _torchao()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to wte
+    tensors, metadata = st.flatten_tensor_state_dict(state)
+    return {k: v.contiguous() for k, v in tensors.items()}, {**metadata, "format": "pt", "quantization": variant}
+
+
+def _load_torchao_state(config: GPTConfig, tensors: dict, metadata: dict, path: str, device: str) -> GPT:
+    """Inverse of `_torchao_state`: the quantized tensors go straight into a model built on `meta`.
+
+    Nothing is quantized again: `load_state_dict(assign=True)` puts the stored torchao tensors
+    in place of the meta parameters.
+    """
+    _, st = _torchao()
+    state, leftover = st.unflatten_tensor_state_dict(tensors, metadata)
+    if leftover:
+        raise ValueError(f"{path}: tensors not described by the file's metadata: {sorted(leftover)[:5]}")
+    state["lm_head.weight"] = state.get("transformer.wte.weight")
+    with torch.device("meta"):
+        model = GPT(config)
+    model.requires_grad_(False)  # inference only; torchao's tensors take no gradients
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as error:
+        raise ValueError(f"{path} does not match its config.json: {error}") from None
+    model.lm_head.weight = model.transformer.wte.weight  # re-tie: one tensor under two names
+    return model.to(device).eval()
+
+
+def quantize_model(src_folder: str, variant: str, out_folder: str, device: str = "cpu") -> QuantizedModel:
     """Write `variant` of the fp32 model in `src_folder` to `out_folder`, stored in that dtype.
 
     Args:
@@ -125,23 +265,28 @@ def quantize_model(src_folder: str, variant: str, out_folder: str) -> QuantizedM
         variant: one of VARIANTS.
         out_folder: created if missing; gets model.safetensors, config.json (with
             "quantization": variant) and tokenizer.json when the source has one.
+        device: where to quantize ("cuda" for int4_weight_only); the file is the same wherever it is made.
 
     Returns:
         QuantizedModel with size_bytes = size of model.safetensors.
 
     Raises:
         ValueError: unknown variant.
+        VariantUnavailable: the variant cannot be built here (nothing is written).
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown quantization variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     model = load_model(src_folder)
+    if variant in _TORCHAO_VARIANTS:
+        tensors, metadata = _torchao_state(apply_torchao(model, variant, device), variant)
+    elif variant == "int8_dynamic":
+        tensors, metadata = _int8_state(apply_int8_dynamic(model))
     os.makedirs(out_folder, exist_ok=True)
     weights = os.path.join(out_folder, WEIGHTS_FILE)
     if variant in _FLOAT_DTYPES:
         atomic_write(weights, lambda tmp: safetensors.torch.save_model(
             model.to(_FLOAT_DTYPES[variant]), str(tmp), metadata={"quantization": variant}))
     else:
-        tensors, metadata = _int8_state(apply_int8_dynamic(model))
         atomic_write(weights, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))
     write_json_atomic(os.path.join(out_folder, CONFIG_FILE), {**model.config.to_dict(), "quantization": variant})
     tokenizer = os.path.join(src_folder, TOKENIZER_FILE)
@@ -150,16 +295,20 @@ def quantize_model(src_folder: str, variant: str, out_folder: str) -> QuantizedM
     return QuantizedModel(variant=variant, uri=out_folder, size_bytes=os.path.getsize(weights))
 
 
-def load_variant(folder: str) -> nn.Module:
+def load_variant(folder: str, device: str = "cpu") -> nn.Module:
     """Load a folder written by `quantize_model` (or `save_model`: treated as fp32), in eval mode.
 
-    The result is a GPT (int8: with dynamic-quantized Linears in its blocks), so it has
-    `.config` and `.generate`. An int8 model gives exactly the logits of the model that was
-    quantized in memory before saving.
+    The result is a GPT (int8/int4: with quantized Linears in its blocks), so it has
+    `.config` and `.generate`. A quantized model gives exactly the logits of the model that
+    was quantized in memory before saving.
+
+    Args:
+        device: "cpu" or "cuda"; see `pick_device`.
 
     Raises:
         FileNotFoundError: config.json or model.safetensors missing.
         ValueError: unknown "quantization" value, or weights that do not match the config.
+        VariantUnavailable: the variant does not run on `device` (or torchao is missing).
     """
     config_path, weights = os.path.join(folder, CONFIG_FILE), os.path.join(folder, WEIGHTS_FILE)
     for path in (config_path, weights):
@@ -170,14 +319,47 @@ def load_variant(folder: str) -> nn.Module:
     variant = raw.get("quantization", "fp32")
     if variant not in VARIANTS:
         raise ValueError(f"{config_path}: unknown quantization {variant!r}; expected one of {', '.join(VARIANTS)}")
-    model = GPT(GPTConfig.from_dict(raw))
+    if device.split(":")[0] not in RUNS_ON[variant]:
+        raise VariantUnavailable(f"{variant} does not run on {device} (it runs on {'/'.join(RUNS_ON[variant])})")
+    config = GPTConfig.from_dict(raw)
     if variant in _FLOAT_DTYPES:
-        model = model.to(_FLOAT_DTYPES[variant])
+        model = GPT(config).to(_FLOAT_DTYPES[variant])
         safetensors.torch.load_model(model, weights, strict=True)
-        return model.eval()
-    apply_int8_dynamic(model)
+        return model.to(device).eval()
     with safetensors.safe_open(weights, framework="pt") as f:
         metadata = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if variant in _TORCHAO_VARIANTS:
+        return _load_torchao_state(config, tensors, metadata, weights, device)
+    model = apply_int8_dynamic(GPT(config))
     _load_int8_state(model, tensors, metadata, weights)
     return model.eval()
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}
+
+
+def stored_bytes(folder: str) -> tuple[dict[str, int], int]:
+    """Bytes of `folder/model.safetensors` per stored dtype, and the bytes of the blocks' Linear layers.
+
+    Read from the file's header (no tensor is loaded), so it measures what is on disk. A
+    Linear layer's tensors are those under `transformer.h.<i>.attn.c_*` and `.mlp.c_*`
+    (weights, their int values and scales, biases).
+    """
+    with open(os.path.join(folder, WEIGHTS_FILE), "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    by_dtype: dict[str, int] = {}
+    linear = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"], info["dtype"].lower())
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + end - start
+        if name.startswith("transformer.h.") and (".attn.c_" in name or ".mlp.c_" in name):
+            linear += end - start
+    return by_dtype, linear

@@ -191,16 +191,9 @@ def _check_gpus(cfg: ExperimentConfig) -> None:
 
 def candidate_table(reports: list, winner: str) -> str:
     """The candidates side by side: the numbers a person compares before trusting a promotion."""
-    header = f"{'candidate':<14} {'params':>11} {'size MB':>9} {'val ppl':>9} {'compl. loss':>11} {'gen tok/s':>10}"
-    lines = [header, "-" * len(header)]
-    for r in reports:
-        m = r.metrics
-        mark = "  <- champion" if r.variant == winner else ""
-        lines.append(
-            f"{r.variant:<14} {int(m['model/params_total']):>11,} {m['model/size_bytes'] / 1e6:>9.2f} "
-            f"{m['eval/val_ppl']:>9.2f} {m['eval/completion_loss']:>11.3f} {m['eval/tokens_per_s']:>10.1f}{mark}"
-        )
-    return "\n".join(lines)
+    from components.comparison import candidate_table as table
+
+    return table(reports, winner)
 
 
 # ------------------------------------------------------------------- serve

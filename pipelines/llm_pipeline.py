@@ -14,7 +14,7 @@ from components.artifacts import from_json, to_json
 from components.config import ExperimentConfig, flatten, to_yaml
 from pipelines import promotion, stages
 from pipelines.progress import Progress
-from pipelines.ray_runtime import run_task
+from pipelines.ray_runtime import cluster_gpus, run_task
 from pipelines.tracking import InterruptedRun, RunLogger, Tracker, redact, resolve_tracking_uri
 
 
@@ -23,7 +23,7 @@ class PipelineResult:
     run_id: str
     tracking_uri: str
     model_name: str
-    reports: list  # EvalReport per candidate, in the order of quantize.variants
+    reports: list  # EvalReport per candidate (skipped ones too), in the order of quantize.variants
     decision: object  # components.promote.Decision
     version: str  # registry version of the winner
 
@@ -74,31 +74,41 @@ def run_pipeline(cfg: ExperimentConfig, progress: Progress, resume: InterruptedR
 
         # ------------------------------------------------------ candidates
         candidates = {}
+        gpus = cluster_gpus()
         progress.stage(f"quantize ({', '.join(cfg.quantize.variants)})")
         with tracker.run("quantize", parent, stage="quantize", params=params) as log:
             for variant in cfg.quantize.variants:
                 run = tracker.open_run(f"candidate-{variant}", parent, stage="candidate", params=params)
                 run.set_tags({"data.fingerprint": data.fingerprint})
-                model = run_task(stages.quantize, finetuned, variant, str(out / "candidates" / variant), run)
+                model = run_task(stages.quantize, finetuned, variant, str(out / "candidates" / variant), run,
+                                 num_gpus=int(stages.quantize_wants_gpu(variant, gpus)))
                 log.log_metrics({f"quantize/{variant}/size_bytes": model.size_bytes})
                 candidates[variant] = (run, model)
+                if model.skipped:
+                    progress.say(f"    {variant}: skipped ({model.skipped})")
         progress.done()
 
         progress.stage("evaluate")
         reports = []
         with tracker.run("evaluate", parent, stage="evaluate", params=params) as log:
             for variant, (run, model) in candidates.items():
-                reports.append(run_task(stages.evaluate, model, data, cfg, run))
+                reports.append(run_task(stages.evaluate, model, data, cfg, run,
+                                        num_gpus=int(stages.evaluate_wants_gpu(variant, cfg, gpus))))
+                report = reports[-1]
+                progress.say(f"    {variant}: " + (f"skipped ({report.skipped})" if report.skipped
+                                                     else f"val ppl {report.metrics['eval/val_ppl']:.2f}"))
+            runs = {variant: run for variant, (run, _) in candidates.items()}
+            reports = stages.compare(reports, runs, str(out / "comparison"), log, parent)
+            for run, _ in candidates.values():
                 tracker.close_run(run)
-                progress.say(f"    {variant}: val ppl {reports[-1].metrics['eval/val_ppl']:.2f}")
-            log.log_dict(promotion.comparison(reports), "candidates.json")
         progress.done()
 
         # ------------------------------------------------------- promotion
         progress.stage("promote")
         with tracker.run("promote", parent, stage="promote", params=params) as log:
             runs = {variant: run for variant, (run, _) in candidates.items()}
-            decision, version = promotion.promote(tracker, cfg, reports, runs, data, log)
+            measured = [r for r in reports if not r.skipped]  # compare() made sure there is one
+            decision, version = promotion.promote(tracker, cfg, measured, runs, data, log)
         progress.done(decision.reason)
 
     return PipelineResult(parent.run_id, tracker.tracking_uri, cfg.name, reports, decision, version)

@@ -55,12 +55,19 @@ def shutdown_ray() -> None:
         ray.shutdown()
 
 
-def run_task(fn: Callable, *args, num_cpus: float = 1, **kwargs):
-    """Run `fn(*args, **kwargs)` as a Ray task and wait for its result."""
+def run_task(fn: Callable, *args, num_cpus: float = 1, num_gpus: float = 0, **kwargs):
+    """Run `fn(*args, **kwargs)` as a Ray task (on a GPU worker when `num_gpus`) and wait for its result."""
     import ray
 
-    task = ray.remote(num_cpus=num_cpus, max_retries=0)(fn).options(name=fn.__name__)
+    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)(fn).options(name=fn.__name__)
     return ray.get(task.remote(*args, **kwargs))
+
+
+def cluster_gpus() -> float:
+    """GPUs the Ray cluster has (0 on a CPU-only machine); stages that can use one ask for it."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0.0)
 
 
 # ------------------------------------------------------------------ Ray Train

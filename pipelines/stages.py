@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+from components import comparison
 from components import data as data_lib
 from components import evaluate as evaluate_lib
 from components import model as gpt
 from components import quantize as quantize_lib
 from components.artifacts import Checkpoint, EvalReport, QuantizedModel, TokenizedData
-from components.config import ExperimentConfig
+from components.config import ConfigError, ExperimentConfig
 from components.files import write_checksums
 from pipelines import ray_runtime
 from pipelines.tracking import CHECKSUMS_TAG, PROGRESS_TAG, RunLogger
@@ -124,9 +125,33 @@ def _check_one_step_of_data(rows: int, training, section: str, what: str, source
 # ------------------------------------------------------------- candidates
 
 
+CANDIDATE_ARTIFACTS = "candidates"  # folder of the parent run holding the comparison
+
+
+def quantize_wants_gpu(variant: str, cluster_gpus: float) -> bool:
+    """int4_weight_only is packed on the GPU; every other variant is built on a CPU."""
+    return cluster_gpus > 0 and "cpu" not in quantize_lib.RUNS_ON[variant]
+
+
+def evaluate_wants_gpu(variant: str, cfg: ExperimentConfig, cluster_gpus: float) -> bool:
+    """Whether the candidate's evaluation task should hold a GPU (see evaluate.device)."""
+    return cluster_gpus > 0 and cfg.evaluate.device != "cpu" and "cuda" in quantize_lib.RUNS_ON[variant]
+
+
 def quantize(finetuned: Checkpoint, variant: str, out_dir: str, logger: RunLogger) -> QuantizedModel:
-    """Ray task: store the fine-tuned model as `variant`, with checksums, in the candidate's run."""
-    result = quantize_lib.quantize_model(finetuned.uri, variant, out_dir)
+    """Ray task: store the fine-tuned model as `variant`, with checksums, in the candidate's run.
+
+    A variant that cannot be built here is skipped: its run gets the reason, not an error.
+    """
+    import torch
+
+    logger.set_tags({"candidate.variant": variant})
+    device = "cuda" if torch.cuda.is_available() and "cpu" not in quantize_lib.RUNS_ON[variant] else "cpu"
+    try:
+        result = quantize_lib.quantize_model(finetuned.uri, variant, out_dir, device)
+    except quantize_lib.VariantUnavailable as why:
+        logger.set_tags({"candidate.status": "skipped", "candidate.skip_reason": str(why)})
+        return QuantizedModel(variant, "", 0, skipped=str(why))
     # Tagged before the upload: promotion pins this value on the registry version (CHECKSUMS_TAG).
     logger.set_tags({CHECKSUMS_TAG: write_checksums(out_dir)})
     logger.log_artifacts(out_dir, "model")
@@ -135,23 +160,59 @@ def quantize(finetuned: Checkpoint, variant: str, out_dir: str, logger: RunLogge
 
 
 def evaluate(candidate: QuantizedModel, data: TokenizedData, cfg: ExperimentConfig, logger: RunLogger) -> EvalReport:
-    """Ray task: measure one candidate and log its metrics, parameter counts and samples."""
+    """Ray task: measure one candidate where it runs fastest; log its metrics, samples and generations.
+
+    The device follows `evaluate.device` (`components.quantize.pick_device`); on the CPU with
+    `evaluate.cpu_threads` threads. A candidate that cannot run here is skipped, with the reason.
+    """
     import torch
 
-    torch.set_num_threads(1)  # every candidate gets the same one CPU, so tokens/s compare fairly
-    model = quantize_lib.load_variant(candidate.uri)
+    if candidate.skipped:
+        return EvalReport(candidate.variant, {}, skipped=candidate.skipped)
     e = cfg.evaluate
+    try:
+        device = quantize_lib.pick_device(candidate.variant, e.device, torch.cuda.is_available())
+        model = quantize_lib.load_variant(candidate.uri, device)
+    except quantize_lib.VariantUnavailable as why:
+        logger.set_tags({"candidate.status": "skipped", "candidate.skip_reason": str(why)})
+        return EvalReport(candidate.variant, {}, skipped=str(why))
+    torch.set_num_threads(e.cpu_threads)  # every CPU candidate gets the same threads, so tokens/s compare fairly
     report = evaluate_lib.evaluate(
         model, variant=candidate.variant, val_uri=data.val_uri, sft_heldout_uri=data.sft_heldout_uri,
-        tokenizer_uri=data.tokenizer_uri, size_bytes=candidate.size_bytes, max_batches=e.max_batches,
+        tokenizer_uri=data.tokenizer_uri, size_bytes=candidate.size_bytes,
+        disk_bytes=quantize_lib.stored_bytes(candidate.uri), max_batches=e.max_batches,
         batch_size=e.batch_size, gen_tokens=e.gen_tokens, num_samples=e.num_samples, temperature=e.temperature,
+        prompts=e.prompts,
     )
-    counts = gpt.parameter_counts(model)
-    metrics = dict(report.metrics)
-    metrics["model/params_total"] = float(counts["total"])
-    # Every dtype any variant uses, zero where absent: candidates must share metric names.
-    by_dtype = {dtype: 0 for dtype in ("float32", "bfloat16", "float16", "int8")} | gpt.bytes_by_dtype(model)
-    metrics.update({f"model/bytes_{dtype}": float(n) for dtype, n in by_dtype.items()})
-    logger.log_metrics(metrics)
-    logger.log_dict({"samples": report.samples}, "samples.json")
-    return replace(report, metrics=metrics)
+    logger.log_metrics(report.metrics)
+    where = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    logger.set_tags({"candidate.status": "evaluated", "candidate.device": where})
+    logger.log_dict({"samples": report.samples, "generations": report.generations}, "samples.json")
+    return report
+
+
+def compare(reports: list[EvalReport], runs: dict[str, RunLogger], out_dir: str, log: RunLogger,
+            parent: RunLogger) -> list[EvalReport]:
+    """Driver: deltas against the reference on every candidate run; the table, plots and
+    generations as artifacts of the evaluate run and of the parent run (`candidates/`).
+
+    Returns:
+        the reports with their deltas.
+
+    Raises:
+        ConfigError: every candidate was skipped, so there is nothing to promote.
+    """
+    if all(r.skipped for r in reports):
+        raise ConfigError("every candidate was skipped (check quantize.variants and evaluate.device): "
+                          + "; ".join(f"{r.variant}: {r.skipped}" for r in reports))
+    reports = evaluate_lib.add_deltas(reports)
+    reference = evaluate_lib.reference_variant(reports)
+    for r in reports:
+        if not r.skipped:
+            runs[r.variant].log_metrics({k: r.metrics[k] for k in evaluate_lib.DELTA_METRICS})
+            runs[r.variant].set_tags({"candidate.reference": str(r.variant == reference).lower()})
+    for path in comparison.write_comparison(reports, out_dir):
+        log.log_artifact(path, CANDIDATE_ARTIFACTS)
+        parent.log_artifact(path, CANDIDATE_ARTIFACTS)
+    log.log_dict([{"variant": r.variant, "skipped": r.skipped, **r.metrics} for r in reports], "candidates.json")
+    return reports

@@ -19,6 +19,10 @@ PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG = "gptforge.stage"
 OUTPUT_TAG = "gptforge.output"  # a finished stage's output record (JSON), what --resume reuses
 PROGRESS_TAG = "gptforge.progress"  # a stage's latest progress message, which the CLI prints
+# MLflow 3.17's UI opens an experiment without this tag on its GenAI traces overview (empty
+# here); "custom_model_development" opens it on its runs, where the candidates are compared.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 CHAMPION = "champion"
 PREVIOUS = "previous"
 # Model version tag: sha256 of the version's checksums.json, recorded at registration.
@@ -243,9 +247,12 @@ class Tracker:
                 location = None
                 if artifact_location and tracking_uri.startswith("sqlite:"):
                     location = Path(artifact_location).resolve().as_uri()
-                self.experiment_id = self.client.create_experiment(experiment_name, artifact_location=location)
+                self.experiment_id = self.client.create_experiment(
+                    experiment_name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             else:
                 self.experiment_id = experiment.experiment_id
+                if EXPERIMENT_KIND_TAG not in experiment.tags:  # experiments made before the tag existed
+                    self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
     def open_run(self, name: str, parent: RunLogger | None = None, stage: str | None = None,
                  params: dict | None = None) -> RunLogger:

@@ -180,3 +180,41 @@ def test_config_from_preset_errors():
     assert "gpt2-xl" in str(e.value)  # lists the known presets
     with pytest.raises(ValueError, match="n_layers"):
         config_from_preset("tiny", n_layers=3)
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+@pytest.mark.parametrize("prompt_len, new_tokens", [(1, 10), (5, 11), (3, 30)])  # 30: runs past block_size 16
+def test_greedy_generation_with_and_without_cache_is_equal(model, prompt_len, new_tokens):
+    idx = torch.randint(0, 64, (3, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    cached = model.generate(idx, new_tokens, temperature=0, use_cache=True)
+    uncached = model.generate(idx, new_tokens, temperature=0, use_cache=False)
+    assert cached.shape == (3, prompt_len + new_tokens)
+    assert torch.equal(cached, uncached)
+
+
+def test_sampling_with_and_without_cache_is_equal(model):
+    idx = torch.randint(0, 64, (2, 4), generator=torch.Generator().manual_seed(3))
+    runs = [model.generate(idx, 12, temperature=1.0, top_k=8, use_cache=c, generator=torch.Generator().manual_seed(7))
+            for c in (True, False)]
+    assert torch.equal(*runs)
+
+
+def test_cached_logits_match_full_forward(model):
+    """Prefill a prefix, then feed the rest one token and then several at a time: same logits as one pass."""
+    idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    full, _ = model(idx)
+    cache = model.new_cache(2)
+    parts = [model(idx[:, :5], cache=cache)[0], model(idx[:, 5:6], cache=cache)[0], model(idx[:, 6:], cache=cache)[0]]
+    assert cache.length == 12
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="block_size"):
+        model(idx[:, :5], cache=cache)  # 12 + 5 > 16
+
+
+def test_on_token_sees_every_new_token(model):
+    idx = torch.randint(0, 64, (2, 3))
+    seen = []
+    out = model.generate(idx, 6, temperature=0, on_token=seen.append)
+    assert torch.equal(torch.cat(seen, dim=1), out[:, 3:])

@@ -89,13 +89,28 @@ def test_training_metrics_per_step_and_candidate_metrics_share_names(pipeline):
     for key in ["train/lr", "train/tokens_per_s"]:
         assert key in pretrain.data.metrics
     candidates = [r for r in children if r.data.tags[STAGE_TAG] == "candidate"]
-    keys = [set(r.data.metrics) for r in candidates]
-    assert keys[0] == keys[1]
-    assert keys[0] == set(CANDIDATE_METRICS)  # what promote.metric and tie_breaker are checked against
-    for key in ["eval/val_ppl", "eval/completion_loss", "eval/tokens_per_s", "model/size_bytes"]:
-        assert key in keys[0]
+    for run in candidates:  # the same keys for every candidate: the compare view lines them up
+        assert set(run.data.metrics) == set(CANDIDATE_METRICS), run.data.tags["mlflow.runName"]
     sizes = {r.data.params["candidate.variant"]: r.data.metrics["model/size_bytes"] for r in candidates}
     assert sizes["int8_dynamic"] < sizes["fp32"]
+    fp32 = next(r for r in candidates if r.data.tags["candidate.variant"] == "fp32")
+    assert fp32.data.metrics["eval/val_ppl_delta_pct"] == 0.0 and fp32.data.tags["candidate.reference"] == "true"
+
+
+def test_the_ui_opens_on_runs_and_the_candidates_are_easy_to_find(pipeline):
+    client, cfg = pipeline["client"], pipeline["cfg"]
+    experiment = client.get_experiment_by_name(cfg.name)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    found = client.search_runs([experiment.experiment_id], "tags.`gptforge.stage` = 'candidate'")
+    assert sorted(r.data.tags["candidate.variant"] for r in found) == ["fp32", "int8_dynamic"]
+    assert all(r.data.tags["candidate.status"] == "evaluated" and r.data.tags["candidate.device"] for r in found)
+    parent, _ = _runs(pipeline)
+    logged = {f.path for f in client.list_artifacts(parent.info.run_id, "candidates")}
+    assert logged == {f"candidates/{name}" for name in ("candidates.md", "candidates.csv", "generations.md",
+                                                       "quality_vs_size.png", "quality_vs_speed.png")}
+    table = open(client.download_artifacts(parent.info.run_id, "candidates/candidates.md")).read()
+    assert "fp32 (ref)" in table and "int8_dynamic" in table
+    assert table.splitlines()[0] in pipeline["stdout"]  # the printed table is the logged one (plus the champion)
 
 
 def test_champion_alias_points_at_the_winner(pipeline):

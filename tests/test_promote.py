@@ -64,3 +64,30 @@ def test_failed_stage_leaves_no_run_running(tmp_path):
                 raise RuntimeError("boom")
     statuses = {tracker.client.get_run(r).info.status for r in (parent.run_id, candidate.run_id)}
     assert statuses == {"FAILED"}
+
+
+def _cand(name, ppl, size, speed):
+    return Candidate(name, {"eval/val_ppl": ppl, "model/size_bytes": size, "eval/tokens_per_s": speed})
+
+
+CANDIDATES = [_cand("fp32", 10.0, 100, 50.0), _cand("bf16", 10.01, 50, 40.0), _cand("int8", 10.15, 28, 95.0),
+              _cand("int4", 10.9, 18, 120.0)]
+
+
+def test_smallest_within_one_percent_of_the_best():
+    d = decide(CANDIDATES, None, Policy(tie_tolerance=0.01, tie_breaker="model/size_bytes"))
+    assert d.winner.name == "bf16"  # int8 is 1.5% worse: outside the tolerance
+    assert "lower model/size_bytes wins" in d.reason
+
+
+def test_fastest_within_two_percent_of_the_best():
+    d = decide(CANDIDATES, None, Policy(tie_tolerance=0.02, tie_breaker="eval/tokens_per_s", tie_breaker_mode="max"))
+    assert d.winner.name == "int8"  # int4 is faster but 9% worse
+    assert "higher eval/tokens_per_s wins" in d.reason
+
+
+def test_a_candidate_without_the_tie_breaker_loses_the_tie():
+    no_speed = Candidate("odd", {"eval/val_ppl": 10.0, "model/size_bytes": 1})
+    d = decide([no_speed, *CANDIDATES[:2]], None,
+               Policy(tie_tolerance=0.01, tie_breaker="eval/tokens_per_s", tie_breaker_mode="max"))
+    assert d.winner.name == "fp32"

@@ -25,11 +25,18 @@ def test_default_tiny_experiment_end_to_end(tmp_path):
 @pytest.mark.slow
 @pytest.mark.integration
 def test_pipeline_trains_on_one_gpu(tmp_path):
-    result = gptforge("run", str(TINY_EXPERIMENT), *FAST_OVERRIDES, f"workdir={tmp_path}",
+    variants = "quantize.variants=[fp32,bf16,int8_dynamic,int8_weight_only,int4_weight_only]"
+    result = gptforge("run", str(TINY_EXPERIMENT), *FAST_OVERRIDES, f"workdir={tmp_path}", variants,
                       "pretrain.use_gpu=true", "pretrain.num_workers=1", "finetune.use_gpu=true",
                       "pretrain.compile=true", "pretrain.log_every=10", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-5000:]
     assert "<- champion" in result.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id], "tags.`gptforge.stage` = 'candidate'")
+    on_cuda = {r.data.tags["candidate.variant"]: r.data.metrics["eval/on_cuda"] for r in runs}
+    # evaluate.device=auto: every variant that runs on CUDA is measured there; int8_dynamic stays on the CPU
+    assert on_cuda == {"fp32": 1.0, "bf16": 1.0, "int8_dynamic": 0.0, "int8_weight_only": 1.0, "int4_weight_only": 1.0}
 
 
 @pytest.mark.gpu
