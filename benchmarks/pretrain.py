@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from components import model as gpt  # noqa: E402
 from components import parallel  # noqa: E402
-from components.train import Batches, Hooks, LoopConfig, train  # noqa: E402
+from components.train import Batches, Hooks, LoopConfig, make_optimizer, train  # noqa: E402
 
 
 def main() -> None:
@@ -51,18 +51,26 @@ def main() -> None:
     flops = gpt.flops_per_token(cfg)
     peak = parallel.peak_flops(device)
     rows = np.random.default_rng(0).integers(0, args.vocab_size, size=(args.batch_size * 16, args.block_size + 1))
-    total_steps = (args.warmup_windows + args.windows) * args.window
+    total_steps = (args.warmup_windows + args.windows) * args.window  # for the Ray path
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{args.threads} threads'}), "
           f"torch {torch.__version__}, preset {args.preset}: {sum(p.numel() for p in gpt.GPT(cfg).parameters()):,} "
           f"params, batch {args.batch_size} x {args.block_size}, vocab {args.vocab_size}, bias {args.bias}, "
           f"precision {precision.name}, compile {args.compile}; {args.windows} windows of {args.window} steps "
           f"after {args.warmup_windows} warm-up", flush=True)
 
-    results = {}
-    results["reference"] = _reference(cfg, rows, args, device, total_steps)
-    print(f"  reference  {results['reference']:>12,.0f} tok/s", flush=True)
-    results["project"] = _project(cfg, rows, args, device, precision, total_steps)
-    print(f"  project    {results['project']:>12,.0f} tok/s", flush=True)
+    # Windows of the two paths alternate, so a machine that slows down part-way (shared CPUs)
+    # slows both alike and the ratio holds.
+    reference = _reference_windows(cfg, rows, args, device)
+    project = _project_windows(cfg, rows, args, device, precision)
+    times = {"reference": [], "project": []}
+    for window in range(args.warmup_windows + args.windows):
+        for name, path in (("reference", reference), ("project", project)):
+            tokens_per_s = next(path)
+            if window >= args.warmup_windows:
+                times[name].append(tokens_per_s)
+    results = {name: statistics.median(values) for name, values in times.items()}
+    for name, tps in results.items():
+        print(f"  {name:<10} {tps:>12,.0f} tok/s (median of {args.windows} windows)", flush=True)
     if not args.no_ray:
         results["ray"], feed = _ray(cfg, rows, args, device, total_steps)
         print(f"  ray        {results['ray']:>12,.0f} tok/s", flush=True)
@@ -96,8 +104,8 @@ def _args():
     return p.parse_args()
 
 
-def _reference(cfg, rows, args, device, total_steps) -> float:
-    """nanoGPT's training step, written out: the baseline the project's loop is measured against."""
+def _reference_windows(cfg, rows, args, device):
+    """nanoGPT's training step, written out: the baseline. Yields tokens/s of each window of steps."""
     torch.manual_seed(0)
     model = gpt.GPT(cfg).to(device)
     if args.compile:
@@ -105,39 +113,42 @@ def _reference(cfg, rows, args, device, total_steps) -> float:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     amp = parallel.resolve_precision(args.precision, device).autocast_dtype
     batches = torch.from_numpy(rows).view(-1, args.batch_size, args.block_size + 1)  # (N, B, T+1)
-    window_times = []
-    for step in range(total_steps):
-        if step % args.window == 0:
-            _sync(device)
-            start = time.perf_counter()
-        batch = batches[step % len(batches)]
-        x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # (B, T) each
-        if device.type == "cuda":
-            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % args.window == 0:
-            _sync(device)
-            window_times.append(time.perf_counter() - start)
-    measured = window_times[args.warmup_windows:]
-    return args.window * args.batch_size * args.block_size / statistics.median(measured)
+    step = 0
+    while True:
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(args.window):
+            batch = batches[step % len(batches)]
+            step += 1
+            x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # (B, T) each
+            if device.type == "cuda":
+                x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                _, loss = model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        yield args.window * args.batch_size * args.block_size / (time.perf_counter() - start)
 
 
-def _project(cfg, rows, args, device, precision, total_steps) -> float:
-    """The project's step: parallelize + components.train.train, windows timed by the loop itself."""
+def _project_windows(cfg, rows, args, device, precision):
+    """The project's step: parallelize + components.train.train, one window per call, timed by the loop."""
     torch.manual_seed(0)
     model = parallel.parallelize(gpt.GPT(cfg), "ddp", device, precision, args.compile)
     epoch = lambda e: ({"tokens": rows[i:i + args.batch_size]} for i in range(0, len(rows), args.batch_size))
-    loop = LoopConfig(max_steps=total_steps, lr=1e-4, min_lr=1e-5, warmup_steps=0, weight_decay=0.1, grad_clip=1.0,
+    batches = Batches(epoch)
+    total = (args.warmup_windows + args.windows) * args.window
+    loop = LoopConfig(max_steps=total, lr=1e-4, min_lr=1e-5, warmup_steps=0, weight_decay=0.1, grad_clip=1.0,
                       log_every=args.window)
-    windows = []
-    train(model, Batches(epoch), loop, Hooks(log=lambda m, s: windows.append(m["train/tokens_per_s"])), device,
-          precision)
-    return statistics.median(windows[args.warmup_windows:])
+    optimizer = make_optimizer(model, loop, device)
+    for start in range(0, total, args.window):
+        logs = []
+        window = LoopConfig(**{**loop.__dict__, "max_steps": start + args.window})
+        train(model, batches, window, Hooks(log=lambda m, s: logs.append(m)), device, precision,
+              optimizer=optimizer, start_step=start)
+        yield logs[-1]["train/tokens_per_s"]
 
 
 def _ray(cfg, rows, args, device, total_steps) -> tuple[float, float]:

@@ -235,7 +235,7 @@ def test_candidate_settings_are_checked_together():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["quantize.variants=[fp32,int8_weight_only,fp32]", "evaluate.device=tpu",
                            "evaluate.cpu_threads=0", "promote.tie_breaker_mode=fastest"])
-    for fragment in ["quantize.variants: fp32 listed more than once", "evaluate.device: 'tpu'",
+    for fragment in ["quantize.variants: 'fp32' is listed more than once", "evaluate.device: 'tpu'",
                      "evaluate.cpu_threads", "promote.tie_breaker_mode: 'fastest'"]:
         assert fragment in str(e.value)
     cfg = load_config(None, ["quantize.variants=[fp32,int8_weight_only,int4_weight_only]", "evaluate.device=cuda"])
