@@ -5,6 +5,8 @@ cheaply, and so the pipeline can log where each artifact lives.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 
 
@@ -66,3 +68,16 @@ class EvalReport:
     variant: str
     metrics: dict
     samples: list = field(default_factory=list)
+
+
+_RECORD_TYPES = {cls.__name__: cls for cls in (TokenizedData, Checkpoint, QuantizedModel, EvalReport)}
+
+
+def to_json(record) -> str:
+    """A stage record as JSON that `from_json` turns back into the same record."""
+    return json.dumps({"type": type(record).__name__, "fields": dataclasses.asdict(record)}, sort_keys=True)
+
+
+def from_json(text: str):
+    data = json.loads(text)
+    return _RECORD_TYPES[data["type"]](**data["fields"])

@@ -60,6 +60,11 @@ class ModelConfig:
     """Overrides the preset's embedding width."""
     dropout: float = 0.0
     """Dropout probability in attention and MLP (0 for short runs)."""
+    bias: bool = True
+    """Biases in Linear and LayerNorm layers, as in GPT-2; false is a little faster and no worse."""
+    pad_vocab_to: int = 1
+    """Round the embedding's vocabulary up to a multiple of this (64 suits GPU matmuls; 1 = no padding).
+    The extra rows are never a target, so they only cost memory."""
 
 
 @dataclass(frozen=True)
@@ -85,15 +90,41 @@ class TrainingConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
     log_every: int = 1
-    """Log training metrics to MLflow every this many steps."""
+    """Log training metrics to MLflow every this many steps. Reading the loss syncs the GPU, so
+    on a GPU log every 10 or more steps."""
     seed: int = 1337
     """Seed for weights, adapters and data order."""
+    strategy: str = "ddp"
+    """How the workers share the model: `ddp` (every worker holds all of it) or `fsdp`
+    (PyTorch FSDP2 `fully_shard`: parameters, gradients and optimizer state sharded over workers)."""
+    precision: str = "auto"
+    """`bf16` (autocast), `fp16` (autocast + gradient scaling), `fp32`, or `auto`: bf16 on a GPU,
+    fp32 on a CPU. Weights stay fp32; checkpoints are fp32."""
+    compile: bool = False
+    """torch.compile the model (much faster on a GPU; the first steps compile, 15 s or more)."""
+    tokens_per_step: int = 0
+    """Tokens per optimizer step over all workers. More than one micro-batch per worker
+    (num_workers x batch_size x block_size) accumulates gradients; 0 means one micro-batch."""
+    eval_every: int = 100
+    """Measure the validation loss (`val/loss`) every this many steps and at the end; 0 never."""
+    eval_batches: int = 4
+    """Batches per worker for each validation loss."""
+    checkpoint_every: int = 100
+    """Save model, optimizer, step, RNG state and data position every this many steps (and at the end).
+    A worker that dies loses at most this many steps."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in Ray Train's storage (the newest ones)."""
+    max_failures: int = 1
+    """Times Ray Train restarts the workers after one dies, continuing from the last checkpoint."""
+    cpus_per_worker: float = 1.0
+    """CPUs Ray reserves for each training worker."""
+    gpus_per_worker: float = 1.0
+    """GPUs Ray reserves for each training worker when use_gpu is true."""
 
 
 @dataclass(frozen=True)
 class PretrainConfig(TrainingConfig):
-    strategy: str = "ddp"
-    """Data-parallel strategy. Only `ddp` is implemented so far."""
+    pass
 
 
 @dataclass(frozen=True)
@@ -103,6 +134,8 @@ class FinetuneConfig(TrainingConfig):
     max_steps: int = 100
     warmup_steps: int = 10
     weight_decay: float = 0.0
+    eval_every: int = 50
+    checkpoint_every: int = 50
 
     source: str = "stdlib"
     """Prompt/completion pairs: `stdlib` (function signature+docstring -> body, via ast),
@@ -189,7 +222,10 @@ class ExperimentConfig:
 
 # Values that are checked beyond their type: key -> allowed values.
 _CHOICES = {
-    "pretrain.strategy": ("ddp",),
+    "pretrain.strategy": ("ddp", "fsdp"),
+    "finetune.strategy": ("ddp", "fsdp"),
+    "pretrain.precision": ("auto", "bf16", "fp16", "fp32"),
+    "finetune.precision": ("auto", "bf16", "fp16", "fp32"),
     "finetune.method": ("lora", "full"),
     "promote.mode": ("min", "max"),
 }
@@ -360,19 +396,75 @@ def _validate(cfg: ExperimentConfig) -> list[str]:
             errors.append(f"quantize.variants: {v!r} is not one of {', '.join(_QUANT_VARIANTS)}")
     if not 0 < cfg.serve.port < 65536:
         errors.append(f"serve.port: {cfg.serve.port} is not a TCP port")
+    errors.extend(_validate_model(cfg))
+    for section in ("pretrain", "finetune"):
+        errors.extend(_validate_training(cfg, section))
     errors.extend(_validate_numbers(cfg))
     errors.extend(_validate_promote(cfg))
     errors.extend(_validate_names(cfg))
     return errors
 
 
+def _validate_model(cfg: ExperimentConfig) -> list[str]:
+    """The model's shape, checked now rather than after the data stage has run."""
+    from components import model as gpt  # imports torch; only needed here
+
+    m = cfg.model
+    if m.preset not in gpt.PRESETS:
+        return [f"model.preset: {m.preset!r} is not one of {', '.join(gpt.PRESETS)}"]
+    errors = []
+    for key in ("n_layer", "n_head", "n_embd"):
+        value = getattr(m, key)
+        if value is not None and value <= 0:
+            errors.append(f"model.{key}: must be positive, got {value}")
+    if not 0.0 <= m.dropout < 1.0:
+        errors.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    if m.pad_vocab_to <= 0:
+        errors.append(f"model.pad_vocab_to: must be positive, got {m.pad_vocab_to}")
+    if errors:
+        return errors
+    shape = {**gpt.PRESETS[m.preset], **{k: getattr(m, k) for k in ("n_layer", "n_head", "n_embd")
+                                         if getattr(m, k) is not None}}
+    if shape["n_embd"] % shape["n_head"]:
+        errors.append(f"model.n_head: {shape['n_head']} heads do not divide n_embd {shape['n_embd']} "
+                      f"(preset {m.preset!r} plus overrides); pick n_head dividing n_embd")
+    return errors
+
+
+def _validate_training(cfg: ExperimentConfig, section: str) -> list[str]:
+    """The training keys shared by pretrain and finetune: all checked before Ray starts."""
+    t: TrainingConfig = getattr(cfg, section)
+    errors = []
+    for key in ("checkpoint_every", "keep_checkpoints", "eval_batches"):
+        if getattr(t, key) <= 0:
+            errors.append(f"{section}.{key}: must be positive, got {getattr(t, key)}")
+    for key in ("eval_every", "max_failures", "tokens_per_step"):
+        if getattr(t, key) < 0:
+            errors.append(f"{section}.{key}: must not be negative, got {getattr(t, key)}")
+    for key in ("cpus_per_worker", "gpus_per_worker"):
+        if not getattr(t, key) > 0:  # also refuses NaN
+            errors.append(f"{section}.{key}: must be positive, got {getattr(t, key)}")
+    micro_tokens = t.num_workers * t.batch_size * cfg.data.block_size
+    if t.tokens_per_step > 0 and micro_tokens > 0 and t.tokens_per_step % micro_tokens:
+        errors.append(
+            f"{section}.tokens_per_step: {t.tokens_per_step} is not a multiple of one micro-step's tokens "
+            f"({section}.num_workers {t.num_workers} x {section}.batch_size {t.batch_size} x "
+            f"data.block_size {cfg.data.block_size} = {micro_tokens})")
+    if t.strategy == "fsdp" and t.precision == "fp16":
+        errors.append(f"{section}.precision: fp16 is not supported with strategy fsdp (its gradient "
+                      f"scaling is not wired for sharded gradients); use bf16")
+    return errors
+
+
+def grad_accum_steps(training: TrainingConfig, block_size: int) -> int:
+    """Micro-steps per optimizer step that `tokens_per_step` asks for (1 when it is 0)."""
+    micro_tokens = training.num_workers * training.batch_size * block_size
+    return max(1, training.tokens_per_step // micro_tokens) if training.tokens_per_step else 1
+
+
 # Ranges of the numbers that the lists in _validate leave out: key -> (is the value fine, what it must be).
 # `{t}` stands for each training section. Every number is also checked to be finite (_validate_numbers).
 _RANGES = {
-    "model.n_layer": (lambda v: v is None or v >= 1, "must be at least 1 (or null for the preset's)"),
-    "model.n_head": (lambda v: v is None or v >= 1, "must be at least 1 (or null for the preset's)"),
-    "model.n_embd": (lambda v: v is None or v >= 1, "must be at least 1 (or null for the preset's)"),
-    "model.dropout": (lambda v: 0 <= v < 1, "must be at least 0 and below 1"),
     "{t}.lr": (lambda v: v > 0, "must be positive"),
     "{t}.min_lr": (lambda v: v >= 0, "must not be negative"),
     "{t}.weight_decay": (lambda v: v >= 0, "must not be negative"),

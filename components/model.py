@@ -408,6 +408,12 @@ def save_model(model: GPT, folder: str) -> None:
     write_json_atomic(os.path.join(folder, CONFIG_FILE), model.config.to_dict())
 
 
+def read_config(folder: str) -> GPTConfig:
+    """The GPTConfig of a model folder written by `save_model`."""
+    with open(os.path.join(folder, CONFIG_FILE)) as f:
+        return GPTConfig.from_dict(json.load(f))
+
+
 def load_model(folder: str, map_location: str = "cpu") -> GPT:
     """Inverse of `save_model`; returns the model on `map_location`, in eval mode.
 

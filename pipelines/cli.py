@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     _experiment_args(run)
     run.add_argument("--serve", action="store_true",
                      help="after the run, serve the champion on Ray Serve until Ctrl-C")
+    run.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_ID",
+                     help="continue an interrupted run (the newest unfinished one, or RUN_ID) with its own config: "
+                          "finished stages are reused, training continues from its last checkpoint")
     run.set_defaults(handler=_run)
 
     serve = sub.add_parser(
@@ -113,13 +116,18 @@ def _run(args) -> int:
     from pipelines.llm_pipeline import run_pipeline
     from pipelines.progress import Progress
 
-    cfg = _load(args)
+    resume = None
+    if args.resume is not None:
+        cfg, resume = _interrupted_run(args)
+    else:
+        cfg = _load(args)
+    _check_gpus(cfg)
     progress = Progress()
     started = time.perf_counter()
     progress.say(f"gptforge: experiment {cfg.name!r}, workdir {Path(cfg.workdir).resolve()}")
     ray_runtime.init_ray(cfg.ray_num_cpus)
     try:
-        result = run_pipeline(cfg, progress)
+        result = run_pipeline(cfg, progress, resume)
         progress.say("")
         progress.say(candidate_table(result.reports, result.decision.winner.name))
         verdict = "became champion" if result.decision.promote else "registered, champion unchanged"
@@ -136,6 +144,49 @@ def _run(args) -> int:
     finally:
         ray_runtime.shutdown_ray()
     return 0
+
+
+def _interrupted_run(args):
+    """The config and MLflow record of the run that `--resume` continues."""
+    import tempfile
+
+    from pipelines.tracking import Tracker, resolve_tracking_uri
+
+    run_id = args.resume
+    if run_id != "latest" and not _looks_like_run_id(run_id):  # `run --resume experiments/x.yaml`
+        args.overrides = [a for a in (args.experiment, *args.overrides) if a]
+        args.experiment, run_id = run_id, "latest"
+    # Only where to find the run may be given; everything else comes from the run itself.
+    changed = [o for o in [args.experiment, *args.overrides] if o and "=" in o and not o.startswith("workdir=")]
+    if changed:
+        raise ConfigError(f"--resume continues a run with the config it started with; drop {' '.join(changed)} "
+                          f"(only workdir=... may be given) or start a new run")
+    cfg = _load(args)
+    workdir = Path(cfg.workdir).resolve()
+    tracker = Tracker(resolve_tracking_uri(cfg.workdir), cfg.name, artifact_location=str(workdir / "mlartifacts"))
+    resume = tracker.interrupted_pipeline(None if run_id == "latest" else run_id)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(resume.experiment_yaml)
+        f.flush()
+        # The run's own config, with this invocation's workdir (where its store and checkpoints were found).
+        return load_config(f.name, [f"workdir={cfg.workdir}"]), resume
+
+
+def _looks_like_run_id(value: str) -> bool:
+    return len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+
+
+def _check_gpus(cfg: ExperimentConfig) -> None:
+    """An embedded Ray on a machine without a GPU would wait forever for one: say so instead."""
+    import os
+
+    wants = [f"{s}.use_gpu" for s in ("pretrain", "finetune") if getattr(cfg, s).use_gpu]
+    if wants and not os.environ.get("RAY_ADDRESS"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{', '.join(wants)}: true, but this machine has no CUDA GPU "
+                              f"(set it to false, or point RAY_ADDRESS at a cluster with GPUs)")
 
 
 def candidate_table(reports: list, winner: str) -> str:

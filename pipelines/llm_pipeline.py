@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+from components.artifacts import from_json, to_json
 from components.config import ExperimentConfig, flatten, to_yaml
 from pipelines import promotion, stages
 from pipelines.progress import Progress
 from pipelines.ray_runtime import run_task
-from pipelines.tracking import Tracker, redact, resolve_tracking_uri
+from pipelines.tracking import InterruptedRun, RunLogger, Tracker, redact, resolve_tracking_uri
 
 
 @dataclass(frozen=True)
@@ -26,40 +28,48 @@ class PipelineResult:
     version: str  # registry version of the winner
 
 
-def run_pipeline(cfg: ExperimentConfig, progress: Progress) -> PipelineResult:
-    """Run every stage of `cfg` under one MLflow parent run. Ray must be initialised."""
+def run_pipeline(cfg: ExperimentConfig, progress: Progress, resume: InterruptedRun | None = None) -> PipelineResult:
+    """Run every stage of `cfg` under one MLflow parent run. Ray must be initialised.
+
+    With `resume`, that interrupted run continues: stages it finished are reused from
+    their recorded outputs, an interrupted training stage continues from its newest
+    checkpoint in the same MLflow run, and the later stages run again.
+    """
     workdir = Path(cfg.workdir).resolve()
     tracker = Tracker(resolve_tracking_uri(cfg.workdir), cfg.name, artifact_location=str(workdir / "mlartifacts"))
     config_params = flatten(cfg)
+    ray_storage = str(workdir / "ray_results")
 
-    with tracker.run(f"{cfg.name}-pipeline", stage="pipeline", params=config_params) as parent:
+    with tracker.run(f"{cfg.name}-pipeline", stage="pipeline", params=config_params,
+                     reopen=resume.run_id if resume else None) as parent:
         out = workdir / "runs" / parent.run_id
-        parent.log_text(to_yaml(cfg), "experiment.yaml")
-        progress.say(f"MLflow run {parent.run_id} in {tracker.run_url(parent.run_id) or redact(tracker.tracking_uri)}")
+        if not resume:
+            parent.log_text(to_yaml(cfg), "experiment.yaml")
+        progress.say(f"MLflow run {parent.run_id} in {tracker.run_url(parent.run_id) or redact(tracker.tracking_uri)}"
+                     + ("  (resumed)" if resume else ""))
+        stage = StageRunner(tracker, parent, progress, resume)
 
         # ------------------------------------------------------------ data
         progress.stage("prepare_data")
-        with tracker.run("prepare_data", parent, stage="prepare_data", params=config_params) as log:
-            data = progress.during(lambda: run_task(stages.prepare_data, cfg, str(out / "data"), log), log)
-            counts = stages.parameter_count_params(stages.model_config(cfg, data))
-            log.log_params(counts)
+        data = stage.run("prepare_data", config_params,
+                         lambda log: run_task(stages.prepare_data, cfg, str(out / "data"), log))
+        counts = stages.parameter_count_params(stages.model_config(cfg, data))
         parent.log_params(counts)
         params = {**config_params, **counts}  # every later run logs the config and the counts
         parent.set_tags({"data.fingerprint": data.fingerprint})
         progress.done(f"{data.stats['train_tokens']:,} train tokens, {data.stats['sft_train_pairs']:,} SFT pairs")
 
         # -------------------------------------------------------- training
-        progress.stage(f"pretrain ({cfg.pretrain.num_workers} Ray Train workers, {counts['param_count.total']:,} params)")
-        with tracker.run("pretrain", parent, stage="pretrain", params=params) as log:
-            pretrained = progress.during(
-                lambda: stages.pretrain(cfg, data, str(workdir / "ray_results"), log), log, cfg.pretrain.max_steps)
+        pt, ft = cfg.pretrain, cfg.finetune
+        progress.stage(f"pretrain ({pt.strategy}, {pt.num_workers} Ray Train workers, "
+                       f"{counts['param_count.total']:,} params)")
+        pretrained = stage.run("pretrain", params, lambda log: stages.pretrain(cfg, data, ray_storage, log),
+                               pt.max_steps)
         progress.done()
 
-        progress.stage(f"finetune ({cfg.finetune.method}, {cfg.finetune.num_workers} worker)")
-        with tracker.run("finetune", parent, stage="finetune", params=params) as log:
-            finetuned = progress.during(
-                lambda: stages.finetune(cfg, data, pretrained, str(workdir / "ray_results"), log), log,
-                cfg.finetune.max_steps)
+        progress.stage(f"finetune ({ft.method}, {ft.num_workers} worker{'s' if ft.num_workers > 1 else ''})")
+        finetuned = stage.run("finetune", params,
+                              lambda log: stages.finetune(cfg, data, pretrained, ray_storage, log), ft.max_steps)
         progress.done()
 
         # ------------------------------------------------------ candidates
@@ -92,3 +102,31 @@ def run_pipeline(cfg: ExperimentConfig, progress: Progress) -> PipelineResult:
         progress.done(decision.reason)
 
     return PipelineResult(parent.run_id, tracker.tracking_uri, cfg.name, reports, decision, version)
+
+
+RESUMABLE_STAGES = ("prepare_data", "pretrain", "finetune")  # the later stages take seconds: they run again
+
+
+class StageRunner:
+    """Runs a stage in its own nested MLflow run and records its output, or reuses the output
+    that an interrupted run recorded (`--resume`); an interrupted stage continues in its own run."""
+
+    def __init__(self, tracker: Tracker, parent: RunLogger, progress: Progress, resume: InterruptedRun | None):
+        self.tracker, self.parent, self.progress, self.resume = tracker, parent, progress, resume
+        if resume:
+            # Runs the killed driver left RUNNING that no stage will continue (candidates, ...).
+            continued = {resume.unfinished_run(name) for name in RESUMABLE_STAGES}
+            tracker.end_runs([r for r in resume.running if r not in continued], "KILLED")
+
+    def run(self, name: str, params: dict, work: Callable[[RunLogger], object], total_steps: int | None = None):
+        recorded = self.resume.finished_output(name) if self.resume else None
+        if recorded is not None:
+            self.progress.say(f"    reused: finished in the interrupted run ({self.resume.stages[name].run_id})")
+            return from_json(recorded)
+        reopen = self.resume.unfinished_run(name) if self.resume else None
+        if reopen:
+            self.progress.say(f"    continuing run {reopen}")
+        with self.tracker.run(name, self.parent, stage=name, params=params, reopen=reopen) as log:
+            result = self.progress.during(lambda: work(log), log, total_steps)
+            log.record_output(to_json(result))
+        return result

@@ -12,8 +12,7 @@ import threading
 import time
 from typing import Callable, TextIO
 
-from pipelines.stages import PROGRESS_TAG
-from pipelines.tracking import RunLogger
+from pipelines.tracking import PROGRESS_TAG, RunLogger
 
 
 class Progress:
@@ -52,9 +51,15 @@ class Progress:
             if step > seen["step"] and (step - seen["step"] >= stride or step == total_steps):
                 seen["step"] = step
                 of = f"/{total_steps}" if total_steps else ""
+                extra = ""
+                if "train/mfu" in metrics:
+                    extra += f"  MFU {metrics['train/mfu']:.1%}"
+                if "val/loss" in metrics and metrics["val/loss"] != seen.get("val"):  # only when it is new
+                    seen["val"] = metrics["val/loss"]
+                    extra += f"  val loss {metrics['val/loss']:.4f}"
                 self.say(
                     f"    step {step:>5}{of}  loss {metrics.get('train/loss', float('nan')):.4f}"
-                    f"  lr {metrics.get('train/lr', 0):.2e}  {metrics.get('train/tokens_per_s', 0):,.0f} tok/s"
+                    f"  lr {metrics.get('train/lr', 0):.2e}  {metrics.get('train/tokens_per_s', 0):,.0f} tok/s{extra}"
                 )
 
         return poll

@@ -7,7 +7,6 @@ Ray Data feeding each worker its shard).
 """
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import shutil
@@ -71,48 +70,85 @@ def run_task(fn: Callable, *args, num_cpus: float = 1, **kwargs):
 class TrainSpec:
     """Everything a training worker needs; plain data so it pickles to every worker."""
 
-    name: str
+    name: str  # the Ray Train run name; the same name continues the same run's checkpoints
     loop: dict  # components.train.LoopConfig fields
     batch_size: int
     seed: int
-    model_config: dict | None  # GPTConfig fields for a fresh model (pretraining) ...
-    init_from: str | None  # ... or a model folder to continue from (fine-tuning)
+    model_config: dict  # GPTConfig fields of the model trained
+    init_from: str | None  # a model folder to start from (fine-tuning); None: fresh weights
     lora: dict | None  # {"rank": r, "alpha": a} to train LoRA adapters only
-    extra_files: tuple[str, ...]  # copied into the checkpoint (tokenizer.json)
-    logger: object  # pipelines.tracking.RunLogger of the stage run (rank 0 logs)
+    extra_files: tuple[str, ...]  # copied into every checkpoint (tokenizer.json)
+    logger: object | None  # pipelines.tracking.RunLogger of the stage run (rank 0 logs); None: no logging
+    strategy: str = "ddp"
+    precision: str = "auto"
+    compile: bool = False
+    eval_batches: int = 4
 
 
-def fit(spec: TrainSpec, train_uri: str, num_workers: int, use_gpu: bool, storage_path: str) -> str:
-    """Train with Ray Train on `num_workers` workers; returns the final checkpoint folder.
+@dataclass(frozen=True)
+class Workers:
+    """How many training workers, and what Ray reserves for each."""
+
+    num_workers: int
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    max_failures: int = 0
+    keep_checkpoints: int = 2
+
+    @classmethod
+    def of(cls, training) -> Workers:
+        """From a pretrain/finetune config section."""
+        return cls(training.num_workers, training.use_gpu, training.cpus_per_worker, training.gpus_per_worker,
+                   training.max_failures, training.keep_checkpoints)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    checkpoint: str  # the final checkpoint folder (a model folder every later stage loads)
+    metrics: dict  # the metrics reported with it
+
+
+def fit(spec: TrainSpec, train_uri: str, val_uri: str | None, workers: Workers, storage_path: str) -> FitResult:
+    """Train with Ray Train; a run with the same `spec.name` continues from its newest checkpoint.
 
     Args:
-        train_uri: parquet rows for training, read with Ray Data and split over workers.
-        storage_path: Ray Train storage; checkpoints are written below it.
+        train_uri / val_uri: parquet rows, read with Ray Data and split over the workers.
+        storage_path: Ray Train storage; checkpoints are written below `storage_path/spec.name`.
     """
     import ray.data
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     # Materialise before fit: with both CPUs held by training workers, a lazy
     # dataset would wait forever for a CPU to read on (NOTES.md).
-    dataset = ray.data.read_parquet(train_uri).materialize()
+    datasets = {"train": ray.data.read_parquet(train_uri).materialize()}
+    if val_uri is not None:
+        datasets["val"] = ray.data.read_parquet(val_uri).materialize()
+    resources = {"CPU": workers.cpus_per_worker}
+    if workers.use_gpu:
+        resources["GPU"] = workers.gpus_per_worker
+    storage = str(Path(storage_path).resolve())
     trainer = TorchTrainer(
         _train_loop_per_worker,
-        train_loop_config={"spec": spec},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        train_loop_config={"spec": spec, "run_dir": str(Path(storage) / spec.name), "has_val": val_uri is not None},
+        torch_config=TorchConfig(backend="nccl" if workers.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=workers.use_gpu,
+                                     resources_per_worker=resources),
         run_config=RunConfig(
             name=spec.name,
-            storage_path=str(Path(storage_path).resolve()),
-            failure_config=FailureConfig(max_failures=0),
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=workers.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=workers.keep_checkpoints),
         ),
-        datasets={"train": dataset},
+        datasets=datasets,
     )
     result = _off_the_main_thread(trainer.fit)
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"training run {spec.name} finished without a checkpoint")
-    return result.checkpoint.path
+    return FitResult(result.checkpoint.path, dict(result.metrics or {}))
 
 
 def _off_the_main_thread(work: Callable):
@@ -141,73 +177,138 @@ def _off_the_main_thread(work: Callable):
 
 
 def _train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: build, restore, parallelize, train; rank 0 logs and writes checkpoints."""
     import ray.train
     import ray.train.torch
     import torch
 
-    from components import finetune, model as gpt
-    from components.train import LoopConfig, repeat, train
+    from components import checkpoint as ckpt
+    from components import finetune, parallel
+    from components import model as gpt
+    from components.train import Batches, Hooks, LoopConfig, make_optimizer, rows_from_arrow, train, \
+        validation_loss
+    from pipelines.tracking import PROGRESS_TAG, MetricsBuffer
 
     spec: TrainSpec = config["spec"]
     context = ray.train.get_context()
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()
+    parallel.configure_device(device)
     if device.type == "cpu":
         torch.set_num_threads(1)  # one thread per worker: more oversubscribes the cores (NOTES.md)
     torch.manual_seed(spec.seed)  # same initial weights on every rank
+    precision = parallel.resolve_precision(spec.precision, device)
+    loop = LoopConfig(**spec.loop)
+    model_cfg = gpt.GPTConfig(**spec.model_config)
 
-    if spec.init_from is not None:
-        model = gpt.load_model(spec.init_from)
-    else:
-        model = gpt.GPT(gpt.GPTConfig(**spec.model_config))
+    def fresh_module():  # the architecture being trained, without weights
+        module = gpt.GPT(model_cfg)
+        if spec.lora is not None:
+            finetune.apply_lora(module, spec.lora["rank"], spec.lora["alpha"])
+        return module
+
+    model = gpt.load_model(spec.init_from) if spec.init_from else gpt.GPT(model_cfg)
     if spec.lora is not None:
         finetune.apply_lora(model, spec.lora["rank"], spec.lora["alpha"])
-    if rank == 0:
+    # The newest complete checkpoint of this run: the one Ray Train registered, or a newer one
+    # on disk that was reported just before a crash and never registered (NOTES.md).
+    registered = ray.train.get_checkpoint()
+    resume = ckpt.newest([*ckpt.find_under(config["run_dir"]), registered.path if registered else None])
+    if resume:
+        ckpt.load_weights(resume[0], model)
+    if rank == 0 and spec.logger is not None:
         spec.logger.log_params({f"trainable.{k}": v for k, v in gpt.parameter_counts(model).items()})
-    model = ray.train.torch.prepare_model(model)
+    model = parallel.parallelize(model, spec.strategy, device, precision, spec.compile)
+    optimizer = make_optimizer(model, loop, device)
+    start_step, position = 0, None
+    if resume:
+        state = ckpt.restore(resume[0], model, optimizer)
+        start_step, position = state["step"], state["data"]
 
     shard = ray.train.get_dataset_shard("train")
-    batches = repeat(lambda epoch: shard.iter_batches(
-        batch_size=spec.batch_size, batch_format="numpy", drop_last=True,
-        local_shuffle_buffer_size=spec.batch_size * 8, local_shuffle_seed=spec.seed + epoch * 1000 + rank,
-    ))
 
-    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+    def epoch_batches(epoch: int):
+        # pyarrow batches reshape into (B, T+1) matrices without a Python loop over rows;
+        # prefetching keeps the next batches ready while the step runs.
+        for table in shard.iter_batches(
+            batch_size=spec.batch_size, batch_format="pyarrow", drop_last=True, prefetch_batches=4,
+            local_shuffle_buffer_size=spec.batch_size * 8, local_shuffle_seed=spec.seed + epoch * 1000 + rank,
+        ):
+            yield rows_from_arrow(table)
+
+    batches = Batches(epoch_batches, position)
+    logger = MetricsBuffer(spec.logger) if rank == 0 and spec.logger is not None else None
+    if logger is not None:
+        pids = _gather_pids()
+        tags = {"train.worker_pids": ",".join(map(str, pids))}  # which processes to look at (or kill in tests)
+        if resume:
+            tags[PROGRESS_TAG] = f"workers (re)started: continuing from the checkpoint of step {resume[1]}"
+            logger.log({"train/resumed_from_step": resume[1]}, resume[1])
+        spec.logger.set_tags(tags)
+    else:
+        _gather_pids()
+
+    latest: dict = {}  # the newest metrics, reported to Ray Train with each checkpoint
+
+    def log(metrics: dict, step: int) -> None:
+        latest.update(metrics)
+        if logger is not None:
+            logger.log(metrics, step)
+
+    def checkpoint(step: int, optimizer) -> None:
+        folder = tempfile.mkdtemp(prefix=f"{spec.name}-step{step}-") if rank == 0 else None
         try:
-            if rank == 0:
-                spec.logger.log_metrics(metrics, step=int(metrics["train/step"]))
-            # Metrics go to MLflow (above); Ray Train only hears of checkpoints. Its report()
-            # waits for the controller's poll, which would throttle per-step reporting (NOTES.md).
-            # Every rank reports the final step; only rank 0 has a checkpoint folder.
-            if metrics["train/step"] == spec.loop["max_steps"]:
-                checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-                ray.train.report(metrics, checkpoint=checkpoint)  # copies the checkpoint into Ray Train storage
+            export = finetune.merge_lora if spec.lora is not None else (lambda m: m)
+            ckpt.save(folder, model, optimizer, step, batches.position(), fresh_module, export, spec.extra_files)
+            if logger is not None:
+                logger.flush()  # the metrics up to this checkpoint are in MLflow before it counts
+            # Every rank reports; only rank 0 has a folder, which Ray Train copies into its storage.
+            ray.train.report({**latest, "step": step},
+                             checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
         finally:
-            if checkpoint_dir:
-                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
 
-    def save_checkpoint(step: int) -> str | None:
-        if rank != 0:
-            return None
-        plain = copy.deepcopy(model.module if hasattr(model, "module") else model).cpu()
-        if spec.lora is not None:
-            finetune.merge_lora(plain)
-        folder = tempfile.mkdtemp(prefix=f"{spec.name}-step{step}-")
-        try:
-            gpt.save_model(plain, folder)
-            for path in spec.extra_files:
-                shutil.copy(path, folder)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)  # report() removes it on success
-            raise
-        return folder
+    validate = None
+    if loop.eval_every and config["has_val"]:
+        val_shard = ray.train.get_dataset_shard("val")
 
-    train(model, batches, LoopConfig(**spec.loop), report, save_checkpoint, device)
+        def val_batches():
+            while True:  # cycle: every rank runs the same number of forwards
+                empty = True
+                for table in val_shard.iter_batches(batch_size=spec.batch_size, batch_format="pyarrow"):
+                    empty = False
+                    yield rows_from_arrow(table)
+                if empty:
+                    return
+
+        validate = lambda: validation_loss(model, val_batches(), spec.eval_batches, device, precision)
+
+    flops = gpt.flops_per_token(model_cfg)
+    try:
+        train(model, batches, loop, Hooks(log=log, checkpoint=checkpoint, validate=validate), device, precision,
+              optimizer=optimizer, start_step=start_step, flops_per_token=flops,
+              peak_flops=parallel.peak_flops(device))
+    finally:
+        if logger is not None:
+            logger.close()
 
 
-def loop_fields(stage_cfg) -> dict:
+def _gather_pids() -> list[int]:
+    import torch.distributed as dist
+
+    pids = [None] * dist.get_world_size() if dist.is_initialized() else [os.getpid()]
+    if dist.is_initialized():
+        dist.all_gather_object(pids, os.getpid())
+    return pids
+
+
+def loop_fields(stage_cfg, block_size: int) -> dict:
     """The LoopConfig fields of a pretrain/finetune config section."""
+    from components.config import grad_accum_steps
     from components.train import LoopConfig
 
     names = LoopConfig.__dataclass_fields__
-    return {k: v for k, v in asdict(stage_cfg).items() if k in names}
+    fields = {k: v for k, v in asdict(stage_cfg).items() if k in names}
+    fields["grad_accum"] = grad_accum_steps(stage_cfg, block_size)
+    return fields

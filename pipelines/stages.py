@@ -7,6 +7,7 @@ and the `RunLogger` of its MLflow run, and returns its own output record.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 from components import data as data_lib
@@ -17,9 +18,8 @@ from components.artifacts import Checkpoint, EvalReport, QuantizedModel, Tokeniz
 from components.config import ExperimentConfig
 from components.files import write_checksums
 from pipelines import ray_runtime
-from pipelines.tracking import CHECKSUMS_TAG, RunLogger
+from pipelines.tracking import CHECKSUMS_TAG, PROGRESS_TAG, RunLogger
 
-PROGRESS_TAG = "gptforge.progress"
 
 
 # ------------------------------------------------------------------- data
@@ -37,6 +37,7 @@ def prepare_data(cfg: ExperimentConfig, out_dir: str, logger: RunLogger) -> Toke
         progress=lambda message: logger.set_tags({PROGRESS_TAG: message}),
     )
     logger.log_metrics({f"data/{k}": v for k, v in result.stats.items()})
+    logger.log_params(parameter_count_params(model_config(cfg, result)))
     logger.set_tags({"data.fingerprint": result.fingerprint})
     # The tokenizer and manifest describe the data; the shards stay in the workdir (they grow with the corpus).
     for path in (result.tokenizer_uri, result.manifest_uri):
@@ -47,9 +48,10 @@ def prepare_data(cfg: ExperimentConfig, out_dir: str, logger: RunLogger) -> Toke
 def model_config(cfg: ExperimentConfig, data: TokenizedData) -> gpt.GPTConfig:
     """The GPT this experiment trains: the preset, the YAML's overrides, the data's vocab and context."""
     m = cfg.model
+    vocab = -(-data.vocab_size // m.pad_vocab_to) * m.pad_vocab_to  # rounded up to a multiple of pad_vocab_to
     return gpt.config_from_preset(
-        m.preset, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout,
-        vocab_size=data.vocab_size, block_size=data.block_size,
+        m.preset, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout, bias=m.bias,
+        vocab_size=vocab, block_size=data.block_size,
     )
 
 
@@ -68,17 +70,16 @@ def parameter_count_params(model_cfg: gpt.GPTConfig) -> dict:
 
 
 def pretrain(cfg: ExperimentConfig, data: TokenizedData, storage: str, logger: RunLogger) -> Checkpoint:
-    """Driver: train a fresh GPT on the packed rows with Ray Train (DDP)."""
+    """Driver: train a fresh GPT on the packed rows with Ray Train (DDP or FSDP).
+
+    The Ray Train run is named after the stage's MLflow run, so running this again for
+    the same run (`gptforge run --resume`) continues from its newest checkpoint.
+    """
     _check_one_step_of_data(data.stats["train_rows"], cfg.pretrain, "pretrain", "training rows", "data.source")
-    spec = ray_runtime.TrainSpec(
-        name=f"pretrain-{logger.run_id}", loop=ray_runtime.loop_fields(cfg.pretrain),
-        batch_size=cfg.pretrain.batch_size, seed=cfg.pretrain.seed,
-        model_config=model_config(cfg, data).to_dict(), init_from=None, lora=None,
-        extra_files=(data.tokenizer_uri,), logger=logger,
-    )
-    folder = ray_runtime.fit(spec, data.train_uri, cfg.pretrain.num_workers, cfg.pretrain.use_gpu, storage)
-    logger.log_artifacts(folder, "model")
-    return Checkpoint(uri=folder, step=cfg.pretrain.max_steps, metrics=logger.latest_metrics())
+    spec = _train_spec(cfg.pretrain, f"pretrain-{logger.run_id}", model_config(cfg, data), data, logger)
+    result = ray_runtime.fit(spec, data.train_uri, data.val_uri, ray_runtime.Workers.of(cfg.pretrain), storage)
+    _log_model_files(result.checkpoint, logger)
+    return Checkpoint(uri=result.checkpoint, step=cfg.pretrain.max_steps, metrics=logger.latest_metrics())
 
 
 def finetune(cfg: ExperimentConfig, data: TokenizedData, pretrained: Checkpoint, storage: str,
@@ -86,15 +87,28 @@ def finetune(cfg: ExperimentConfig, data: TokenizedData, pretrained: Checkpoint,
     """Driver: continue from the pretrained checkpoint on prompt/completion pairs (loss on completions)."""
     ft = cfg.finetune
     _check_one_step_of_data(data.stats["sft_train_pairs"], ft, "finetune", "training pairs", "finetune.source")
-    spec = ray_runtime.TrainSpec(
-        name=f"finetune-{logger.run_id}", loop=ray_runtime.loop_fields(ft),
-        batch_size=ft.batch_size, seed=ft.seed, model_config=None, init_from=pretrained.uri,
-        lora={"rank": ft.lora_rank, "alpha": ft.lora_alpha} if ft.method == "lora" else None,
-        extra_files=(data.tokenizer_uri,), logger=logger,
+    lora = {"rank": ft.lora_rank, "alpha": ft.lora_alpha} if ft.method == "lora" else None
+    spec = _train_spec(ft, f"finetune-{logger.run_id}", gpt.read_config(pretrained.uri), data, logger,
+                       init_from=pretrained.uri, lora=lora)
+    result = ray_runtime.fit(spec, data.sft_train_uri, data.sft_heldout_uri, ray_runtime.Workers.of(ft), storage)
+    _log_model_files(result.checkpoint, logger)
+    return Checkpoint(uri=result.checkpoint, step=ft.max_steps, metrics=logger.latest_metrics())
+
+
+def _train_spec(training, name: str, model_cfg: gpt.GPTConfig, data: TokenizedData, logger: RunLogger,
+                init_from: str | None = None, lora: dict | None = None) -> ray_runtime.TrainSpec:
+    return ray_runtime.TrainSpec(
+        name=name, loop=ray_runtime.loop_fields(training, data.block_size), batch_size=training.batch_size,
+        seed=training.seed, model_config=model_cfg.to_dict(), init_from=init_from, lora=lora,
+        extra_files=(data.tokenizer_uri,), logger=logger, strategy=training.strategy,
+        precision=training.precision, compile=training.compile, eval_batches=training.eval_batches,
     )
-    folder = ray_runtime.fit(spec, data.sft_train_uri, ft.num_workers, ft.use_gpu, storage)
-    logger.log_artifacts(folder, "model")
-    return Checkpoint(uri=folder, step=ft.max_steps, metrics=logger.latest_metrics())
+
+
+def _log_model_files(folder: str, logger: RunLogger) -> None:
+    """The model as later stages load it; the optimizer state stays in Ray Train's storage."""
+    for name in (gpt.WEIGHTS_FILE, gpt.CONFIG_FILE, "tokenizer.json"):
+        logger.log_artifact(os.path.join(folder, name), "model")
 
 
 def _check_one_step_of_data(rows: int, training, section: str, what: str, source_key: str) -> None:

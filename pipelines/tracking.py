@@ -17,6 +17,8 @@ from pathlib import Path
 
 PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG = "gptforge.stage"
+OUTPUT_TAG = "gptforge.output"  # a finished stage's output record (JSON), what --resume reuses
+PROGRESS_TAG = "gptforge.progress"  # a stage's latest progress message, which the CLI prints
 CHAMPION = "champion"
 PREVIOUS = "previous"
 # Model version tag: sha256 of the version's checksums.json, recorded at registration.
@@ -134,6 +136,10 @@ class RunLogger:
     def log_dict(self, data, artifact_file: str) -> None:
         _client(self.tracking_uri).log_dict(self.run_id, data, artifact_file)
 
+    def record_output(self, record_json: str) -> None:
+        """Keep the stage's output record (`components.artifacts.to_json`) on its run for --resume."""
+        self.set_tags({OUTPUT_TAG: record_json})
+
     def latest_metrics(self) -> dict:
         """The newest value of every metric of the run."""
         return self.snapshot()[0]
@@ -142,6 +148,83 @@ class RunLogger:
         """(metrics, tags) of the run as they are now; the CLI shows progress from them."""
         data = _client(self.tracking_uri).get_run(self.run_id).data
         return dict(data.metrics), dict(data.tags)
+
+
+class MetricsBuffer:
+    """A training worker's metrics, sent to MLflow in batches from a background thread.
+
+    Logging a step then costs the training loop a list append, not a database write
+    (tens of milliseconds, more than a whole GPU step). `latest` holds the newest values.
+    """
+
+    def __init__(self, logger: RunLogger, interval_s: float = 1.0):
+        import threading
+
+        self.logger = logger
+        self.latest: dict = {}
+        self._pending: list = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval_s,), name="gptforge-metrics", daemon=True)
+        self._thread.start()
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.latest = dict(metrics)
+        with self._lock:
+            self._pending.append((dict(metrics), step))
+
+    def flush(self) -> None:
+        """Send everything logged so far; returns when MLflow has it."""
+        from mlflow.entities import Metric
+        import time
+
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if not pending:
+            return
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for metrics, step in pending for k, v in metrics.items()]
+        client = _client(self.logger.tracking_uri)
+        for start in range(0, len(batch), 1000):  # log_batch takes at most 1000 metrics per call
+            client.log_batch(self.logger.run_id, metrics=batch[start : start + 1000])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.flush()
+
+    def _run(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - a busy store must not kill training; the next flush retries
+                logging.getLogger(__name__).warning("could not log metrics to MLflow; retrying", exc_info=True)
+
+
+@dataclass(frozen=True)
+class StageRun:
+    run_id: str
+    status: str  # FINISHED, RUNNING (its driver was killed), KILLED, FAILED
+    output: str | None  # the recorded output (JSON) of a finished stage
+
+
+@dataclass(frozen=True)
+class InterruptedRun:
+    """A pipeline run that did not finish: what `gptforge run --resume` continues."""
+
+    run_id: str
+    experiment_yaml: str  # the resolved config it ran with
+    stages: dict  # stage name -> StageRun (the newest run of each stage)
+    running: tuple = ()  # ids of child runs still marked RUNNING (their driver was killed)
+
+    def finished_output(self, stage: str) -> str | None:
+        run = self.stages.get(stage)
+        return run.output if run is not None and run.status == "FINISHED" else None
+
+    def unfinished_run(self, stage: str) -> str | None:
+        """The run of `stage` that was interrupted, to continue rather than start again."""
+        run = self.stages.get(stage)
+        return run.run_id if run is not None and run.status != "FINISHED" else None
 
 
 class Tracker:
@@ -189,15 +272,23 @@ class Tracker:
             with _registry_call(self.tracking_uri, f"ending run {logger.run_id}"):
                 self.client.set_terminated(logger.run_id, status)
 
+    def reopen_run(self, run_id: str) -> RunLogger:
+        """Mark an interrupted run RUNNING again (for --resume); it stays open until `close_run`."""
+        self.client.update_run(run_id, status="RUNNING")
+        self._open.append(run_id)
+        return RunLogger(self.tracking_uri, run_id)
+
     @contextlib.contextmanager
-    def run(self, name: str, parent: RunLogger | None = None, stage: str | None = None, params: dict | None = None):
+    def run(self, name: str, parent: RunLogger | None = None, stage: str | None = None, params: dict | None = None,
+            reopen: str | None = None):
         """A run that always ends: FINISHED, FAILED, or KILLED on Ctrl-C.
 
+        With `reopen`, that existing run continues instead of a new one being created.
         A failure also ends, with the same status, every run opened inside this
         one and still open (candidate runs span several stages), so no run is
         left RUNNING after a crash.
         """
-        logger = self.open_run(name, parent, stage, params)
+        logger = self.reopen_run(reopen) if reopen else self.open_run(name, parent, stage, params)
         try:
             yield logger
         except BaseException as error:
@@ -211,6 +302,47 @@ class Tracker:
                                                         redact(_first_line(close_error)))
             raise
         self.close_run(logger)
+
+    def interrupted_pipeline(self, run_id: str | None = None) -> InterruptedRun:
+        """The pipeline run to resume: `run_id`, or the newest one of this experiment that did not finish.
+
+        Raises:
+            LookupError: no such run, or it finished (nothing to resume).
+        """
+        from mlflow.exceptions import MlflowException
+
+        if run_id is None:
+            runs = list_runs(self.tracking_uri, self.experiment_name, max_results=1000)
+            unfinished = [r for r in runs if r.info.status != "FINISHED"]
+            if not unfinished:
+                raise LookupError(f"no interrupted run of experiment {self.experiment_name!r} in "
+                                  f"{redact(self.tracking_uri)} to resume; start one with `gptforge run`")
+            parent = unfinished[0]
+        else:
+            try:
+                with _registry_call(self.tracking_uri, f"reading run {run_id}"):
+                    parent = self.client.get_run(run_id)
+            except MlflowException:  # only "does not exist" gets past _registry_call
+                raise LookupError(f"no run {run_id} in {redact(self.tracking_uri)}") from None
+            if parent.data.tags.get(PARENT_TAG) or parent.info.experiment_id != self.experiment_id:
+                raise LookupError(f"run {run_id} is not a pipeline run of experiment {self.experiment_name!r}")
+            if parent.info.status == "FINISHED":
+                raise LookupError(f"run {run_id} finished; there is nothing to resume")
+        children = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'", max_results=1000)
+        stages = {}
+        running = tuple(c.info.run_id for c in children if c.info.status == "RUNNING")
+        for child in sorted(children, key=lambda r: r.info.start_time):  # the newest run of a stage wins
+            stage = child.data.tags.get(STAGE_TAG)
+            if stage:
+                stages[stage] = StageRun(child.info.run_id, child.info.status, child.data.tags.get(OUTPUT_TAG))
+        yaml_text = self.client.download_artifacts(parent.info.run_id, "experiment.yaml")
+        return InterruptedRun(parent.info.run_id, Path(yaml_text).read_text(), stages, running)
+
+    def end_runs(self, run_ids, status: str) -> None:
+        """Mark runs that no process will continue (status KILLED, FAILED, ...)."""
+        for run_id in run_ids:
+            self.client.set_terminated(run_id, status)
 
     def run_url(self, run_id: str) -> str | None:
         """The run's page in the MLflow UI, when tracking goes to a server."""

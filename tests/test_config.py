@@ -188,3 +188,44 @@ def test_cli_refuses_a_bad_value_before_starting_anything(tmp_path, override, ke
     assert f"  - {key}: " in result.stderr
     assert "Traceback" not in result.stderr
     assert not workdir.exists()  # no MLflow store, no Ray storage: nothing started
+
+
+# ------------------------------------------------ training and model keys (issue 5): fail before Ray starts
+
+@pytest.mark.parametrize("override, expected", [
+    ("pretrain.strategy=zero3", "pretrain.strategy: 'zero3' is not one of ddp, fsdp"),
+    ("finetune.precision=int8", "finetune.precision: 'int8' is not one of auto, bf16, fp16, fp32"),
+    ("pretrain.tokens_per_step=5000", "pretrain.tokens_per_step: 5000 is not a multiple of one micro-step's tokens"),
+    ("pretrain.checkpoint_every=0", "pretrain.checkpoint_every: must be positive"),
+    ("finetune.keep_checkpoints=0", "finetune.keep_checkpoints: must be positive"),
+    ("pretrain.max_failures=-1", "pretrain.max_failures: must not be negative"),
+    ("pretrain.cpus_per_worker=0", "pretrain.cpus_per_worker: must be positive"),
+    ("model.preset=gpt5", "model.preset: 'gpt5' is not one of tiny, mini, gpt2"),
+    ("model.n_head=3", "model.n_head: 3 heads do not divide n_embd 128"),
+    ("model.pad_vocab_to=0", "model.pad_vocab_to: must be positive"),
+])
+def test_bad_training_and_model_values_name_the_key(override, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY_EXPERIMENT, [override])
+    assert expected in str(info.value)
+
+
+def test_fsdp_with_fp16_is_refused_and_accumulation_is_derived():
+    from components.config import grad_accum_steps
+
+    with pytest.raises(ConfigError, match="pretrain.precision: fp16 is not supported with strategy fsdp"):
+        load_config(TINY_EXPERIMENT, ["pretrain.strategy=fsdp", "pretrain.precision=fp16"])
+    cfg = load_config(TINY_EXPERIMENT, ["pretrain.tokens_per_step=16384"])  # 2 workers x 16 rows x 128 = 4096
+    assert grad_accum_steps(cfg.pretrain, cfg.data.block_size) == 4
+    assert grad_accum_steps(load_config(TINY_EXPERIMENT).pretrain, 128) == 1
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.preset=gpt5", "model.preset: 'gpt5'"),
+    ("pretrain.tokens_per_step=100", "pretrain.tokens_per_step: 100"),
+])
+def test_cli_refuses_model_and_training_values_before_any_stage(override, expected, tmp_path):
+    result = gptforge("run", str(TINY_EXPERIMENT), override, f"workdir={tmp_path}", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    assert not (Path(tmp_path) / "mlflow.db").exists() and not (Path(tmp_path) / "runs").exists()

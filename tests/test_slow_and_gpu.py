@@ -26,6 +26,35 @@ def test_default_tiny_experiment_end_to_end(tmp_path):
 @pytest.mark.integration
 def test_pipeline_trains_on_one_gpu(tmp_path):
     result = gptforge("run", str(TINY_EXPERIMENT), *FAST_OVERRIDES, f"workdir={tmp_path}",
-                      "pretrain.use_gpu=true", "pretrain.num_workers=1", "finetune.use_gpu=true", cwd=tmp_path)
+                      "pretrain.use_gpu=true", "pretrain.num_workers=1", "finetune.use_gpu=true",
+                      "pretrain.compile=true", "pretrain.log_every=10", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-5000:]
     assert "<- champion" in result.stdout
+
+
+@pytest.mark.gpu
+def test_bf16_compiled_loop_on_the_gpu_reports_mfu_and_memory():
+    import torch
+
+    from components import parallel
+    from components.model import GPT, GPTConfig, flops_per_token
+    from components.train import Hooks, LoopConfig, repeat, train
+
+    device = torch.device("cuda", 0)
+    parallel.configure_device(device)
+    cfg = GPTConfig(block_size=256, vocab_size=1024, n_layer=4, n_head=4, n_embd=256)
+    rows = (torch.randint(0, 1024, (64, 1)) + torch.arange(257)) % 1024  # learnable: counts upward
+    batches = repeat(lambda epoch: ({"tokens": rows[i:i + 16]} for i in range(0, 64, 16)))
+    precision = parallel.resolve_precision("auto", device)
+    assert precision.name == "bf16"
+    torch.manual_seed(0)
+    model = parallel.parallelize(GPT(cfg), "ddp", device, precision, compile=True)
+    logs = []
+    train(model, batches, LoopConfig(max_steps=60, lr=3e-3, min_lr=3e-4, warmup_steps=5, weight_decay=0.1,
+                                     grad_clip=1.0, log_every=20),
+          Hooks(log=lambda m, s: logs.append(m)), device, precision, flops_per_token=flops_per_token(cfg),
+          peak_flops=parallel.peak_flops(device))
+    assert logs[-1]["train/loss"] < logs[0]["train/loss"] - 1.0
+    assert logs[-1]["train/peak_memory_bytes"] > 0
+    if parallel.peak_flops(device):  # a GPU in the peak table
+        assert 0 < logs[-1]["train/mfu"] < 1

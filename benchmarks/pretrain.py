@@ -1,0 +1,188 @@
+"""Pretraining throughput: the project's training step against a minimal reference loop, same run.
+
+    python benchmarks/pretrain.py --no-ray                         # the project's step vs the reference, no Ray
+    python benchmarks/pretrain.py                                  # also through Ray Train + Ray Data, and the feed alone
+    python benchmarks/pretrain.py --no-ray --preset gpt2 --block-size 1024 --vocab-size 50304 \
+        --batch-size 12 --compile --no-bias                        # the GPT-2 124M shape on a GPU
+
+Every path trains the same model shape on the same random tokens and measures
+tokens/s over the steps after a warm-up (compilation happens in the warm-up).
+
+- project: `components.train.train` on the model `components.parallel.parallelize`
+  returns, fed through the loop's own batch path (pinned memory, non_blocking).
+- reference: a loop written here in ten lines, nanoGPT's recipe: bf16 autocast on a
+  GPU, fused AdamW, optional torch.compile, no logging, no accumulation.
+- ray (without --no-ray): the project's step inside a Ray Train worker fed by Ray
+  Data from parquet shards, as `gptforge run` trains; the ratio ray / project
+  is what Ray costs. And Ray Data's feed alone, in tokens/s.
+
+`--no-ray` imports only torch, numpy and the project's components, so it runs on a GPU
+machine that has PyTorch and nothing else. MFU is against the device's dense bf16
+peak (`components.parallel.PEAK_TFLOPS`); a CPU has none.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from components import model as gpt  # noqa: E402
+from components import parallel  # noqa: E402
+from components.train import Batches, Hooks, LoopConfig, train  # noqa: E402
+
+
+def main() -> None:
+    args = _args()
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    parallel.configure_device(device)
+    precision = parallel.resolve_precision(args.precision, device)
+    cfg = gpt.config_from_preset(args.preset, vocab_size=args.vocab_size, block_size=args.block_size, bias=args.bias)
+    flops = gpt.flops_per_token(cfg)
+    peak = parallel.peak_flops(device)
+    rows = np.random.default_rng(0).integers(0, args.vocab_size, size=(args.batch_size * 16, args.block_size + 1))
+    total_steps = (args.warmup_windows + args.windows) * args.window
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{args.threads} threads'}), "
+          f"torch {torch.__version__}, preset {args.preset}: {sum(p.numel() for p in gpt.GPT(cfg).parameters()):,} "
+          f"params, batch {args.batch_size} x {args.block_size}, vocab {args.vocab_size}, bias {args.bias}, "
+          f"precision {precision.name}, compile {args.compile}; {args.windows} windows of {args.window} steps "
+          f"after {args.warmup_windows} warm-up", flush=True)
+
+    results = {}
+    results["reference"] = _reference(cfg, rows, args, device, total_steps)
+    print(f"  reference  {results['reference']:>12,.0f} tok/s", flush=True)
+    results["project"] = _project(cfg, rows, args, device, precision, total_steps)
+    print(f"  project    {results['project']:>12,.0f} tok/s", flush=True)
+    if not args.no_ray:
+        results["ray"], feed = _ray(cfg, rows, args, device, total_steps)
+        print(f"  ray        {results['ray']:>12,.0f} tok/s", flush=True)
+        print(f"  Ray Data feed alone: {feed:,.0f} tok/s (one consumer)")
+
+    print()
+    print(f"| path | tokens/s | MFU | vs reference |{' vs project |' if 'ray' in results else ''}")
+    print(f"|---|---:|---:|---:|{'---:|' if 'ray' in results else ''}")
+    for name, tps in results.items():
+        mfu = f"{tps * flops / peak:.1%}" if peak else "n/a"
+        extra = f" {tps / results['project']:.2f}x |" if "ray" in results else ""
+        print(f"| {name} | {tps:,.0f} | {mfu} | {tps / results['reference']:.2f}x |{extra}")
+
+
+def _args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=list(gpt.PRESETS))
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step (per worker)")
+    p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (a Ray worker uses 1)")
+    p.add_argument("--window", type=int, default=10, help="steps per measured window")
+    p.add_argument("--windows", type=int, default=3, help="measured windows")
+    p.add_argument("--warmup-windows", type=int, default=1)
+    p.add_argument("--no-ray", action="store_true", help="skip the Ray Train path (needs only PyTorch)")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers for the ray path")
+    return p.parse_args()
+
+
+def _reference(cfg, rows, args, device, total_steps) -> float:
+    """nanoGPT's training step, written out: the baseline the project's loop is measured against."""
+    torch.manual_seed(0)
+    model = gpt.GPT(cfg).to(device)
+    if args.compile:
+        model = torch.compile(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    amp = parallel.resolve_precision(args.precision, device).autocast_dtype
+    batches = torch.from_numpy(rows).view(-1, args.batch_size, args.block_size + 1)  # (N, B, T+1)
+    window_times = []
+    for step in range(total_steps):
+        if step % args.window == 0:
+            _sync(device)
+            start = time.perf_counter()
+        batch = batches[step % len(batches)]
+        x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # (B, T) each
+        if device.type == "cuda":
+            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % args.window == 0:
+            _sync(device)
+            window_times.append(time.perf_counter() - start)
+    measured = window_times[args.warmup_windows:]
+    return args.window * args.batch_size * args.block_size / statistics.median(measured)
+
+
+def _project(cfg, rows, args, device, precision, total_steps) -> float:
+    """The project's step: parallelize + components.train.train, windows timed by the loop itself."""
+    torch.manual_seed(0)
+    model = parallel.parallelize(gpt.GPT(cfg), "ddp", device, precision, args.compile)
+    epoch = lambda e: ({"tokens": rows[i:i + args.batch_size]} for i in range(0, len(rows), args.batch_size))
+    loop = LoopConfig(max_steps=total_steps, lr=1e-4, min_lr=1e-5, warmup_steps=0, weight_decay=0.1, grad_clip=1.0,
+                      log_every=args.window)
+    windows = []
+    train(model, Batches(epoch), loop, Hooks(log=lambda m, s: windows.append(m["train/tokens_per_s"])), device,
+          precision)
+    return statistics.median(windows[args.warmup_windows:])
+
+
+def _ray(cfg, rows, args, device, total_steps) -> tuple[float, float]:
+    """The same step inside Ray Train workers fed by Ray Data from parquet, as `gptforge run` trains."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from components.train import rows_from_arrow, to_inputs_and_targets
+    from pipelines import ray_runtime
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "train.parquet")
+        feed_rows = np.tile(rows, (max(1, 20000 // len(rows)), 1)).astype(np.int32)  # enough rows to time the feed
+        pq.write_table(pa.table({"tokens": pa.array(list(feed_rows), pa.list_(pa.int32()))}), data)
+        tokenizer = os.path.join(tmp, "tokenizer.json")
+        Path(tokenizer).write_text("{}")
+        ray_runtime.init_ray(num_cpus=max(4, args.workers + 2))
+        try:
+            import ray.data
+
+            dataset = ray.data.read_parquet(data).materialize()
+            start, tokens = time.perf_counter(), 0
+            for table in dataset.iter_batches(batch_size=args.batch_size, batch_format="pyarrow", prefetch_batches=4):
+                x, _ = to_inputs_and_targets(rows_from_arrow(table))
+                tokens += x.numel()
+            feed = tokens / (time.perf_counter() - start)
+
+            loop = dict(max_steps=total_steps, lr=1e-4, min_lr=1e-5, warmup_steps=0, weight_decay=0.1, grad_clip=1.0,
+                        log_every=args.window, checkpoint_every=total_steps)
+            spec = ray_runtime.TrainSpec(
+                name=f"bench-{os.getpid()}", loop=loop, batch_size=args.batch_size, seed=0,
+                model_config=cfg.to_dict(), init_from=None, lora=None, extra_files=(tokenizer,), logger=None,
+                strategy="ddp", precision=args.precision, compile=args.compile)
+            workers = ray_runtime.Workers(args.workers, use_gpu=device.type == "cuda")
+            result = ray_runtime.fit(spec, data, None, workers, os.path.join(tmp, "ray"))
+            # The final report carries the last window's figure: measured after the warm-up windows.
+            return result.metrics["train/tokens_per_s"] / args.workers, feed
+        finally:
+            ray_runtime.shutdown_ray()
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+if __name__ == "__main__":
+    main()
