@@ -434,13 +434,66 @@ def _validate_candidates(cfg: ExperimentConfig) -> list[str]:
     return errors
 
 
+def _validate_model(cfg: ExperimentConfig) -> list[str]:
+    """The model's shape, checked now rather than after the data stage has run."""
+    from components import model as gpt  # imports torch; only needed here
+
+    m = cfg.model
+    if m.preset not in gpt.PRESETS:
+        return [f"model.preset: {m.preset!r} is not one of {', '.join(gpt.PRESETS)}"]
+    errors = []
+    for key in ("n_layer", "n_head", "n_embd"):
+        value = getattr(m, key)
+        if value is not None and value <= 0:
+            errors.append(f"model.{key}: must be positive, got {value}")
+    if not 0.0 <= m.dropout < 1.0:
+        errors.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    if m.pad_vocab_to <= 0:
+        errors.append(f"model.pad_vocab_to: must be positive, got {m.pad_vocab_to}")
+    if errors:
+        return errors
+    shape = {**gpt.PRESETS[m.preset], **{k: getattr(m, k) for k in ("n_layer", "n_head", "n_embd")
+                                         if getattr(m, k) is not None}}
+    if shape["n_embd"] % shape["n_head"]:
+        errors.append(f"model.n_head: {shape['n_head']} heads do not divide n_embd {shape['n_embd']} "
+                      f"(preset {m.preset!r} plus overrides); pick n_head dividing n_embd")
+    return errors
+
+
+def _validate_training(cfg: ExperimentConfig, section: str) -> list[str]:
+    """The training keys shared by pretrain and finetune: all checked before Ray starts."""
+    t: TrainingConfig = getattr(cfg, section)
+    errors = []
+    for key in ("checkpoint_every", "keep_checkpoints", "eval_batches"):
+        if getattr(t, key) <= 0:
+            errors.append(f"{section}.{key}: must be positive, got {getattr(t, key)}")
+    for key in ("eval_every", "max_failures", "tokens_per_step"):
+        if getattr(t, key) < 0:
+            errors.append(f"{section}.{key}: must not be negative, got {getattr(t, key)}")
+    for key in ("cpus_per_worker", "gpus_per_worker"):
+        if not getattr(t, key) > 0:  # also refuses NaN
+            errors.append(f"{section}.{key}: must be positive, got {getattr(t, key)}")
+    micro_tokens = t.num_workers * t.batch_size * cfg.data.block_size
+    if t.tokens_per_step > 0 and micro_tokens > 0 and t.tokens_per_step % micro_tokens:
+        errors.append(
+            f"{section}.tokens_per_step: {t.tokens_per_step} is not a multiple of one micro-step's tokens "
+            f"({section}.num_workers {t.num_workers} x {section}.batch_size {t.batch_size} x "
+            f"data.block_size {cfg.data.block_size} = {micro_tokens})")
+    if t.strategy == "fsdp" and t.precision == "fp16":
+        errors.append(f"{section}.precision: fp16 is not supported with strategy fsdp (its gradient "
+                      f"scaling is not wired for sharded gradients); use bf16")
+    return errors
+
+
+def grad_accum_steps(training: TrainingConfig, block_size: int) -> int:
+    """Micro-steps per optimizer step that `tokens_per_step` asks for (1 when it is 0)."""
+    micro_tokens = training.num_workers * training.batch_size * block_size
+    return max(1, training.tokens_per_step // micro_tokens) if training.tokens_per_step else 1
+
+
 # Ranges of the numbers that the lists in _validate leave out: key -> (is the value fine, what it must be).
 # `{t}` stands for each training section. Every number is also checked to be finite (_validate_numbers).
 _RANGES = {
-    "model.n_layer": (lambda v: v is None or v >= 1, "must be at least 1 (or null for the preset's)"),
-    "model.n_head": (lambda v: v is None or v >= 1, "must be at least 1 (or null for the preset's)"),
-    "model.n_embd": (lambda v: v is None or v >= 1, "must be at least 1 (or null for the preset's)"),
-    "model.dropout": (lambda v: 0 <= v < 1, "must be at least 0 and below 1"),
     "{t}.lr": (lambda v: v > 0, "must be positive"),
     "{t}.min_lr": (lambda v: v >= 0, "must not be negative"),
     "{t}.weight_decay": (lambda v: v >= 0, "must not be negative"),
@@ -503,57 +556,6 @@ def _validate_names(cfg: ExperimentConfig) -> list[str]:
         return [f"name: {cfg.name!r} cannot name an MLflow registered model; use up to 100 letters, digits, "
                 f"'.', '_' or '-', starting with a letter or digit"]
     return []
-
-
-def _validate_model(cfg: ExperimentConfig) -> list[str]:
-    """The model's shape, checked now rather than after the data stage has run."""
-    from components import model as gpt  # imports torch; only needed here
-
-    m = cfg.model
-    if m.preset not in gpt.PRESETS:
-        return [f"model.preset: {m.preset!r} is not one of {', '.join(gpt.PRESETS)}"]
-    if m.pad_vocab_to <= 0:
-        return [f"model.pad_vocab_to: must be positive, got {m.pad_vocab_to}"]
-    if any(getattr(m, k) is not None and getattr(m, k) <= 0 for k in ("n_layer", "n_head", "n_embd")):
-        return []  # _validate_numbers names those
-    errors = []
-    shape = {**gpt.PRESETS[m.preset], **{k: getattr(m, k) for k in ("n_layer", "n_head", "n_embd")
-                                         if getattr(m, k) is not None}}
-    if shape["n_embd"] % shape["n_head"]:
-        errors.append(f"model.n_head: {shape['n_head']} heads do not divide n_embd {shape['n_embd']} "
-                      f"(preset {m.preset!r} plus overrides); pick n_head dividing n_embd")
-    return errors
-
-
-def _validate_training(cfg: ExperimentConfig, section: str) -> list[str]:
-    """The training keys shared by pretrain and finetune: all checked before Ray starts."""
-    t: TrainingConfig = getattr(cfg, section)
-    errors = []
-    for key in ("checkpoint_every", "keep_checkpoints", "eval_batches"):
-        if getattr(t, key) <= 0:
-            errors.append(f"{section}.{key}: must be positive, got {getattr(t, key)}")
-    for key in ("eval_every", "max_failures", "tokens_per_step"):
-        if getattr(t, key) < 0:
-            errors.append(f"{section}.{key}: must not be negative, got {getattr(t, key)}")
-    for key in ("cpus_per_worker", "gpus_per_worker"):
-        if not getattr(t, key) > 0:  # also refuses NaN
-            errors.append(f"{section}.{key}: must be positive, got {getattr(t, key)}")
-    micro_tokens = t.num_workers * t.batch_size * cfg.data.block_size
-    if t.tokens_per_step > 0 and micro_tokens > 0 and t.tokens_per_step % micro_tokens:
-        errors.append(
-            f"{section}.tokens_per_step: {t.tokens_per_step} is not a multiple of one micro-step's tokens "
-            f"({section}.num_workers {t.num_workers} x {section}.batch_size {t.batch_size} x "
-            f"data.block_size {cfg.data.block_size} = {micro_tokens})")
-    if t.strategy == "fsdp" and t.precision == "fp16":
-        errors.append(f"{section}.precision: fp16 is not supported with strategy fsdp (its gradient "
-                      f"scaling is not wired for sharded gradients); use bf16")
-    return errors
-
-
-def grad_accum_steps(training: TrainingConfig, block_size: int) -> int:
-    """Micro-steps per optimizer step that `tokens_per_step` asks for (1 when it is 0)."""
-    micro_tokens = training.num_workers * training.batch_size * block_size
-    return max(1, training.tokens_per_step // micro_tokens) if training.tokens_per_step else 1
 
 
 def get_dotted(cfg, key: str):

@@ -323,13 +323,14 @@ class Tracker:
             unfinished = [r for r in runs if r.info.status != "FINISHED"]
             if not unfinished:
                 raise LookupError(f"no interrupted run of experiment {self.experiment_name!r} in "
-                                  f"{self.tracking_uri} to resume; start one with `gptforge run`")
+                                  f"{redact(self.tracking_uri)} to resume; start one with `gptforge run`")
             parent = unfinished[0]
         else:
             try:
-                parent = self.client.get_run(run_id)
-            except MlflowException:
-                raise LookupError(f"no run {run_id} in {self.tracking_uri}") from None
+                with _registry_call(self.tracking_uri, f"reading run {run_id}"):
+                    parent = self.client.get_run(run_id)
+            except MlflowException:  # only "does not exist" gets past _registry_call
+                raise LookupError(f"no run {run_id} in {redact(self.tracking_uri)}") from None
             if parent.data.tags.get(PARENT_TAG) or parent.info.experiment_id != self.experiment_id:
                 raise LookupError(f"run {run_id} is not a pipeline run of experiment {self.experiment_name!r}")
             if parent.info.status == "FINISHED":
