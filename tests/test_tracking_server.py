@@ -84,7 +84,7 @@ def test_no_server_is_not_the_same_as_no_champion(tmp_path, monkeypatch):
 @pytest.mark.parametrize("command", ["serve", "runs"])
 def test_cli_names_the_unreachable_server_without_its_password(tmp_path, uri, command):
     uri = uri.format(port=free_port())
-    result = gptforge(command, str(TINY_EXPERIMENT), f"workdir={tmp_path / 'work'}", cwd=tmp_path, timeout=120,
+    result = gptforge(command, str(TINY_EXPERIMENT), f"workdir={tmp_path / 'work'}", cwd=tmp_path, timeout=300,
                       env={"MLFLOW_TRACKING_URI": uri, **NO_RETRIES})
     assert result.returncode == 2, result.stderr
     assert SECRET not in result.stdout + result.stderr
