@@ -150,7 +150,7 @@ def fit(spec: TrainSpec, train_uri: str, val_uri: str | None, workers: Workers, 
         ),
         datasets=datasets,
     )
-    result = _off_the_main_thread(trainer.fit)
+    result = off_the_main_thread(trainer.fit, name="gptforge-fit")
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:
@@ -158,14 +158,21 @@ def fit(spec: TrainSpec, train_uri: str, val_uri: str | None, workers: Workers, 
     return FitResult(result.checkpoint.path, dict(result.metrics or {}))
 
 
-def _off_the_main_thread(work: Callable):
-    """Run `work()` in a helper thread and wait for it.
+def off_the_main_thread(work: Callable, deadline: float | None = None, timeout_message: str = "",
+                        name: str = "gptforge-ray"):
+    """Run `work()` in a helper thread and wait for it (until `deadline`, a time.monotonic() value).
 
     On the main thread, TorchTrainer.fit installs its own SIGINT handler, which
     exits the process (status 1) and stays installed after fit returns. Off the
     main thread it does not, so Ctrl-C remains a KeyboardInterrupt here: the CLI
-    marks the MLflow runs KILLED and shutting Ray down stops the workers.
+    marks the MLflow runs KILLED and shutting Ray down stops the workers. Calls
+    with no limit of their own (serve.run) get one from `deadline`.
+
+    Raises:
+        TimeoutError(timeout_message): still running at `deadline`.
     """
+    import time
+
     outcome: dict = {}
 
     def target() -> None:
@@ -174,9 +181,11 @@ def _off_the_main_thread(work: Callable):
         except BaseException as error:  # handed to the caller's thread below
             outcome["error"] = error
 
-    thread = threading.Thread(target=target, name="gptforge-fit", daemon=True)
+    thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
     while thread.is_alive():
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(timeout_message)
         thread.join(0.5)  # short waits keep the main thread responsive to signals
     if "error" in outcome:
         raise outcome["error"]

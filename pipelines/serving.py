@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import socket
-import threading
 import time
 import urllib.request
 import uuid
@@ -30,6 +29,7 @@ from pydantic import BaseModel, ConfigDict
 from components.config import ServeConfig
 from components.files import IntegrityError
 from components.sampling import seed_problem, temperature_problem
+from pipelines.ray_runtime import off_the_main_thread
 
 APP_NAME = "gptforge"
 EOT_ID = 0  # components.data.EOT is id 0 in every tokenizer gptforge trains
@@ -278,33 +278,14 @@ def deploy(loader, cfg: ServeConfig, timeout_s: float = 120.0) -> str:
         app = _deployment().options(ray_actor_options={"num_cpus": cfg.num_cpus}).bind(loader, limits)
         # serve.run waits, without a limit, until the replica is up: one that never gets
         # its CPUs would hang here, so the wait runs on a helper thread with the deadline.
-        _with_deadline(lambda: serve.run(app, name=APP_NAME, route_prefix="/"), deadline,
-                       f"the Serve application {APP_NAME!r} did not start within {timeout_s:.0f}s")
+        off_the_main_thread(lambda: serve.run(app, name=APP_NAME, route_prefix="/"), deadline,
+                            f"the Serve application {APP_NAME!r} did not start within {timeout_s:.0f}s",
+                            name="gptforge-serve-run")
         _wait_healthy(url, deadline, timeout_s)
     except BaseException:
         shutdown()
         raise
     return url
-
-
-def _with_deadline(work, deadline: float, message: str):
-    outcome: dict = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = work()
-        except BaseException as error:  # handed to the caller's thread below
-            outcome["error"] = error
-
-    thread = threading.Thread(target=target, name="gptforge-serve-run", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        if time.monotonic() > deadline:
-            raise TimeoutError(message)
-        thread.join(0.5)  # short waits keep the main thread responsive to Ctrl-C
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
 
 
 class ServeError(RuntimeError):
