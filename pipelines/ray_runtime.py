@@ -158,21 +158,14 @@ def fit(spec: TrainSpec, train_uri: str, val_uri: str | None, workers: Workers, 
     return FitResult(result.checkpoint.path, dict(result.metrics or {}))
 
 
-def off_the_main_thread(work: Callable, deadline: float | None = None, timeout_message: str = "",
-                        name: str = "gptforge-ray"):
-    """Run `work()` in a helper thread and wait for it (until `deadline`, a time.monotonic() value).
+def off_the_main_thread(work: Callable, name: str = "gptforge-ray"):
+    """Run `work()` in a helper thread and wait for it.
 
     On the main thread, TorchTrainer.fit installs its own SIGINT handler, which
     exits the process (status 1) and stays installed after fit returns. Off the
     main thread it does not, so Ctrl-C remains a KeyboardInterrupt here: the CLI
-    marks the MLflow runs KILLED and shutting Ray down stops the workers. Calls
-    with no limit of their own (serve.run) get one from `deadline`.
-
-    Raises:
-        TimeoutError(timeout_message): still running at `deadline`.
+    marks the MLflow runs KILLED and shutting Ray down stops the workers.
     """
-    import time
-
     outcome: dict = {}
 
     def target() -> None:
@@ -184,8 +177,6 @@ def off_the_main_thread(work: Callable, deadline: float | None = None, timeout_m
     thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
     while thread.is_alive():
-        if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(timeout_message)
         thread.join(0.5)  # short waits keep the main thread responsive to signals
     if "error" in outcome:
         raise outcome["error"]

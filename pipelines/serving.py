@@ -29,7 +29,6 @@ from pydantic import BaseModel, ConfigDict
 from components.config import ServeConfig
 from components.files import IntegrityError
 from components.sampling import seed_problem, temperature_problem
-from pipelines.ray_runtime import off_the_main_thread
 
 APP_NAME = "gptforge"
 EOT_ID = 0  # components.data.EOT is id 0 in every tokenizer gptforge trains
@@ -276,11 +275,13 @@ def deploy(loader, cfg: ServeConfig, timeout_s: float = 120.0) -> str:
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         limits = {"max_prompt_chars": cfg.max_prompt_chars, "max_tokens_cap": cfg.max_tokens_cap}
         app = _deployment().options(ray_actor_options={"num_cpus": cfg.num_cpus}).bind(loader, limits)
-        # serve.run waits, without a limit, until the replica is up: one that never gets
-        # its CPUs would hang here, so the wait runs on a helper thread with the deadline.
-        off_the_main_thread(lambda: serve.run(app, name=APP_NAME, route_prefix="/"), deadline,
-                            f"the Serve application {APP_NAME!r} did not start within {timeout_s:.0f}s",
-                            name="gptforge-serve-run")
+        # serve.run waits, without a limit, until the replica is up: one that never gets its
+        # CPUs would hang there. So the deploy returns at once and the wait is ours, with the
+        # deadline, on this thread: a waiting helper thread would outlive a timeout and, after
+        # Ray is shut down, start a new Ray from inside Serve's polling (it ended test runs).
+        serve.run_many([serve.RunTarget(app, name=APP_NAME, route_prefix="/")],
+                       wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+        _wait_running(deadline, timeout_s)
         _wait_healthy(url, deadline, timeout_s)
     except BaseException:
         shutdown()
@@ -300,6 +301,21 @@ def _check_port_free(host: str, port: int) -> None:
         except OSError as error:
             raise ServeError(f"cannot serve on {host}:{port} ({error.strerror}); stop what uses the port "
                              f"or pick another with serve.port=PORT") from None
+
+
+def _wait_running(deadline: float, timeout_s: float) -> None:
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    while True:
+        application = serve.status().applications.get(APP_NAME)
+        if application is not None and application.status == ApplicationStatus.RUNNING:
+            return
+        if application is not None and application.status == ApplicationStatus.DEPLOY_FAILED:
+            raise RuntimeError(f"Deploying application {APP_NAME} failed: {application.message}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the Serve application {APP_NAME!r} did not start within {timeout_s:.0f}s")
+        time.sleep(0.5)
 
 
 def _wait_healthy(url: str, deadline: float, timeout_s: float) -> None:

@@ -10,6 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# Ray starts a fresh local instance when a Ray API is called without ray.init. In a test
+# process that shuts Ray down between modules, a stray call from a background thread would
+# start one behind the tests' back, and its later death ends pytest with status 1 and no
+# summary. Every test here initialises Ray explicitly; set before anything imports ray.
+os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
+
 REPO = Path(__file__).resolve().parent.parent
 TINY_EXPERIMENT = REPO / "experiments" / "tiny.yaml"
 
