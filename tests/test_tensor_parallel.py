@@ -245,3 +245,25 @@ def test_shares_that_do_not_add_up_are_flagged():
     shares = parallel.summarize_shares([half, half], 8)
     assert shares["parallel/param_count_sum_unique"] == 4
     assert shares["parallel/param_counts_add_up"] == 0.0
+
+
+# ------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_tp_degree_1_on_one_gpu_runs_and_gives_the_ddp_losses(tmp_path, compile):
+    """The tp code path on a one-GPU machine (nccl, a 1 x 1 mesh): same losses as ddp."""
+    device = torch.device("cuda", 0)
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        losses = {}
+        for strategy in ("ddp", "tp"):
+            torch.manual_seed(0)
+            model = parallel.parallelize(GPT(CFG), strategy, device, parallel.FP32, compile=compile, tp_degree=1)
+            losses[strategy] = []
+            train(model, iter([{"tokens": b} for b in _global_batches(4)]), _loop(4),
+                  Hooks(log=lambda m, s, out=losses[strategy]: out.append(m["train/loss"])), device)
+        assert losses["tp"] == pytest.approx(losses["ddp"], rel=1e-4)
+    finally:
+        dist.destroy_process_group()
