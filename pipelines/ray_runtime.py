@@ -277,8 +277,8 @@ def _train_loop_per_worker(config: dict) -> None:
     reads = not sharing or layout.mesh["tp"].get_local_rank() == 0
     data_rank = layout.mesh["dp"].get_local_rank() if layout is not None else rank
 
-    def shared(batches):
-        return tensor_parallel.share_batches(batches if reads else None, layout, device) if sharing else batches
+    def shared(batches):  # `batches`: the shard's batches on a reading rank, None on the others
+        return tensor_parallel.share_batches(batches, layout, device) if sharing else batches
 
     def shard_batches(epoch: int):
         # pyarrow batches reshape into (B, T+1) matrices without a Python loop over rows;
