@@ -1,8 +1,8 @@
 """Training checkpoints: what a restarted worker group or a resumed run continues from.
 
 A checkpoint folder is a model folder that every later stage loads unchanged
-(`model.safetensors` + `config.json`, full and unsharded even under FSDP, LoRA
-merged) plus `trainer_state.pt` (optimizer state, step, each rank's RNG state
+(`model.safetensors` + `config.json`, full and unsharded even under FSDP and
+tensor parallelism, LoRA merged) plus `trainer_state.pt` (optimizer state, step, each rank's RNG state
 and data position, LoRA adapters) and `checkpoint.json`, written last, which
 lists every file with its size: a folder whose files do not match it (a copy
 cut short) is not used.
@@ -24,8 +24,9 @@ import torch.distributed as dist
 from torch import nn
 
 from components import model as gpt
+from components import tensor_parallel
 from components.files import write_json_atomic
-from components.parallel import unwrap
+from components.parallel import tensor_parallel_layout, unwrap
 
 TRAINER_STATE_FILE = "trainer_state.pt"
 MANIFEST_FILE = "checkpoint.json"
@@ -47,6 +48,9 @@ def save(folder: str | None, model: nn.Module, optimizer: torch.optim.Optimizer,
         extra_files: copied in as they are (the tokenizer).
     """
     model_state, optimizer_state = _full_state_dicts(model, optimizer)
+    layout = tensor_parallel_layout(model)
+    if layout is not None:  # c_attn's rows back in the usual q | k | v order: one file format for all
+        tensor_parallel.reorder_qkv(layout, model_state, optimizer_state, to_saved=True)
     ranks = _gather({"rng": _rng_state(), "data": data_position})
     if not _is_rank0():
         return
@@ -116,6 +120,9 @@ def restore(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     """Load the optimizer state into `optimizer` and this rank's RNG state; returns
     {"step", "data"} where `data` is this rank's data position at the checkpoint."""
     state = _trainer_state(folder)
+    layout = tensor_parallel_layout(model)
+    if layout is not None:  # the saved q | k | v order, as this split model holds c_attn
+        tensor_parallel.reorder_qkv(layout, {}, state["optimizer"], to_saved=False)
     if dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 

@@ -95,8 +95,13 @@ class TrainingConfig:
     seed: int = 1337
     """Seed for weights, adapters and data order."""
     strategy: str = "ddp"
-    """How the workers share the model: `ddp` (every worker holds all of it) or `fsdp`
-    (PyTorch FSDP2 `fully_shard`: parameters, gradients and optimizer state sharded over workers)."""
+    """How the workers share the model: `ddp` (every worker holds all of it), `fsdp`
+    (PyTorch FSDP2 `fully_shard`: parameters, gradients and optimizer state sharded over workers),
+    `tp` (tensor parallel: each block's weight matrices split over groups of `tp_degree` workers,
+    which see the same rows) or `fsdp+tp` (tensor parallel inside each group, FSDP2 across groups)."""
+    tp_degree: int = 1
+    """Workers per tensor-parallel group (strategies tp and fsdp+tp); must divide num_workers and
+    the model's n_head. Put a group on one node: it talks at every layer."""
     precision: str = "auto"
     """`bf16` (autocast), `fp16` (autocast + gradient scaling), `fp32`, or `auto`: bf16 on a GPU,
     fp32 on a CPU. Weights stay fp32; checkpoints are fp32."""
@@ -238,8 +243,8 @@ class ExperimentConfig:
 
 # Values that are checked beyond their type: key -> allowed values.
 _CHOICES = {
-    "pretrain.strategy": ("ddp", "fsdp"),
-    "finetune.strategy": ("ddp", "fsdp"),
+    "pretrain.strategy": ("ddp", "fsdp", "tp", "fsdp+tp"),
+    "finetune.strategy": ("ddp", "fsdp", "tp", "fsdp+tp"),
     "pretrain.precision": ("auto", "bf16", "fp16", "fp32"),
     "finetune.precision": ("auto", "bf16", "fp16", "fp32"),
     "finetune.method": ("lora", "full"),
@@ -452,12 +457,61 @@ def _validate_model(cfg: ExperimentConfig) -> list[str]:
         errors.append(f"model.pad_vocab_to: must be positive, got {m.pad_vocab_to}")
     if errors:
         return errors
-    shape = {**gpt.PRESETS[m.preset], **{k: getattr(m, k) for k in ("n_layer", "n_head", "n_embd")
-                                         if getattr(m, k) is not None}}
+    shape = _model_shape(cfg)
     if shape["n_embd"] % shape["n_head"]:
         errors.append(f"model.n_head: {shape['n_head']} heads do not divide n_embd {shape['n_embd']} "
                       f"(preset {m.preset!r} plus overrides); pick n_head dividing n_embd")
     return errors
+
+
+def _model_shape(cfg: ExperimentConfig) -> dict | None:
+    """n_layer, n_head and n_embd of the preset with the YAML's overrides; None when they are not valid."""
+    from components import model as gpt
+
+    m = cfg.model
+    if m.preset not in gpt.PRESETS:
+        return None
+    shape = {**gpt.PRESETS[m.preset], **{k: getattr(m, k) for k in ("n_layer", "n_head", "n_embd")
+                                         if getattr(m, k) is not None}}
+    return shape if all(isinstance(v, int) and v > 0 for v in shape.values()) else None
+
+
+def _validate_tensor_parallel(cfg: ExperimentConfig, section: str) -> list[str]:
+    """A tp layout that cannot be built fails here, before Ray starts a worker."""
+    t: TrainingConfig = getattr(cfg, section)
+    if t.tp_degree <= 0:
+        return [f"{section}.tp_degree: must be positive, got {t.tp_degree}"]
+    if t.strategy not in ("tp", "fsdp+tp"):
+        if t.tp_degree != 1:
+            return [f"{section}.tp_degree: {t.tp_degree} only applies to strategy tp or fsdp+tp "
+                    f"({section}.strategy is {t.strategy!r}); set it to 1 or change the strategy"]
+        return []
+    errors = []
+    if t.tp_degree > t.num_workers:
+        errors.append(f"{section}.tp_degree: {t.tp_degree} tensor-parallel workers are more than "
+                      f"{section}.num_workers ({t.num_workers})")
+    elif t.num_workers % t.tp_degree:
+        errors.append(f"{section}.tp_degree: {t.tp_degree} does not divide {section}.num_workers "
+                      f"({t.num_workers}); the workers form groups of tp_degree")
+    shape = _model_shape(cfg)
+    if shape is not None:
+        if shape["n_head"] % t.tp_degree:
+            errors.append(f"{section}.tp_degree: {t.tp_degree} does not divide the model's {shape['n_head']} "
+                          f"attention heads (model.n_head); each worker computes whole heads")
+        if shape["n_embd"] % t.tp_degree:
+            errors.append(f"{section}.tp_degree: {t.tp_degree} does not divide the model's hidden size "
+                          f"{shape['n_embd']} (model.n_embd)")
+    if section == "finetune" and cfg.finetune.method == "lora":
+        errors.append("finetune.strategy: tp and fsdp+tp do not support finetune.method lora yet (the adapters "
+                      "wrap the Linears that tensor parallelism splits); use method full, or strategy ddp or fsdp")
+    return errors
+
+
+def data_parallel_workers(training: TrainingConfig) -> int:
+    """Workers that train on different rows: a tensor-parallel group shares one batch."""
+    if training.strategy in ("tp", "fsdp+tp") and training.tp_degree > 0:
+        return max(1, training.num_workers // training.tp_degree)
+    return training.num_workers
 
 
 def _validate_training(cfg: ExperimentConfig, section: str) -> list[str]:
@@ -473,21 +527,23 @@ def _validate_training(cfg: ExperimentConfig, section: str) -> list[str]:
     for key in ("cpus_per_worker", "gpus_per_worker"):
         if not getattr(t, key) > 0:  # also refuses NaN
             errors.append(f"{section}.{key}: must be positive, got {getattr(t, key)}")
-    micro_tokens = t.num_workers * t.batch_size * cfg.data.block_size
+    replicas = data_parallel_workers(t)
+    micro_tokens = replicas * t.batch_size * cfg.data.block_size
     if t.tokens_per_step > 0 and micro_tokens > 0 and t.tokens_per_step % micro_tokens:
         errors.append(
             f"{section}.tokens_per_step: {t.tokens_per_step} is not a multiple of one micro-step's tokens "
-            f"({section}.num_workers {t.num_workers} x {section}.batch_size {t.batch_size} x "
+            f"({replicas} data-parallel workers x {section}.batch_size {t.batch_size} x "
             f"data.block_size {cfg.data.block_size} = {micro_tokens})")
-    if t.strategy == "fsdp" and t.precision == "fp16":
-        errors.append(f"{section}.precision: fp16 is not supported with strategy fsdp (its gradient "
+    if t.strategy != "ddp" and t.precision == "fp16":
+        errors.append(f"{section}.precision: fp16 is not supported with strategy {t.strategy} (its gradient "
                       f"scaling is not wired for sharded gradients); use bf16")
+    errors.extend(_validate_tensor_parallel(cfg, section))
     return errors
 
 
 def grad_accum_steps(training: TrainingConfig, block_size: int) -> int:
     """Micro-steps per optimizer step that `tokens_per_step` asks for (1 when it is 0)."""
-    micro_tokens = training.num_workers * training.batch_size * block_size
+    micro_tokens = data_parallel_workers(training) * training.batch_size * block_size
     return max(1, training.tokens_per_step // micro_tokens) if training.tokens_per_step else 1
 
 

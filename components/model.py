@@ -149,9 +149,11 @@ class CausalSelfAttention(nn.Module):
         self.layer = layer  # index into a KVCache
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        B, T, C = x.size()  # batch, sequence length, n_embd
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
-        hs = C // self.n_head
+        B, T, _ = x.size()  # batch, sequence length, n_embd
+        # Under tensor parallelism `c_attn` yields only this rank's heads and `n_head`, `n_embd`
+        # are this rank's share (components/parallel.py); on one process they are the whole.
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, n_embd)
+        hs = self.n_embd // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -168,7 +170,7 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=causal
         )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_embd)  # (B, T, n_embd): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from components.parallel import FP32, Precision, autocast, gradient_sync, is_fsdp, unwrap, uses_autocast
+from components.parallel import FP32, Precision, autocast, clip_grad_norm, data_parallel_size, gradient_sync, is_fsdp, \
+    mixed_tensors, unwrap, uses_autocast
 
 IGNORE_INDEX = -100  # targets with this value carry no loss (prompt tokens, padding)
 
@@ -213,6 +214,7 @@ def train(
     scaler = torch.amp.GradScaler(device.type) if precision.needs_grad_scaler else None
     cast = uses_autocast(model, precision)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
+    replicas = data_parallel_size(model)  # the ranks of a tensor-parallel group share their rows
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     loss_sum = torch.zeros((), device=device)  # summed on the device: reading it would sync the GPU
@@ -237,15 +239,16 @@ def train(
                 weighted = loss * (counts[i] / total)
                 (scaler.scale(weighted) if scaler else weighted).backward()
             loss_sum += weighted.detach()
-            tokens_since += x.numel() * world_size
+            tokens_since += x.numel() * replicas
         if scaler:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        grad_norm = _clip(params, cfg.grad_clip)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        with mixed_tensors(model):
+            grad_norm = _clip(params, cfg.grad_clip)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         window_steps += 1
 
@@ -309,8 +312,7 @@ def validation_loss(model: nn.Module, batches: Iterable[dict], num_batches: int,
 
 def _clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Clip to `max_norm` (0: do not clip) and return the global norm, still on the device."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a sharded DTensor
+    return clip_grad_norm(params, max_norm)
 
 
 def _mean_over_ranks(value: torch.Tensor) -> float:

@@ -87,6 +87,7 @@ class TrainSpec:
     extra_files: tuple[str, ...]  # copied into every checkpoint (tokenizer.json)
     logger: object | None  # pipelines.tracking.RunLogger of the stage run (rank 0 logs); None: no logging
     strategy: str = "ddp"
+    tp_degree: int = 1  # workers per tensor-parallel group (strategies tp, fsdp+tp)
     precision: str = "auto"
     compile: bool = False
     eval_batches: int = 4
@@ -149,6 +150,7 @@ def fit(spec: TrainSpec, train_uri: str, val_uri: str | None, workers: Workers, 
             checkpoint_config=CheckpointConfig(num_to_keep=workers.keep_checkpoints),
         ),
         datasets=datasets,
+        dataset_config=_data_config(spec),
     )
     result = off_the_main_thread(trainer.fit, name="gptforge-fit")
     if result.error is not None:
@@ -156,6 +158,29 @@ def fit(spec: TrainSpec, train_uri: str, val_uri: str | None, workers: Workers, 
     if result.checkpoint is None:
         raise RuntimeError(f"training run {spec.name} finished without a checkpoint")
     return FitResult(result.checkpoint.path, dict(result.metrics or {}))
+
+
+def _data_config(spec: TrainSpec):
+    """Ray Data's split of the rows: one shard per worker, or per tensor-parallel group.
+
+    The workers of a tp group must train on the same rows. The data is split into one
+    shard per group and every member gets its group's shard; only the group's first rank
+    reads it and broadcasts the batches (components.tensor_parallel.share_batches), so the
+    members see the same rows by construction, not by a shared seed.
+    """
+    from ray.train import DataConfig
+
+    if spec.strategy not in ("tp", "fsdp+tp") or spec.tp_degree == 1:
+        return DataConfig()
+    tp = spec.tp_degree
+
+    class TensorParallelGroups(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            leaders = super().configure(datasets, world_size // tp, worker_handles and worker_handles[::tp],
+                                        worker_node_ids and worker_node_ids[::tp], **kwargs)
+            return [leaders[rank // tp] for rank in range(world_size)]  # ranks r*tp .. r*tp+tp-1 form group r
+
+    return TensorParallelGroups()
 
 
 def off_the_main_thread(work: Callable, name: str = "gptforge-ray"):
@@ -190,7 +215,7 @@ def _train_loop_per_worker(config: dict) -> None:
     import torch
 
     from components import checkpoint as ckpt
-    from components import finetune, parallel
+    from components import finetune, parallel, tensor_parallel
     from components import model as gpt
     from components.train import Batches, Hooks, LoopConfig, make_optimizer, rows_from_arrow, train, \
         validation_loss
@@ -223,9 +248,13 @@ def _train_loop_per_worker(config: dict) -> None:
     resume = ckpt.newest([*ckpt.find_under(config["run_dir"]), registered.path if registered else None])
     if resume:
         ckpt.load_weights(resume[0], model)
+    counts = gpt.parameter_counts(model)
     if rank == 0 and spec.logger is not None:
-        spec.logger.log_params({f"trainable.{k}": v for k, v in gpt.parameter_counts(model).items()})
-    model = parallel.parallelize(model, spec.strategy, device, precision, spec.compile)
+        spec.logger.log_params({f"trainable.{k}": v for k, v in counts.items()})
+    model = parallel.parallelize(model, spec.strategy, device, precision, spec.compile, spec.tp_degree)
+    shares = parallel.parameter_shares(model, counts["total"])  # a collective; rank 0 gets every worker's
+    if rank == 0 and spec.logger is not None:
+        spec.logger.log_metrics(shares)
     optimizer = make_optimizer(model, loop, device)
     start_step, position = 0, None
     if resume:
@@ -233,15 +262,26 @@ def _train_loop_per_worker(config: dict) -> None:
         start_step, position = state["step"], state["data"]
 
     shard = ray.train.get_dataset_shard("train")
+    # Under tensor parallelism a group shares one data shard: its first rank reads, the others receive.
+    layout = parallel.tensor_parallel_layout(model)
+    sharing = layout is not None and layout.tp_degree > 1
+    reads = not sharing or layout.mesh["tp"].get_local_rank() == 0
+    data_rank = layout.mesh["dp"].get_local_rank() if layout is not None else rank
 
-    def epoch_batches(epoch: int):
+    def shared(batches):  # `batches`: the shard's batches on a reading rank, None on the others
+        return tensor_parallel.share_batches(batches, layout, device) if sharing else batches
+
+    def shard_batches(epoch: int):
         # pyarrow batches reshape into (B, T+1) matrices without a Python loop over rows;
         # prefetching keeps the next batches ready while the step runs.
         for table in shard.iter_batches(
             batch_size=spec.batch_size, batch_format="pyarrow", drop_last=True, prefetch_batches=4,
-            local_shuffle_buffer_size=spec.batch_size * 8, local_shuffle_seed=spec.seed + epoch * 1000 + rank,
+            local_shuffle_buffer_size=spec.batch_size * 8, local_shuffle_seed=spec.seed + epoch * 1000 + data_rank,
         ):
             yield rows_from_arrow(table)
+
+    def epoch_batches(epoch: int):
+        return shared(shard_batches(epoch) if reads else None)
 
     batches = Batches(epoch_batches, position)
     logger = MetricsBuffer(spec.logger) if rank == 0 and spec.logger is not None else None
@@ -289,7 +329,8 @@ def _train_loop_per_worker(config: dict) -> None:
                 if empty:
                     return
 
-        validate = lambda: validation_loss(model, val_batches(), spec.eval_batches, device, precision)
+        validate = lambda: validation_loss(model, shared(val_batches() if reads else None), spec.eval_batches,
+                                           device, precision)
 
     flops = gpt.flops_per_token(model_cfg)
     try:

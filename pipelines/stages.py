@@ -16,7 +16,7 @@ from components import evaluate as evaluate_lib
 from components import model as gpt
 from components import quantize as quantize_lib
 from components.artifacts import Checkpoint, EvalReport, QuantizedModel, TokenizedData
-from components.config import ConfigError, ExperimentConfig
+from components.config import ConfigError, ExperimentConfig, data_parallel_workers
 from components.files import write_checksums
 from pipelines import ray_runtime
 from pipelines.tracking import CHECKSUMS_TAG, PROGRESS_TAG, RunLogger
@@ -100,7 +100,7 @@ def _train_spec(training, name: str, model_cfg: gpt.GPTConfig, data: TokenizedDa
     return ray_runtime.TrainSpec(
         name=name, loop=ray_runtime.loop_fields(training, data.block_size), batch_size=training.batch_size,
         seed=training.seed, model_config=model_cfg.to_dict(), init_from=init_from, lora=lora,
-        extra_files=(data.tokenizer_uri,), logger=logger, strategy=training.strategy,
+        extra_files=(data.tokenizer_uri,), logger=logger, strategy=training.strategy, tp_degree=training.tp_degree,
         precision=training.precision, compile=training.compile, eval_batches=training.eval_batches,
     )
 
@@ -113,11 +113,13 @@ def _log_model_files(folder: str, logger: RunLogger) -> None:
 
 def _check_one_step_of_data(rows: int, training, section: str, what: str, source_key: str) -> None:
     """Each worker's shard must fill one batch, or its epoch yields nothing to train on."""
-    needed = training.num_workers * training.batch_size
+    replicas = data_parallel_workers(training)  # a tensor-parallel group shares its rows
+    needed = replicas * training.batch_size
     if rows < needed:
         raise data_lib.DataError(
             f"{source_key} gives {rows} {what}, fewer than one step needs "
-            f"({section}.num_workers={training.num_workers} x {section}.batch_size={training.batch_size} = {needed}); "
+            f"({replicas} data-parallel workers of {section}.num_workers={training.num_workers} x "
+            f"{section}.batch_size={training.batch_size} = {needed}); "
             f"use more data or lower {section}.batch_size"
         )
 

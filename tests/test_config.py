@@ -220,12 +220,48 @@ def test_fsdp_with_fp16_is_refused_and_accumulation_is_derived():
     assert grad_accum_steps(load_config(TINY_EXPERIMENT).pretrain, 128) == 1
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    (["pretrain.strategy=tp", "pretrain.tp_degree=3"], "pretrain.tp_degree: 3 tensor-parallel workers are more than "
+                                                        "pretrain.num_workers (2)"),
+    (["pretrain.strategy=tp", "pretrain.num_workers=3", "pretrain.tp_degree=3"],
+     "pretrain.tp_degree: 3 does not divide the model's 4 attention heads (model.n_head)"),
+    (["pretrain.strategy=fsdp+tp", "pretrain.num_workers=6", "pretrain.tp_degree=3"], "(model.n_head)"),
+    (["pretrain.strategy=tp", "pretrain.num_workers=4", "pretrain.tp_degree=3"],
+     "pretrain.tp_degree: 3 does not divide pretrain.num_workers (4)"),
+    (["pretrain.strategy=tp", "model.n_head=6", "model.n_embd=192", "pretrain.num_workers=4", "pretrain.tp_degree=4"],
+     "pretrain.tp_degree: 4 does not divide the model's 6 attention heads"),
+    (["pretrain.strategy=tp", "pretrain.tp_degree=0"], "pretrain.tp_degree: must be positive, got 0"),
+    (["pretrain.tp_degree=2"], "pretrain.tp_degree: 2 only applies to strategy tp or fsdp+tp"),
+    (["finetune.strategy=tp", "finetune.num_workers=2", "finetune.tp_degree=2"],
+     "finetune.strategy: tp and fsdp+tp do not support finetune.method lora yet"),
+    (["pretrain.strategy=tp", "pretrain.tp_degree=2", "pretrain.precision=fp16"],
+     "pretrain.precision: fp16 is not supported with strategy tp"),
+])
+def test_invalid_tensor_parallel_layouts_name_the_key(overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY_EXPERIMENT, overrides)
+    assert expected in str(info.value)
+
+
+def test_a_valid_tensor_parallel_layout_loads_and_shares_its_rows():
+    from components.config import data_parallel_workers, grad_accum_steps
+
+    cfg = load_config(TINY_EXPERIMENT, ["pretrain.strategy=fsdp+tp", "pretrain.num_workers=4", "pretrain.tp_degree=2",
+                                        "pretrain.tokens_per_step=8192"])  # 2 groups x 16 rows x 128 = 4096
+    assert data_parallel_workers(cfg.pretrain) == 2
+    assert grad_accum_steps(cfg.pretrain, cfg.data.block_size) == 2
+    cfg = load_config(TINY_EXPERIMENT, ["finetune.strategy=tp", "finetune.num_workers=2", "finetune.tp_degree=2",
+                                        "finetune.method=full"])
+    assert cfg.finetune.tp_degree == 2
+
+
 @pytest.mark.parametrize("override, expected", [
     ("model.preset=gpt5", "model.preset: 'gpt5'"),
     ("pretrain.tokens_per_step=100", "pretrain.tokens_per_step: 100"),
+    ("pretrain.strategy=tp pretrain.tp_degree=4", "pretrain.tp_degree: 4 tensor-parallel workers"),
 ])
 def test_cli_refuses_model_and_training_values_before_any_stage(override, expected, tmp_path):
-    result = gptforge("run", str(TINY_EXPERIMENT), override, f"workdir={tmp_path}", cwd=tmp_path, timeout=120)
+    result = gptforge("run", str(TINY_EXPERIMENT), *override.split(), f"workdir={tmp_path}", cwd=tmp_path, timeout=120)
     assert result.returncode == 2
     assert expected in result.stderr and "Traceback" not in result.stderr
     assert not (Path(tmp_path) / "mlflow.db").exists() and not (Path(tmp_path) / "runs").exists()

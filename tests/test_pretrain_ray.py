@@ -73,6 +73,12 @@ def test_each_strategy_lowers_the_loss_and_writes_a_full_checkpoint(setup, strat
     assert losses[-1] < losses[0] - 1.0, losses
     assert [s for s, _ in _history(setup, log.run_id, "val/loss")] == [10, 20]
     assert result.metrics["step"] == 20
+    # Each worker's share of the parameters is logged, and the shares add up (replicas counted once).
+    metrics = MlflowClient(setup["tracker"].tracking_uri).get_run(log.run_id).data.metrics
+    assert metrics["parallel/param_counts_add_up"] == 1.0
+    held = [metrics[f"parallel/worker{r}/param_count"] for r in (0, 1)]
+    unsharded = metrics["parallel/param_count_unsharded"]
+    assert held == [unsharded, unsharded] if strategy == "ddp" else sum(held) == unsharded
     # The final checkpoint is a full, unsharded model folder that loads without the training code.
     model = load_model(result.checkpoint)
     assert model.transformer.wte.weight.shape == (VOCAB, 32)
