@@ -178,8 +178,10 @@ def submit(address: str | None, experiment: str, overrides: list[str], *, experi
     runtime_env = {
         "working_dir": str(PROJECT),
         "excludes": _EXCLUDES,
-        # Unbuffered, so `--follow` shows each progress line as it is printed.
-        "env_vars": {"PYTHONUNBUFFERED": "1", **env},
+        # Unbuffered, so `--follow` shows each progress line as it is printed. On `stop`, Ray sends
+        # SIGTERM and, by default, SIGKILL 3 s later: too soon for the pipeline to mark its MLflow
+        # runs KILLED on a busy store (the job's supervisor reads this from the job's env_vars).
+        "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": "30", **env},
     }
     metadata = {"gptforge.experiment": experiment_name, "gptforge.run_name": run_name or ""}
     try:

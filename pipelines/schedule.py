@@ -247,7 +247,7 @@ class Scheduler:
             running = [j for j in jobs.list_jobs(self.template.address, self.name) if j.status in _ACTIVE]
             if running:
                 why = f"job {running[0].job_id} of {self.name!r} is still {running[0].status.lower()}"
-                self.history.settle(self.name, kind, slot, "skipped", detail=why)
+                self.history.settle(self.name, kind, slot, "skipped", detail="; ".join(filter(None, [detail, why])))
                 self.say(f"{kind} trigger {slot[:25]} skipped: {why}")
                 return
             stamp = _compact(slot) if kind == "cron" else f"{_compact(_utc_now())}-{slot[:8]}"

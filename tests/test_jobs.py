@@ -79,11 +79,7 @@ class RayHead:
         except Exception:  # noqa: BLE001 - the head may be what failed; kill it below anyway
             pass
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.process.pid, sig)  # --block keeps every head process in this group
-            except ProcessLookupError:
-                pass
-            for pid in _pids_naming(self.temp_dir):
+            for pid in _pids_of(self.process.pid, self.temp_dir):  # start_new_session: its pid is the session id
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
@@ -93,16 +89,20 @@ class RayHead:
         self.log.close()
 
 
-def _pids_naming(text: str) -> list[int]:
-    """Processes whose command line contains `text` (this head's workers, which Ray may move to a new session)."""
+def _pids_of(session: int, temp_dir: str) -> list[int]:
+    """This head's processes: those of its session (workers get their own process group, not session),
+    and any naming its temp dir."""
     pids = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            sid = int(stat[stat.rindex(")") + 2:].split()[3])  # fields after "(comm)": state ppid pgrp session
+            if sid == session or temp_dir.encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except (OSError, ValueError):
+            pass
     return pids
 
 
@@ -268,3 +268,120 @@ def test_jobs_logs_and_stop(first_job, head, store):
         time.sleep(1)
     missing = gptforge("logs", "no-such-job", "--address", head.address, cwd=store["root"])
     assert missing.returncode == 2 and "no job 'no-such-job'" in missing.stderr
+
+
+# ------------------------------------------------------------------ the scheduler
+
+
+class Scheduler:
+    """`gptforge schedule` in its own process, its output in a file."""
+
+    def __init__(self, head, store, name: str, *args: str):
+        self.path = store["root"] / f"{name}.log"
+        self._log = open(self.path, "w")
+        self.process = subprocess.Popen(
+            cli_command("schedule", *args, "--address", head.address), cwd=store["root"],
+            env=cli_env(store["env"]), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_for(self, pattern: str, timeout: float = 300) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while not (match := re.search(pattern, self.path.read_text())):
+            assert self.process.poll() is None, self.path.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no {pattern!r} in:\n{self.path.read_text()[-3000:]}"
+            time.sleep(0.5)
+        return match
+
+    def stop(self) -> str:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(60)
+        self._log.close()
+        return self.path.read_text()
+
+
+def _fired(output: str) -> list[tuple[str, str]]:
+    """(slot, what happened) for every cron trigger a scheduler handled."""
+    return re.findall(r"cron trigger (\S+?):? (submitted job|skipped)", output)
+
+
+def _stop_running_jobs(head) -> None:
+    from pipelines import jobs
+
+    for job in jobs.list_jobs(head.address):
+        if job.status in ("PENDING", "RUNNING"):
+            jobs.stop(job.job_id, head.address)
+            _wait_for_status(head, job.job_id, ("STOPPED", "FAILED", "SUCCEEDED"))
+
+
+@pytest.mark.slow
+def test_scheduler_fires_skips_overlaps_and_survives_restarts(first_job, head, store):
+    from pipelines import jobs
+
+    _stop_running_jobs(head)
+    args = [str(TINY_EXPERIMENT), *JOB_OVERRIDES, f"workdir={store['workdir']}", "--cron", "* * * * * */4"]
+    outputs = []
+    first = Scheduler(head, store, "scheduler-1", *args)
+    try:
+        job_id = first.wait_for(r"cron trigger \S+: submitted job (\S+)").group(1)
+        # The job (a cached run, still tens of seconds) outlasts the next 4-second slot.
+        first.wait_for(r"cron trigger \S+ skipped: job \S+ of 'tiny' is still (running|pending)")
+    finally:
+        outputs.append(first.stop())
+    time.sleep(5)  # down for at least one 4-second slot
+    # Restarted: the slots it missed while down are handled once (run_once), none twice.
+    second = Scheduler(head, store, "scheduler-2", *args, "--missed", "run_once")
+    try:
+        second.wait_for(r"next run at")
+        second.wait_for(r"cron trigger \S+ (submitted job|skipped)", timeout=60)
+    finally:
+        outputs.append(second.stop())
+    time.sleep(9)  # down for two slots or more
+    third = Scheduler(head, store, "scheduler-3", *args, "--missed", "skip")
+    try:
+        third.wait_for(r"slot\(s\) missed while down; skipped \(--missed skip\)")
+    finally:
+        outputs.append(third.stop())
+
+    slots = [slot for output in outputs for slot, _ in _fired(output)]
+    assert len(slots) == len(set(slots)), slots  # no slot handled twice, across three schedulers
+    assert "missed while down; running the newest" in outputs[1]  # run_once
+    history = gptforge("schedule", str(TINY_EXPERIMENT), f"workdir={store['workdir']}", "--history",
+                       cwd=store["root"]).stdout
+    assert re.search(r"cron\s+\S+\s+submitted\s+" + re.escape(job_id), history), history
+    assert re.search(r"skipped\s+.*still (running|pending)", history), history
+    assert "--missed skip" in history
+    # Each submitted row is exactly one Ray job, named after its slot; the first ran to the end.
+    submitted = re.findall(r"submitted\s+(gptforge-tiny-cron-\S+)", history)
+    scheduled = [j for j in jobs.list_jobs(head.address, "tiny") if j.run_name.startswith("tiny-cron-")]
+    assert sorted(submitted) == sorted(j.job_id for j in scheduled)
+    assert _wait_for_status(head, job_id, ("SUCCEEDED", "FAILED", "STOPPED"), timeout=600) == "SUCCEEDED"
+    _stop_running_jobs(head)
+    run_name = job_id.removeprefix("gptforge-")
+    named = [r for r in _pipeline_runs(store["uri"]) if r.info.run_name == run_name]
+    assert len(named) == 1 and named[0].info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_new_data_in_the_source_folder_triggers_a_job(head, store):
+    _stop_running_jobs(head)
+    source = store["root"] / "corpus"
+    source.mkdir()
+    stdlib = Path(os.__file__).parent
+    for name in ("os.py", "json/__init__.py", "pathlib.py"):
+        (source / name.replace("/", "_")).with_suffix(".txt").write_text((stdlib / name).read_text())
+    workdir = store["root"] / "newdata-work"
+    scheduler = Scheduler(head, store, "scheduler-new-data", str(TINY_EXPERIMENT), *JOB_OVERRIDES, "name=tinynew",
+                          f"data.source={source}", "data.max_bytes=0", f"workdir={workdir}", "--on-new-data",
+                          "--poll", "1")
+    try:
+        scheduler.wait_for("recorded the data sources' fingerprint")
+        time.sleep(2)
+        assert "submitted job" not in scheduler.path.read_text()  # nothing changed yet
+        (source / "added.txt").write_text((stdlib / "shutil.py").read_text())
+        job_id = scheduler.wait_for(r"new_data trigger \S+: submitted job (\S+)", timeout=120).group(1)
+    finally:
+        scheduler.stop()
+    _stop_running_jobs(head)
+    history = gptforge("schedule", str(TINY_EXPERIMENT), "name=tinynew", f"workdir={workdir}", "--history",
+                       cwd=store["root"]).stdout
+    assert re.search(r"new_data\s+[0-9a-f]{25}\s+submitted\s+" + re.escape(job_id), history), history
