@@ -320,7 +320,7 @@ def _submit(args) -> int:
                                                    args.tracking_uri)
     job_id = jobs.submit(address, experiment, overrides, experiment_name=cfg.name, env=env,
                          run_name=args.run_name, no_cache=args.no_cache)
-    print(f"submitted job {job_id} to {address}", flush=True)
+    print(f"submitted job {job_id} to {redact(address)}", flush=True)
     if not args.follow:
         print(f"follow it with: gptforge logs {job_id} --follow" + (f" --address {address}" if args.address else ""))
         return 0

@@ -221,8 +221,8 @@ def stop(job_id: str, address: str | None = None) -> bool:
 def follow(job_id: str, address: str | None = None, out=None) -> str:
     """Print the job's output as it comes until the job ends; returns its final status."""
     out = out or sys.stdout
-    jobs = _call(lambda c: c, address, job_id)
-    _call(lambda c: c.get_job_status(job_id), address, job_id)  # an unknown id fails here, plainly
+    jobs = client(address)
+    _call(lambda c: c.get_job_status(job_id), address, job_id, jobs)  # an unknown id fails here, plainly
 
     async def tail() -> None:
         async for chunk in jobs.tail_job_logs(job_id):
@@ -239,8 +239,8 @@ def follow(job_id: str, address: str | None = None, out=None) -> str:
     return final
 
 
-def _call(work, address: str | None, job_id: str):
-    jobs = client(address)
+def _call(work, address: str | None, job_id: str, jobs=None):
+    jobs = jobs or client(address)
     try:
         return work(jobs)
     except RuntimeError as error:

@@ -168,7 +168,10 @@ class StageRunner:
                 continue  # its files were deleted or cut short: look further back, else recompute
             # A run of its own, so the MLflow tree shows every stage, linked to the run that did the work.
             with self.tracker.run(name, self.parent, stage=name, params=params) as log:
-                log.set_tags({CACHE_KEY_TAG: key, CACHED_FROM_TAG: hit.run_id})
+                # The note is the run's description in the MLflow UI; the link opens the producing run.
+                note = (f"Cached: the output of run [{hit.run_id}](#/experiments/{self.tracker.experiment_id}/runs/"
+                        f"{hit.run_id}) (stage key `{key}`).")
+                log.set_tags({CACHE_KEY_TAG: key, CACHED_FROM_TAG: hit.run_id, "mlflow.note.content": note})
                 log.record_output(hit.output)
             self.progress.say(f"    cached: reusing the output of run {hit.run_id} (stage key {key[:12]})")
             return record

@@ -244,7 +244,12 @@ class Scheduler:
         with _file_lock(self.lock_path):
             if not self.history.claim(self.name, kind, slot):
                 return  # handled before (a restart, or another scheduler)
-            running = [j for j in jobs.list_jobs(self.template.address, self.name) if j.status in _ACTIVE]
+            try:
+                running = [j for j in jobs.list_jobs(self.template.address, self.name) if j.status in _ACTIVE]
+            except jobs.JobError as error:  # the job server is down: record it, keep scheduling
+                self.history.settle(self.name, kind, slot, "failed", detail=str(error))
+                self.say(f"{kind} trigger {slot[:25]}: could not reach the job server: {error}")
+                return
             if running:
                 why = f"job {running[0].job_id} of {self.name!r} is still {running[0].status.lower()}"
                 self.history.settle(self.name, kind, slot, "skipped", detail="; ".join(filter(None, [detail, why])))
