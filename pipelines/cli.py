@@ -29,7 +29,13 @@ USER_ERRORS = (ConfigError, DataError, LookupError, ServeError, TrackingError, I
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # argparse stops collecting `key=value` overrides at the first option (`run --no-cache x=1`);
+    # the ones after it come back unknown and join the rest.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if not hasattr(args, "overrides") or not all("=" in u and not u.startswith("-") for u in unknown):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = [*args.overrides, *unknown]
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
