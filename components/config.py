@@ -40,6 +40,9 @@ class DataConfig:
     """Tokens per training sequence (the model's context length)."""
     val_fraction: float = 0.05
     """Share of documents held out for validation, chosen by a hash of the document id."""
+    cache: bool = True
+    """Reuse the prepared data of an earlier run with the same sources, data settings and code
+    (the stage cache); false always prepares it again."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,9 @@ class TrainingConfig:
     """CPUs Ray reserves for each training worker."""
     gpus_per_worker: float = 1.0
     """GPUs Ray reserves for each training worker when use_gpu is true."""
+    cache: bool = True
+    """Reuse the checkpoint of an earlier run whose stage key (code, this section, its inputs) is the
+    same (the stage cache); false always trains again."""
 
 
 @dataclass(frozen=True)

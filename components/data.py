@@ -430,6 +430,37 @@ def fingerprint(docs: Iterable[Document], **config) -> str:
     return h.hexdigest()
 
 
+def source_fingerprint(source: str = "stdlib", *, text_field: str = "text", max_bytes: int = 0,
+                       sft_source: str = "stdlib", sft_max_bytes: int = 0) -> str:
+    """sha256 over the documents `prepare_data` would read (the corpus and the SFT source), without tokenizing.
+
+    It changes when a file of a source folder is added, removed or edited (within the
+    `max_bytes` subsets), so it keys the data stage's cache and the new-data trigger.
+    Reading costs about as much as the sources' size on disk.
+
+    Raises:
+        DataError: a missing path or an unsupported file type, as `iter_documents` says.
+    """
+    docs = list(iter_documents(source, text_field=text_field, max_bytes=max_bytes))
+    sft = [Document(f"sft:{d.doc_id}", d.text) for d in _sft_documents(sft_source, sft_max_bytes)]
+    return fingerprint([*docs, *sft], format_version=_FORMAT_VERSION, text_field=text_field)
+
+
+def _sft_documents(source: str, max_bytes: int) -> Iterator[Document]:
+    """The raw files `extract_function_pairs` reads, as documents."""
+    if source == _STDLIB:
+        yield from _iter_tree(_stdlib_root(), (".py",), _STDLIB_SKIP_DIRS, max_bytes)
+        return
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"finetune.source={source!r} does not exist; give a folder of .py files, a .jsonl file, "
+                        f"or 'stdlib'")
+    if path.is_dir():
+        yield from _iter_tree(path, (".py",), frozenset(), max_bytes)
+    else:
+        yield Document(path.name, _read_text(path))
+
+
 def prepare_data(
     out_dir: str,
     *,

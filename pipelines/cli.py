@@ -17,16 +17,25 @@ from pathlib import Path
 from components.config import ConfigError, ExperimentConfig, load_config
 from components.data import DataError
 from components.files import IntegrityError
+from pipelines.jobs import JobError
+from pipelines.schedule import ScheduleError
 from pipelines.serving import ServeError
 from pipelines.tracking import TrackingError, redact
 
 DEFAULT_EXPERIMENT = "experiments/tiny.yaml"
-USER_ERRORS = (ConfigError, DataError, LookupError, ServeError, TrackingError, IntegrityError)
+USER_ERRORS = (ConfigError, DataError, LookupError, ServeError, TrackingError, IntegrityError, JobError,
+               ScheduleError)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # argparse stops collecting `key=value` overrides at the first option (`run --no-cache x=1`);
+    # the ones after it come back unknown and join the rest.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if not hasattr(args, "overrides") or not all("=" in u and not u.startswith("-") for u in unknown):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = [*args.overrides, *unknown]
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
@@ -73,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_ID",
                      help="continue an interrupted run (the newest unfinished one, or RUN_ID) with its own config: "
                           "finished stages are reused, training continues from its last checkpoint")
+    run.add_argument("--no-cache", action="store_true",
+                     help="recompute every stage, even one whose stage key has a finished output")
+    run.add_argument("--run-name", default=None, help="MLflow name of the pipeline run (default: NAME-pipeline)")
     run.set_defaults(handler=_run)
 
     serve = sub.add_parser(
@@ -83,6 +95,57 @@ def _parser() -> argparse.ArgumentParser:
     _experiment_args(serve)
     serve.add_argument("--alias", default="champion", help="registry alias to serve (default: champion)")
     serve.set_defaults(handler=_serve)
+
+    submit = sub.add_parser(
+        "submit", help="submit the pipeline to a Ray cluster as a Ray job",
+        description="Send this project and the experiment to a Ray cluster's job server and run "
+                    "`gptforge run` there. Prints the job id; with --follow, streams the job's output and "
+                    "exits with its status. MLFLOW_TRACKING_URI is passed on to the job.",
+    )
+    _experiment_args(submit)
+    _address_arg(submit, tracking=True)
+    submit.add_argument("--follow", action="store_true", help="stream the job's output until it ends")
+    submit.add_argument("--no-cache", action="store_true", help="recompute every stage (see `run --no-cache`)")
+    submit.add_argument("--run-name", default=None, help="MLflow name of the pipeline run")
+    submit.set_defaults(handler=_submit)
+
+    jobs = sub.add_parser("jobs", help="list the Ray jobs of a cluster", description="List the cluster's Ray jobs, "
+                          "newest first, with their status and the gptforge experiment they run.")
+    _address_arg(jobs)
+    jobs.set_defaults(handler=_jobs)
+
+    logs = sub.add_parser("logs", help="print a Ray job's output", description="Print a Ray job's output so far; "
+                          "with --follow, until it ends (exiting with its status).")
+    logs.add_argument("job_id", metavar="ID")
+    _address_arg(logs)
+    logs.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+    logs.set_defaults(handler=_logs)
+
+    stop = sub.add_parser("stop", help="stop a Ray job", description="Ask the cluster to stop a Ray job.")
+    stop.add_argument("job_id", metavar="ID")
+    _address_arg(stop)
+    stop.set_defaults(handler=_stop)
+
+    schedule = sub.add_parser(
+        "schedule", help="retrain on a cron schedule and/or when the data changes, as Ray jobs",
+        description="A long-lived scheduler: each trigger (a cron slot, or a change of the data sources' "
+                    "fingerprint) submits the pipeline as a Ray job with a fresh run name. A trigger while "
+                    "a job of the experiment still runs is skipped. Every trigger is kept in "
+                    "WORKDIR/schedule.db (--history prints it).",
+    )
+    _experiment_args(schedule)
+    _address_arg(schedule, tracking=True)
+    schedule.add_argument("--cron", default=None, metavar="EXPR",
+                          help="cron expression, e.g. '0 3 * * *' (a sixth field, last, gives seconds)")
+    schedule.add_argument("--timezone", default="UTC", help="IANA time zone the cron is read in (default: UTC)")
+    schedule.add_argument("--on-new-data", action="store_true",
+                          help="also run when the fingerprint of data.source / finetune.source changes")
+    schedule.add_argument("--poll", type=float, default=60.0, metavar="SECONDS",
+                          help="how often --on-new-data reads the sources (default: 60)")
+    schedule.add_argument("--missed", choices=("run_once", "skip"), default="run_once",
+                          help="a slot missed while the scheduler was down: run it once (default) or skip it")
+    schedule.add_argument("--history", action="store_true", help="print the trigger history and exit")
+    schedule.set_defaults(handler=_schedule)
 
     runs = sub.add_parser("runs", help="list recent pipeline runs of an experiment from MLflow",
                           description="List recent pipeline runs (newest first) with their status and champion.")
@@ -98,14 +161,27 @@ def _experiment_args(parser: argparse.ArgumentParser) -> None:
                         help="dotted overrides, e.g. pretrain.max_steps=50 quantize.variants=[fp32,bf16]")
 
 
+def _address_arg(parser: argparse.ArgumentParser, tracking: bool = False) -> None:
+    parser.add_argument("--address", default=None,
+                        help="the cluster's job server, http://HOST:8265 (default: RAY_ADDRESS, else the local head)")
+    if tracking:
+        parser.add_argument("--tracking-uri", default=None,
+                            help="MLflow tracking server as the job sees it (default: MLFLOW_TRACKING_URI; on a local "
+                                 "head, the experiment's local store)")
+
+
 def _load(args) -> ExperimentConfig:
+    return load_config(*_experiment_and_overrides(args))
+
+
+def _experiment_and_overrides(args) -> tuple[str | None, list[str]]:
     experiment, overrides = args.experiment, list(args.overrides)
     if experiment is not None and "=" in experiment:  # `gptforge run pretrain.max_steps=5`
         overrides.insert(0, experiment)
         experiment = None
     if experiment is None and Path(DEFAULT_EXPERIMENT).exists():
         experiment = DEFAULT_EXPERIMENT
-    return load_config(experiment, overrides)
+    return experiment, overrides
 
 
 # --------------------------------------------------------------------- run
@@ -127,7 +203,7 @@ def _run(args) -> int:
     progress.say(f"gptforge: experiment {cfg.name!r}, workdir {Path(cfg.workdir).resolve()}")
     ray_runtime.init_ray(cfg.ray_num_cpus)
     try:
-        result = run_pipeline(cfg, progress, resume)
+        result = run_pipeline(cfg, progress, resume, use_cache=not args.no_cache, run_name=args.run_name)
         progress.say("")
         progress.say(candidate_table(result.reports, result.decision.winner.name))
         verdict = "became champion" if result.decision.promote else "registered, champion unchanged"
@@ -236,6 +312,113 @@ def _serve_forever(loader, cfg: ExperimentConfig, progress) -> None:
             time.sleep(3600)
     finally:
         serving.shutdown()
+
+
+# -------------------------------------------------------------------- jobs
+
+
+def _submit(args) -> int:
+    from pipelines import jobs
+
+    cfg = _load(args)  # a bad experiment fails here, not minutes later on the cluster
+    address = jobs.resolve_address(args.address)
+    experiment, overrides, env = jobs.pipeline_job(*_experiment_and_overrides(args), cfg.workdir, address,
+                                                   args.tracking_uri)
+    job_id = jobs.submit(address, experiment, overrides, experiment_name=cfg.name, env=env,
+                         run_name=args.run_name, no_cache=args.no_cache)
+    print(f"submitted job {job_id} to {redact(address)}", flush=True)
+    if not args.follow:
+        print(f"follow it with: gptforge logs {job_id} --follow" + (f" --address {address}" if args.address else ""))
+        return 0
+    return _follow(job_id, address)
+
+
+def _follow(job_id: str, address: str) -> int:
+    from pipelines import jobs
+
+    try:
+        final = jobs.follow(job_id, address)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job goes on (gptforge stop {job_id} ends it)", file=sys.stderr)
+        return 130
+    print(f"job {job_id}: {final}")
+    return 0 if final == "SUCCEEDED" else 1
+
+
+def _jobs(args) -> int:
+    from pipelines import jobs
+
+    listed = jobs.list_jobs(args.address)
+    if not listed:
+        print(f"no jobs at {jobs.resolve_address(args.address)}")
+        return 0
+    print(f"{'job id':<36} {'status':<10} {'started':<20} {'experiment':<14} entrypoint")
+    for j in listed:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.start_time)) if j.start_time else ""
+        print(f"{j.job_id:<36} {j.status:<10} {started:<20} {j.experiment:<14} {j.entrypoint[:60]}")
+    return 0
+
+
+def _logs(args) -> int:
+    from pipelines import jobs
+
+    if args.follow:
+        return _follow(args.job_id, args.address)
+    sys.stdout.write(jobs.logs(args.job_id, args.address))
+    return 0
+
+
+def _stop(args) -> int:
+    from pipelines import jobs
+
+    if jobs.stop(args.job_id, args.address):
+        print(f"job {args.job_id}: stop requested")
+    else:
+        print(f"job {args.job_id}: already ended ({jobs.status(args.job_id, args.address)})")
+    return 0
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def _schedule(args) -> int:
+    from pipelines import jobs, stages
+    from pipelines.schedule import History, JobTemplate, ScheduleError, Scheduler, check_cron
+
+    if args.cron:
+        check_cron(args.cron, args.timezone)  # before the experiment is loaded: a typo fails at once
+    cfg = _load(args)
+    workdir = Path(cfg.workdir).resolve()
+    history = History(workdir / "schedule.db")
+    if args.history:
+        return _print_history(history, cfg.name)
+    if not args.cron and not args.on_new_data:
+        raise ScheduleError("give --cron EXPR, --on-new-data, or both (or --history to see past triggers)")
+    address = jobs.resolve_address(args.address)
+    experiment, overrides, env = jobs.pipeline_job(*_experiment_and_overrides(args), cfg.workdir, address,
+                                                   args.tracking_uri)
+    template = JobTemplate(cfg.name, experiment, tuple(overrides), env, address)
+    fingerprint = (lambda: stages.source_fingerprint(cfg)) if args.on_new_data else None
+    scheduler = Scheduler(template, history, workdir / f"schedule-{cfg.name}.lock", cron=args.cron,
+                          tz_name=args.timezone, fingerprint=fingerprint, poll_s=args.poll, missed=args.missed,
+                          say=lambda m: print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {m}", flush=True))
+    jobs.client(address)  # an unreachable job server fails now, not at the first trigger
+    print(f"gptforge schedule: experiment {cfg.name!r} -> jobs at {address}; history in {history.path}", flush=True)
+    scheduler.run_forever()
+    return 0
+
+
+def _print_history(history, experiment: str) -> int:
+    rows = history.triggers(experiment)
+    if not rows:
+        print(f"no triggers of experiment {experiment!r} in {history.path}")
+        return 0
+    print(f"{'fired at (UTC)':<20} {'kind':<9} {'slot / fingerprint':<26} {'outcome':<10} {'job id':<44} "
+          f"{'job status':<10} detail")
+    for t in rows:
+        print(f"{t.fired_at[:19]:<20} {t.kind:<9} {t.slot[:25]:<26} {t.outcome:<10} {t.job_id or '':<44} "
+              f"{t.job_status or '':<10} {t.detail}")
+    return 0
 
 
 # -------------------------------------------------------------------- runs

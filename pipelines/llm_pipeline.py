@@ -12,10 +12,11 @@ from typing import Callable
 
 from components.artifacts import from_json, to_json
 from components.config import ExperimentConfig, flatten, to_yaml
-from pipelines import promotion, stages
+from pipelines import promotion, stage_cache, stages
 from pipelines.progress import Progress
 from pipelines.ray_runtime import cluster_gpus, run_task
-from pipelines.tracking import InterruptedRun, RunLogger, Tracker, redact, resolve_tracking_uri
+from pipelines.tracking import CACHE_KEY_TAG, CACHED_FROM_TAG, InterruptedRun, RunLogger, Tracker, redact, \
+    resolve_tracking_uri
 
 
 @dataclass(frozen=True)
@@ -28,31 +29,35 @@ class PipelineResult:
     version: str  # registry version of the winner
 
 
-def run_pipeline(cfg: ExperimentConfig, progress: Progress, resume: InterruptedRun | None = None) -> PipelineResult:
+def run_pipeline(cfg: ExperimentConfig, progress: Progress, resume: InterruptedRun | None = None,
+                 use_cache: bool = True, run_name: str | None = None) -> PipelineResult:
     """Run every stage of `cfg` under one MLflow parent run. Ray must be initialised.
 
     With `resume`, that interrupted run continues: stages it finished are reused from
     their recorded outputs, an interrupted training stage continues from its newest
     checkpoint in the same MLflow run, and the later stages run again.
+    With `use_cache` (and the stage's `cache: true`), prepare_data, pretrain and finetune
+    reuse a finished output recorded under the same stage key (pipelines/stage_cache.py).
     """
     workdir = Path(cfg.workdir).resolve()
     tracker = Tracker(resolve_tracking_uri(cfg.workdir), cfg.name, artifact_location=str(workdir / "mlartifacts"))
     config_params = flatten(cfg)
     ray_storage = str(workdir / "ray_results")
 
-    with tracker.run(f"{cfg.name}-pipeline", stage="pipeline", params=config_params,
+    with tracker.run(run_name or f"{cfg.name}-pipeline", stage="pipeline", params=config_params,
                      reopen=resume.run_id if resume else None) as parent:
         out = workdir / "runs" / parent.run_id
         if not resume:
             parent.log_text(to_yaml(cfg), "experiment.yaml")
         progress.say(f"MLflow run {parent.run_id} in {tracker.run_url(parent.run_id) or redact(tracker.tracking_uri)}"
                      + ("  (resumed)" if resume else ""))
-        stage = StageRunner(tracker, parent, progress, resume)
+        stage = StageRunner(tracker, parent, progress, resume, cfg if use_cache else None)
+        data_key = stage_cache.stage_key("prepare_data", cfg, data_fingerprint=stages.source_fingerprint(cfg))
 
         # ------------------------------------------------------------ data
         progress.stage("prepare_data")
         data = stage.run("prepare_data", config_params,
-                         lambda log: run_task(stages.prepare_data, cfg, str(out / "data"), log))
+                         lambda log: run_task(stages.prepare_data, cfg, str(out / "data"), log), key=data_key)
         counts = stages.parameter_count_params(stages.model_config(cfg, data))
         parent.log_params(counts)
         params = {**config_params, **counts}  # every later run logs the config and the counts
@@ -63,13 +68,15 @@ def run_pipeline(cfg: ExperimentConfig, progress: Progress, resume: InterruptedR
         pt, ft = cfg.pretrain, cfg.finetune
         progress.stage(f"pretrain ({pt.strategy}, {pt.num_workers} Ray Train workers, "
                        f"{counts['param_count.total']:,} params)")
+        pretrain_key = stage_cache.stage_key("pretrain", cfg, (data_key,))
         pretrained = stage.run("pretrain", params, lambda log: stages.pretrain(cfg, data, ray_storage, log),
-                               pt.max_steps)
+                               pt.max_steps, key=pretrain_key)
         progress.done()
 
         progress.stage(f"finetune ({ft.method}, {ft.num_workers} worker{'s' if ft.num_workers > 1 else ''})")
         finetuned = stage.run("finetune", params,
-                              lambda log: stages.finetune(cfg, data, pretrained, ray_storage, log), ft.max_steps)
+                              lambda log: stages.finetune(cfg, data, pretrained, ray_storage, log), ft.max_steps,
+                              key=stage_cache.stage_key("finetune", cfg, (data_key, pretrain_key)))
         progress.done()
 
         # ------------------------------------------------------ candidates
@@ -118,17 +125,24 @@ RESUMABLE_STAGES = ("prepare_data", "pretrain", "finetune")  # the later stages 
 
 
 class StageRunner:
-    """Runs a stage in its own nested MLflow run and records its output, or reuses the output
-    that an interrupted run recorded (`--resume`); an interrupted stage continues in its own run."""
+    """Runs a stage in its own nested MLflow run and records its output under its cache key, or
+    reuses an output: the one an interrupted run recorded (`--resume`; an interrupted stage
+    continues in its own run), or a finished one with the same key (the stage cache).
 
-    def __init__(self, tracker: Tracker, parent: RunLogger, progress: Progress, resume: InterruptedRun | None):
+    `cache_cfg` is the experiment when the cache is on (its stages' `cache:` switches), else None.
+    """
+
+    def __init__(self, tracker: Tracker, parent: RunLogger, progress: Progress, resume: InterruptedRun | None,
+                 cache_cfg: ExperimentConfig | None = None):
         self.tracker, self.parent, self.progress, self.resume = tracker, parent, progress, resume
+        self.cache_cfg = cache_cfg
         if resume:
             # Runs the killed driver left RUNNING that no stage will continue (candidates, ...).
             continued = {resume.unfinished_run(name) for name in RESUMABLE_STAGES}
             tracker.end_runs([r for r in resume.running if r not in continued], "KILLED")
 
-    def run(self, name: str, params: dict, work: Callable[[RunLogger], object], total_steps: int | None = None):
+    def run(self, name: str, params: dict, work: Callable[[RunLogger], object], total_steps: int | None = None,
+            key: str = ""):
         recorded = self.resume.finished_output(name) if self.resume else None
         if recorded is not None:
             self.progress.say(f"    reused: finished in the interrupted run ({self.resume.stages[name].run_id})")
@@ -136,7 +150,29 @@ class StageRunner:
         reopen = self.resume.unfinished_run(name) if self.resume else None
         if reopen:
             self.progress.say(f"    continuing run {reopen}")
+        elif self.cache_cfg is not None and stage_cache.cache_enabled(name, self.cache_cfg):
+            cached = self._cached(name, params, key)
+            if cached is not None:
+                return cached
         with self.tracker.run(name, self.parent, stage=name, params=params, reopen=reopen) as log:
+            log.set_tags({CACHE_KEY_TAG: key})
             result = self.progress.during(lambda: work(log), log, total_steps)
             log.record_output(to_json(result))
         return result
+
+    def _cached(self, name: str, params: dict, key: str):
+        """The newest output recorded under `key` whose files are all still there, or None."""
+        for hit in self.tracker.cached_outputs(name, key):
+            record = from_json(hit.output)
+            if not stage_cache.output_complete(record):
+                continue  # its files were deleted or cut short: look further back, else recompute
+            # A run of its own, so the MLflow tree shows every stage, linked to the run that did the work.
+            with self.tracker.run(name, self.parent, stage=name, params=params) as log:
+                # The note is the run's description in the MLflow UI; the link opens the producing run.
+                note = (f"Cached: the output of run [{hit.run_id}](#/experiments/{self.tracker.experiment_id}/runs/"
+                        f"{hit.run_id}) (stage key `{key}`).")
+                log.set_tags({CACHE_KEY_TAG: key, CACHED_FROM_TAG: hit.run_id, "mlflow.note.content": note})
+                log.record_output(hit.output)
+            self.progress.say(f"    cached: reusing the output of run {hit.run_id} (stage key {key[:12]})")
+            return record
+        return None

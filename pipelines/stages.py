@@ -45,6 +45,14 @@ def prepare_data(cfg: ExperimentConfig, out_dir: str, logger: RunLogger) -> Toke
     return result
 
 
+def source_fingerprint(cfg: ExperimentConfig) -> str:
+    """Fingerprint of the documents the data stage reads (corpus + SFT source): its cache key's data part,
+    and what the new-data trigger of `gptforge schedule` watches."""
+    return data_lib.source_fingerprint(cfg.data.source, text_field=cfg.data.text_field,
+                                       max_bytes=cfg.data.max_bytes, sft_source=cfg.finetune.source,
+                                       sft_max_bytes=cfg.finetune.max_bytes)
+
+
 def model_config(cfg: ExperimentConfig, data: TokenizedData) -> gpt.GPTConfig:
     """The GPT this experiment trains: the preset, the YAML's overrides, the data's vocab and context."""
     m = cfg.model

@@ -19,6 +19,8 @@ PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG = "gptforge.stage"
 OUTPUT_TAG = "gptforge.output"  # a finished stage's output record (JSON), what --resume reuses
 PROGRESS_TAG = "gptforge.progress"  # a stage's latest progress message, which the CLI prints
+CACHE_KEY_TAG = "gptforge.cache_key"  # a stage run's cache key (pipelines/stage_cache.py)
+CACHED_FROM_TAG = "gptforge.cached_from"  # on a stage run that reused an output: the run that produced it
 # MLflow 3.17's UI opens an experiment without this tag on its GenAI traces overview (empty
 # here); "custom_model_development" opens it on its runs, where the candidates are compared.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -345,6 +347,21 @@ class Tracker:
                 stages[stage] = StageRun(child.info.run_id, child.info.status, child.data.tags.get(OUTPUT_TAG))
         yaml_text = self.client.download_artifacts(parent.info.run_id, "experiment.yaml")
         return InterruptedRun(parent.info.run_id, Path(yaml_text).read_text(), stages, running)
+
+    def cached_outputs(self, stage: str, key: str) -> list[StageRun]:
+        """Finished runs of `stage` in this experiment recorded under cache `key`, newest first.
+
+        `StageRun.run_id` is the run that computed the output (a run that itself reused
+        it points there with CACHED_FROM_TAG).
+        """
+        with _registry_call(self.tracking_uri, f"looking up cached {stage} outputs"):
+            runs = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=(f"tags.`{STAGE_TAG}` = '{stage}' and tags.`{CACHE_KEY_TAG}` = '{key}' "
+                               f"and attributes.status = 'FINISHED'"),
+                order_by=["attributes.start_time DESC"], max_results=20)
+        return [StageRun(r.data.tags.get(CACHED_FROM_TAG, r.info.run_id), r.info.status, r.data.tags[OUTPUT_TAG])
+                for r in runs if OUTPUT_TAG in r.data.tags]
 
     def end_runs(self, run_ids, status: str) -> None:
         """Mark runs that no process will continue (status KILLED, FAILED, ...)."""

@@ -1,0 +1,68 @@
+"""ray_cluster.yaml against the Ray cluster launcher's own schema, and its security defaults; no machine starts."""
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+CLUSTER = REPO / "ray_cluster.yaml"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict:
+    return yaml.safe_load(CLUSTER.read_text())
+
+
+def _ray_schema() -> dict:
+    import ray.autoscaler
+
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def test_cluster_yaml_matches_the_launchers_schema(cluster):
+    jsonschema.validate(cluster, _ray_schema())
+    # And Ray's own check, as `ray up` runs it before talking to any cloud.
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(cluster))
+
+
+def test_the_schema_check_catches_a_wrong_field(cluster):
+    broken = {**cluster, "max_workers": "many"}
+    with pytest.raises(jsonschema.ValidationError, match="many"):
+        jsonschema.validate(broken, _ray_schema())
+
+
+def test_head_runs_mlflow_with_a_database_and_an_object_store(cluster):
+    head = " ".join(cluster["head_start_ray_commands"])
+    assert "mlflow server" in head
+    assert re.search(r"--backend-store-uri (sqlite|postgresql|mysql)", head)
+    assert re.search(r"--artifacts-destination s3://", head)
+    types = cluster["available_node_types"]
+    head_type = types[cluster["head_node_type"]]
+    assert "g5" not in head_type["node_config"]["InstanceType"]  # a CPU head
+    gpu_types = [name for name, t in types.items() if t["node_config"]["InstanceType"].startswith(("g5", "p4", "p5"))]
+    assert len(gpu_types) >= 2
+    assert all(types[t]["min_workers"] == 0 < types[t]["max_workers"] for t in gpu_types)  # scale from zero
+
+
+def test_setup_installs_the_project(cluster):
+    assert any("scripts/bootstrap" in c for c in cluster["setup_commands"])
+    assert cluster["file_mounts"]["/home/ubuntu/gptforge"] == "."
+
+
+def test_secure_defaults(cluster):
+    provider = cluster["provider"]
+    assert provider["use_internal_ips"] is True
+    for rule in provider["security_group"]["IpPermissions"]:
+        assert all(r["CidrIp"] != "0.0.0.0/0" for r in rule.get("IpRanges", []))
+    head = " ".join(cluster["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head
+    assert "--host 0.0.0.0" not in head
+    for commands in (cluster["head_start_ray_commands"], cluster["worker_start_ray_commands"]):
+        assert any("RAY_AUTH_MODE=token ray start" in c for c in commands)
+    assert "/home/ubuntu/.ray/auth_token" in cluster["file_mounts"]
