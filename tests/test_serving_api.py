@@ -164,9 +164,10 @@ def test_models_lists_the_served_version(endpoint):
         body = json.loads(response.read())
         assert response.headers[serving.VERSION_HEADER] == f"{NAME}:v{endpoint['v1']}"
     (entry,) = body["data"]
+    assert entry["id"] == f"{NAME}:v{endpoint['v1']}"
     version = find_alias(endpoint["uri"], NAME)
     assert entry["id"] == f"{NAME}:v{version.version}" and entry["object"] == "model"
-    assert (entry["name"], entry["version"], entry["run_id"]) == (NAME, version.version, version.run_id)
+    assert (entry["name"], entry["version"], entry["run_id"]) == (NAME, str(version.version), version.run_id)
     assert entry["precision"] == "fp32" and entry["parameters"] == sum(
         p.numel() for p in GPT(SHAPE).parameters())
     assert [m.id for m in _client(endpoint).models.list().data] == [entry["id"]]
@@ -253,7 +254,7 @@ def test_a_challenger_that_loses_leaves_the_champion_alone(endpoint):
     worse = _register(tracker, endpoint["tmp"], ppl=20.0, seed=2, champion=False)
     decision, outcome = promotion.promote_version(tracker, cfg, worse)
     assert outcome == "kept" and not decision.promote
-    assert find_alias(endpoint["uri"], NAME, CHAMPION).version == endpoint["v1"]
+    assert str(find_alias(endpoint["uri"], NAME, CHAMPION).version) == str(endpoint["v1"])
     tags = tracker.model_version(NAME, worse).tags
     assert tags["promote.decision"] == "challenger_lost" and "is better" in tags["promote.reason"]
     endpoint["worse"] = worse
@@ -291,10 +292,10 @@ def test_promote_switches_the_running_endpoint_under_load_and_rollback_switches_
     env = {"MLFLOW_TRACKING_URI": endpoint["uri"]}
     try:
         time.sleep(1.0)
-        done = gptforge("promote", f"name={NAME}", f"workdir={endpoint['workdir']}", "--version", endpoint["worse"],
+        done = gptforge("promote", f"name={NAME}", f"workdir={endpoint['workdir']}", "--version", str(endpoint["worse"]),
                         cwd=endpoint["tmp"], env=env, timeout=300)
         assert done.returncode == 3 and "champion unchanged" in done.stdout, done.stderr
-        done = gptforge("promote", f"name={NAME}", f"workdir={endpoint['workdir']}", "--version", better,
+        done = gptforge("promote", f"name={NAME}", f"workdir={endpoint['workdir']}", "--version", str(better),
                         cwd=endpoint["tmp"], env=env, timeout=300)
         assert done.returncode == 0 and f"v{better} is champion" in done.stdout, done.stderr
         _wait_for_version(seen, f"{NAME}:v{better}")
@@ -310,7 +311,7 @@ def test_promote_switches_the_running_endpoint_under_load_and_rollback_switches_
     assert not failures, failures[:5]
     order = [v for i, v in enumerate(seen) if i == 0 or seen[i - 1] != v]
     assert order[:3] == [f"{NAME}:v{endpoint['v1']}", f"{NAME}:v{better}", f"{NAME}:v{endpoint['v1']}"], order
-    assert find_alias(endpoint["uri"], NAME, "previous").version == better
+    assert str(find_alias(endpoint["uri"], NAME, "previous").version) == str(better)
     assert tracker.model_version(NAME, endpoint["v1"]).tags["promote.decision"] == "rollback"
 
 
