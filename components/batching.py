@@ -1,7 +1,8 @@
 """The endpoint's batching loop: requests queue up, one thread runs them in batches.
 
 Pure Python (no Ray, no HTTP). A request is a `Work` of one or more rows (prompts x n).
-The loop waits up to `wait_s` after the first queued work for more, then runs the
+The loop waits up to `wait_s` after the first queued work for more (only when the
+previous batch had company: a lone client does not pay the wait), then runs the
 oldest works whose rows fit together (`fits`, at most `max_batch_rows` rows, all for
 the same model), so concurrent requests share one forward pass per token. A request
 that would push the queue past `max_queued_rows` is refused at once (`Overloaded`),
@@ -46,6 +47,7 @@ class Batcher:
         self._queued_rows = 0
         self._cond = threading.Condition()
         self._stopped = False
+        self._last_batch_rows = 0
         self._thread = threading.Thread(target=self._loop, name="gptforge-batcher", daemon=True)
         self._thread.start()
 
@@ -75,7 +77,8 @@ class Batcher:
                 self._cond.wait()
             if self._stopped:
                 return None
-            deadline = self._queue[0].queued_at + self.wait_s
+            wait_s = self.wait_s if self._last_batch_rows > 1 else 0.0
+            deadline = self._queue[0].queued_at + wait_s
             while self._queued_rows < self.max_batch_rows and not self._stopped:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -95,6 +98,7 @@ class Batcher:
                     kept.append(work)
             self._queue = kept
             self._queued_rows -= len(rows)
+            self._last_batch_rows = len(rows)
             return model, batch
 
     def _loop(self) -> None:

@@ -19,6 +19,7 @@ then continues the function instead of stopping.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -77,7 +78,10 @@ def row_fits(prompt_tokens: int, max_tokens: int, block_size: int) -> bool:
 
 
 def batch_fits(rows: list[Row], block_size: int) -> bool:
-    """Left padding makes every row as long as the longest prompt; the longest completion must still fit."""
+    """Left padding makes every row as long as the longest prompt; the longest completion must still fit.
+
+    (A healed row runs one token shorter and may generate one more: the same total.)
+    """
     longest_prompt = max(len(r.prompt_ids) for r in rows)
     return longest_prompt + max(r.sampling.max_tokens for r in rows) <= block_size
 
@@ -88,9 +92,11 @@ class TokenText:
     def __init__(self, tokenizer, vocab_rows: int):
         self.tokenizer = tokenizer
         size = tokenizer.get_vocab_size()
+        special = set(tokenizer.get_added_tokens_decoder())  # end-of-text: never a healing candidate
         # The raw token strings are in ByteLevel's alphabet, one character per byte, so a
         # prefix of a raw string is a prefix of its bytes.
-        self.raw = [tokenizer.id_to_token(i) or "" for i in range(size)] + [""] * max(0, vocab_rows - size)
+        self.raw = [("" if i in special else tokenizer.id_to_token(i) or "") for i in range(size)]
+        self.raw += [""] * max(0, vocab_rows - size)
         self._allowed: dict[str, torch.Tensor] = {}
 
     def starting_with(self, token_id: int) -> torch.Tensor:
@@ -115,12 +121,16 @@ class _RowState:
     def __init__(self, row: Row, text: TokenText, eos_id: int):
         self.row, self.text, self.eos_id = row, text, eos_id
         ids = row.prompt_ids
-        # Heal: take the last prompt token back (when something is left before it and it is not end-of-text).
-        self.healed = ids[-1] if len(ids) >= 2 and ids[-1] != eos_id else None
+        # Heal: take the last prompt token back (when something is left before it, it is not end-of-text,
+        # and its text is whole characters: half of one would not be a prefix of the decoded text).
+        last = ids[-1] if len(ids) >= 2 and text.raw[ids[-1]] else None
+        self.healed = last if last is not None and "\ufffd" not in text.decode([last]) else None
         self.context = ids[:-1] if self.healed is not None else list(ids)
         self.prefix = text.decode([self.healed]) if self.healed is not None else ""
         self.echoed = row.prompt_text if row.sampling.echo else ""  # sent before the completion
         self.generated: list[int] = []
+        # A first token that only gives the healed token back does not count against max_tokens.
+        self.free_tokens = 0
         self.entries: list[LogprobEntry] = []
         self.sent_chars = 0  # of the completion
         self.sent_entries = 0
@@ -136,6 +146,8 @@ class _RowState:
             self._finish(self.completion(), "stop")
             return
         before = len(self.text.decode(self.generated))
+        if not self.generated and token == self.healed:
+            self.free_tokens = 1
         self.generated.append(token)
         with_prefix = self.text.decode(self.generated)
         if logprobs is not None:
@@ -149,7 +161,7 @@ class _RowState:
         cut = min((i for i in (full.find(stop) for stop in s.stop) if i >= 0), default=-1)
         if cut >= 0:
             self._finish(full[:cut], "stop")
-        elif len(self.generated) >= s.max_tokens:
+        elif len(self.generated) - self.free_tokens >= s.max_tokens:
             self._finish(full, "length")
         else:
             self._send(full[: _safe_length(full, s.stop)])
@@ -160,10 +172,10 @@ class _RowState:
 
     def _send(self, upto: str, finish_reason: str | None = None) -> None:
         end = len(self.echoed) + len(upto)
-        entries = [e for e in self.entries[self.sent_entries:] if e.offset < end or not e.text]
+        entries = list(itertools.takewhile(lambda e: e.offset < end or not e.text, self.entries[self.sent_entries:]))
         if len(upto) > self.sent_chars or entries or finish_reason:
             delta = Delta(upto[self.sent_chars:], entries, finish_reason,
-                          len(self.generated) if finish_reason else 0)
+                          len(self.generated) - self.free_tokens if finish_reason else 0)
             self.sent_chars = max(self.sent_chars, len(upto))
             self.sent_entries += len(entries)
             self.row.emit(delta)
