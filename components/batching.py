@@ -112,4 +112,7 @@ class Batcher:
             except BaseException as error:  # noqa: BLE001 - a failed batch fails its requests, not the loop
                 logging.getLogger(__name__).exception("a batch of %d requests failed", len(batch))
                 for work in batch:
-                    work.fail(error)
+                    try:
+                        work.fail(error)
+                    except Exception:  # noqa: BLE001 - one request's listener must not stop the loop
+                        logging.getLogger(__name__).exception("could not report a failed batch")

@@ -230,10 +230,16 @@ class _Reply:
         self.loop, self.queue, self.open = loop, asyncio.Queue(), choices
 
     def emitter(self, index: int):
-        return lambda delta: self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, delta))
+        return lambda delta: self._put((index, delta))
 
     def fail(self, error: BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (None, error))
+        self._put((None, error))
+
+    def _put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop closed (the replica is stopping): nobody is waiting any more
+            pass
 
     async def deltas(self):
         """(choice index, Delta) until every choice has finished; raises what failed the batch."""
