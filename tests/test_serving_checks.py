@@ -130,3 +130,16 @@ def test_deployment_options_follow_the_yaml():
     scaled = deployment_options(ServeConfig(num_replicas=1, max_replicas=3, num_gpus=1))
     assert scaled["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in scaled
     assert scaled["ray_actor_options"]["num_gpus"] == 1
+
+
+def test_bad_serve_settings_name_their_keys():
+    from components.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["serve.max_batch_size=0", "serve.batch_wait_timeout_s=-1", "serve.num_replicas=2",
+                           "serve.max_replicas=1", "serve.max_queued_rows=0", "serve.poll_interval_s=-5"])
+    for key in ["serve.max_batch_size", "serve.batch_wait_timeout_s", "serve.max_replicas", "serve.max_queued_rows",
+                "serve.poll_interval_s"]:
+        assert key in str(info.value)
+    with pytest.raises(ConfigError, match="serve.max_choices"):
+        load_config(None, ["serve.max_batch_size=4", "serve.max_choices=8"])
