@@ -224,13 +224,26 @@ async def _bug(request: Request, error: Exception):
 
 
 class _Reply:
-    """One request's side of the batch loop: deltas from the batch thread, read on the event loop."""
+    """One request's side of the batch loop: deltas from the batch thread, read on the event loop.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, choices: int):
-        self.loop, self.queue, self.open = loop, asyncio.Queue(), choices
+    A streamed request wakes the event loop for every delta; any other request only once per
+    choice, when it has finished (its deltas are gathered on the batch thread meanwhile), so
+    a plain completion costs the loop one wake-up, not one per token.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, choices: int, stream: bool):
+        self.loop, self.queue, self.open, self.stream = loop, asyncio.Queue(), choices, stream
 
     def emitter(self, index: int):
-        return lambda delta: self._put((index, delta))
+        if self.stream:
+            return lambda delta: self._put((index, [delta]))
+        gathered: list = []
+
+        def gather(delta):
+            gathered.append(delta)
+            if delta.finish_reason is not None:
+                self._put((index, gathered))
+        return gather
 
     def fail(self, error: BaseException) -> None:
         self._put((None, error))
@@ -244,12 +257,13 @@ class _Reply:
     async def deltas(self):
         """(choice index, Delta) until every choice has finished; raises what failed the batch."""
         while self.open:
-            index, delta = await self.queue.get()
+            index, deltas = await self.queue.get()
             if index is None:
-                raise delta
-            if delta.finish_reason is not None:
-                self.open -= 1
-            yield index, delta
+                raise deltas
+            for delta in deltas:
+                if delta.finish_reason is not None:
+                    self.open -= 1
+                yield index, delta
 
 
 class Engine:
@@ -374,7 +388,7 @@ async def _complete(engine: Engine, limits: Limits, request: Request):
     api_shapes.check_context([len(i) for i in ids], sampling.max_tokens, loaded.model.config.block_size,
                              isinstance(req.prompt, str))
     n = req.choices_per_prompt
-    reply = _Reply(asyncio.get_running_loop(), len(prompts) * n)
+    reply = _Reply(asyncio.get_running_loop(), len(prompts) * n, bool(req.stream))
     # One generator per request, drawn from in row order: a seed gives the same choices every time.
     generator = torch.Generator().manual_seed(req.seed if req.seed is not None else
                                               int.from_bytes(os.urandom(8), "little") >> 1)
