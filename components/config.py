@@ -220,11 +220,37 @@ class ServeConfig:
     port: int = 8000
     """Port of the Serve HTTP proxy."""
     max_prompt_chars: int = 4000
-    """Longest prompt accepted; longer requests get 422."""
+    """Longest prompt accepted, in characters; longer ones get a 400 naming `prompt`."""
     max_tokens_cap: int = 256
     """Largest `max_tokens` a request may ask for."""
+    max_body_bytes: int = 65536
+    """Largest request body; a larger one gets 413 before it is read to the end."""
+    max_choices: int = 16
+    """Most completions one request may ask for (prompts x `n`)."""
     num_cpus: float = 0.5
-    """CPUs reserved by the replica (kept small so training jobs still fit)."""
+    """CPUs reserved by each replica (kept small so training jobs still fit)."""
+    num_gpus: float = 0.0
+    """GPUs reserved by each replica; 1 gives one replica per GPU, and the replica then runs on CUDA."""
+    num_replicas: int = 1
+    """Replicas started; with `max_replicas` above it, the lower bound of autoscaling."""
+    max_replicas: int = 0
+    """Upper bound of Serve's autoscaling; 0 (or `num_replicas`) keeps a fixed number of replicas."""
+    target_ongoing_requests: float = 16.0
+    """Autoscaling target: requests in flight per replica."""
+    max_batch_size: int = 16
+    """Most completions decoded together in one batch (one forward pass per token); 1 turns batching off."""
+    batch_wait_timeout_s: float = 0.01
+    """How long the first queued request waits for others to share its batch."""
+    max_queued_rows: int = 64
+    """Completions that may wait in a replica's queue; past it a request gets 503 with Retry-After at once."""
+    max_ongoing_requests: int = 128
+    """Serve's cap on requests in flight per replica (streams included); above `max_queued_rows`
+    so that a full queue answers 503 itself, quickly, rather than Serve holding requests."""
+    max_queued_requests: int = 128
+    """Serve's cap on requests waiting for a replica; past it Serve answers 503."""
+    poll_interval_s: float = 5.0
+    """How often a replica checks the registry alias it serves; when it moved, the replica loads the
+    new version and switches to it without dropping a request. 0 turns it off."""
 
 
 @dataclass(frozen=True)
@@ -423,6 +449,15 @@ def _validate(cfg: ExperimentConfig) -> list[str]:
             errors.append(f"quantize.variants: {v!r} is not one of {', '.join(_QUANT_VARIANTS)}")
     if not 0 < cfg.serve.port < 65536:
         errors.append(f"serve.port: {cfg.serve.port} is not a TCP port")
+    if cfg.serve.max_replicas and cfg.serve.max_replicas < cfg.serve.num_replicas:
+        errors.append(f"serve.max_replicas: {cfg.serve.max_replicas} is below serve.num_replicas "
+                      f"({cfg.serve.num_replicas}); set it to 0 for a fixed number of replicas")
+    if cfg.serve.max_choices > cfg.serve.max_batch_size:
+        errors.append(f"serve.max_choices: {cfg.serve.max_choices} is more than serve.max_batch_size "
+                      f"({cfg.serve.max_batch_size}), so such a request could never run; lower it")
+    if cfg.serve.max_choices > cfg.serve.max_queued_rows:
+        errors.append(f"serve.max_choices: {cfg.serve.max_choices} is more than serve.max_queued_rows "
+                      f"({cfg.serve.max_queued_rows}), so such a request could never be queued; lower it")
     errors.extend(_validate_numbers(cfg))
     errors.extend(_validate_promote(cfg))
     errors.extend(_validate_names(cfg))
@@ -564,6 +599,18 @@ _RANGES = {
     "promote.tie_tolerance": (lambda v: 0 <= v < 1, "must be at least 0 and below 1 (a relative distance)"),
     "serve.max_prompt_chars": (lambda v: v >= 1, "must be at least 1"),
     "serve.max_tokens_cap": (lambda v: v >= 1, "must be at least 1"),
+    "serve.max_body_bytes": (lambda v: v >= 1024, "must be at least 1024"),
+    "serve.max_choices": (lambda v: v >= 1, "must be at least 1"),
+    "serve.num_gpus": (lambda v: 0 <= v <= 1 or (v > 1 and v == int(v)), "must be 0 to 1, or a whole number"),
+    "serve.num_replicas": (lambda v: v >= 1, "must be at least 1"),
+    "serve.max_replicas": (lambda v: v >= 0, "must not be negative (0: no autoscaling)"),
+    "serve.target_ongoing_requests": (lambda v: v > 0, "must be positive"),
+    "serve.max_batch_size": (lambda v: v >= 1, "must be at least 1 (1: no batching)"),
+    "serve.batch_wait_timeout_s": (lambda v: 0 <= v <= 10, "must be 0 to 10 seconds"),
+    "serve.max_queued_rows": (lambda v: v >= 1, "must be at least 1"),
+    "serve.max_ongoing_requests": (lambda v: v >= 1, "must be at least 1"),
+    "serve.max_queued_requests": (lambda v: v >= 1 or v == -1, "must be at least 1, or -1 for no limit"),
+    "serve.poll_interval_s": (lambda v: v >= 0, "must not be negative (0: never)"),
     # Ray refuses fractional resource amounts above 1 ("must be whole numbers").
     "serve.num_cpus": (lambda v: 0 <= v <= 1 or (v > 1 and v == int(v)), "must be 0 to 1, or a whole number"),
 }

@@ -119,14 +119,40 @@ class KVCache:
     Preallocated to `block_size` positions so that a decode step writes one column in
     place instead of concatenating (and copying) the whole history. `length` counts the
     positions filled; `GPT.forward` advances it after every layer has written.
+
+    `pad` (B,) batches prompts of different lengths: row b starts with pad[b] padding
+    positions (left padding), which no query attends to and which do not count as
+    positions, so each row computes exactly what it would alone.
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int, device: torch.device | str, dtype: torch.dtype):
+    def __init__(self, config: GPTConfig, batch_size: int, device: torch.device | str, dtype: torch.dtype,
+                 pad: torch.Tensor | None = None):
         hs = config.n_embd // config.n_head
         shape = (batch_size, config.n_head, config.block_size, hs)  # (B, nh, block_size, hs)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0
+        self.pad = None if pad is None else pad.to(device=device, dtype=torch.long)  # (B,)
+
+    def positions(self, T: int) -> torch.Tensor:
+        """Position ids of the next T tokens: (T,), or (B, T) counted from each row's first real token."""
+        pos = torch.arange(self.length, self.length + T, dtype=torch.long, device=self.k[0].device)  # (T,)
+        if self.pad is None:
+            return pos
+        return (pos[None, :] - self.pad[:, None]).clamp(min=0)  # (B, T)
+
+    def padding_mask(self, T: int) -> torch.Tensor:
+        """(B, 1, T, length + T) bool: causal, and no real query sees a padding key.
+
+        A padding query sees itself only: a row of SDPA with every key masked gives NaN,
+        and a NaN value would poison later rows through `0 * NaN` even where masked.
+        """
+        past, device = self.length, self.k[0].device
+        causal = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)  # (T, past+T)
+        keys = torch.arange(past + T, device=device)  # (past+T,)
+        real_key = keys[None, :] >= self.pad[:, None]  # (B, past+T)
+        itself = keys[None, :] == (past + torch.arange(T, device=device))[:, None]  # (T, past+T)
+        return (causal[None] & (real_key[:, None, :] | itself[None]))[:, None]  # (B, 1, T, past+T)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store `k`, `v` (B, nh, T, hs) after the cached positions; return all keys and values so far."""
@@ -160,8 +186,12 @@ class CausalSelfAttention(nn.Module):
         mask, causal = None, True
         if cache is not None:
             past = cache.length
+            if cache.pad is not None:
+                mask, causal = cache.padding_mask(T), False  # (B, 1, T, past + T)
             k, v = cache.update(self.layer, k, v)  # (B, nh, past + T, hs)
-            if past and T == 1:
+            if cache.pad is not None:
+                pass  # the padding mask above already holds the causal part
+            elif past and T == 1:
                 causal = False  # one new query may see every cached key
             elif past:
                 # query i sits at position past + i and may see keys 0 .. past + i
@@ -252,9 +282,12 @@ class GPT(nn.Module):
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        if cache is not None:
+            pos = cache.positions(T)  # (T,), or (B, T) with left padding
+        else:
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
-        pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
+        pos_emb = self.transformer.wpe(pos)  # (T, C) broadcast over the batch, or (B, T, C)
         x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, cache)
@@ -272,10 +305,14 @@ class GPT(nn.Module):
             )
         return logits, loss
 
-    def new_cache(self, batch_size: int, device: torch.device | str | None = None) -> KVCache:
-        """An empty KVCache for `batch_size` rows, on the model's device, in its activation dtype."""
+    def new_cache(self, batch_size: int, device: torch.device | str | None = None,
+                  pad: torch.Tensor | None = None) -> KVCache:
+        """An empty KVCache for `batch_size` rows, on the model's device, in its activation dtype.
+
+        `pad` (B,): left-padding positions per row, for prompts of different lengths in one batch.
+        """
         ref = self.transformer.wpe.weight  # never quantized: its dtype is the activations' dtype
-        return KVCache(self.config, batch_size, device or ref.device, ref.dtype)
+        return KVCache(self.config, batch_size, device or ref.device, ref.dtype, pad)
 
     @torch.no_grad()
     def generate(

@@ -147,6 +147,21 @@ def _parser() -> argparse.ArgumentParser:
     schedule.add_argument("--history", action="store_true", help="print the trigger history and exit")
     schedule.set_defaults(handler=_schedule)
 
+    promote = sub.add_parser(
+        "promote", help="make a registered version champion (if it beats the champion), or roll back",
+        description="Champion/challenger by hand: --version N replaces the registry's `champion` only if N "
+                    "beats it under the experiment's promote: policy (--force skips the comparison); "
+                    "--rollback points `champion` back at `previous`. The decision goes on the version's "
+                    "tags, and a running `gptforge serve` switches to the new champion within "
+                    "serve.poll_interval_s, without dropping a request. Exit status 3: the challenger lost.",
+    )
+    _experiment_args(promote)
+    which = promote.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", metavar="N", help="registered version to promote")
+    which.add_argument("--rollback", action="store_true", help="champion <- previous (previous <- the old champion)")
+    promote.add_argument("--force", action="store_true", help="with --version: promote without comparing")
+    promote.set_defaults(handler=_promote)
+
     runs = sub.add_parser("runs", help="list recent pipeline runs of an experiment from MLflow",
                           description="List recent pipeline runs (newest first) with their status and champion.")
     _experiment_args(runs)
@@ -302,11 +317,13 @@ def _serve_forever(loader, cfg: ExperimentConfig, progress) -> None:
     from pipelines import serving
 
     progress.stage("deploy (Ray Serve)")
+    # An int4 champion runs on CUDA only: say so here rather than as a replica that fails to start.
+    loader.fetch().check_device("cuda" if cfg.serve.num_gpus > 0 else "cpu")
     url = serving.deploy(loader, cfg.serve)
     progress.done()
     progress.say(f"Serving at {url}  (POST {url}/v1/completions, GET {url}/healthz); Ctrl-C to stop")
     progress.say(f"  try: curl -s {url}/v1/completions -H 'Content-Type: application/json' "
-                 "-d '{\"prompt\": \"def add(a, b):\", \"max_tokens\": 32}'")
+                 "-d '{\"prompt\": \"def add(a, b):\\n\", \"max_tokens\": 32, \"temperature\": 0}'")
     try:
         while True:
             time.sleep(3600)
@@ -419,6 +436,36 @@ def _print_history(history, experiment: str) -> int:
         print(f"{t.fired_at[:19]:<20} {t.kind:<9} {t.slot[:25]:<26} {t.outcome:<10} {t.job_id or '':<44} "
               f"{t.job_status or '':<10} {t.detail}")
     return 0
+
+# ----------------------------------------------------------------- promote
+
+PROMOTION_LOST = 3
+
+
+def _promote(args) -> int:
+    from pipelines import promotion
+    from pipelines.tracking import Tracker, resolve_tracking_uri
+
+    if args.force and args.rollback:
+        raise ConfigError("--force goes with --version, not --rollback")
+    if args.version is not None and not args.version.isdigit():
+        raise ConfigError(f"--version: expected a registered version number, got {args.version!r}")
+    cfg = _load(args)
+    workdir = Path(cfg.workdir).resolve()
+    tracker = Tracker(resolve_tracking_uri(cfg.workdir), cfg.name, artifact_location=str(workdir / "mlartifacts"))
+    if args.rollback:
+        new, old = promotion.rollback(tracker, cfg)
+        print(f"{cfg.name}: champion is v{new} again (rolled back from v{old}; previous is now v{old})")
+        return 0
+    decision, outcome = promotion.promote_version(tracker, cfg, args.version, args.force)
+    if outcome == "already":
+        print(f"{cfg.name}: {decision.reason}; nothing changed")
+        return 0
+    if outcome == "promoted":
+        print(f"{cfg.name}: v{args.version} is champion\n  why: {decision.reason}")
+        return 0
+    print(f"{cfg.name}: v{args.version} lost, champion unchanged\n  why: {decision.reason}")
+    return PROMOTION_LOST
 
 
 # -------------------------------------------------------------------- runs

@@ -115,7 +115,7 @@ def run_pipeline(cfg: ExperimentConfig, progress: Progress, resume: InterruptedR
         with tracker.run("promote", parent, stage="promote", params=params) as log:
             runs = {variant: run for variant, (run, _) in candidates.items()}
             measured = [r for r in reports if not r.skipped]  # compare() made sure there is one
-            decision, version = promotion.promote(tracker, cfg, measured, runs, data, log)
+            decision, version = promotion.promote(tracker, cfg, measured, runs, data, log, parent)
         progress.done(decision.reason)
 
     return PipelineResult(parent.run_id, tracker.tracking_uri, cfg.name, reports, decision, version)

@@ -8,20 +8,37 @@ decision; the reason says so.
 
 Any registry error other than "no champion yet" raises `TrackingError` before
 anything moves: an unreachable registry must never look like an empty one.
+
+`gptforge promote EXPERIMENT --version N` runs the same champion/challenger
+decision for a version already registered, and `--rollback` points `champion`
+back at `previous`. Every decision is written on the version's tags
+(`promote.decision`, `promote.reason`, `promote.at`); a running endpoint follows
+the alias on its own (serve.poll_interval_s).
 """
 from __future__ import annotations
+
+import time
 
 from components.artifacts import EvalReport, TokenizedData
 from components.config import ExperimentConfig, config_hash
 from components.promote import Candidate, Decision, decide
-from pipelines.tracking import CHAMPION, CHECKSUMS_TAG, RunLogger, Tracker
+from pipelines.tracking import CHAMPION, CHECKSUMS_TAG, PREVIOUS, RunLogger, Tracker
 
 MODEL_ARTIFACT = "model"
 
 
+def _decision_tags(outcome: str, reason: str, by: str) -> dict:
+    return {"promote.decision": outcome, "promote.reason": reason[:4000], "promote.by": by,
+            "promote.at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
 def promote(tracker: Tracker, cfg: ExperimentConfig, reports: list[EvalReport], runs: dict[str, RunLogger],
-            data: TokenizedData, log: RunLogger) -> tuple[Decision, str | None]:
-    """Decide, register the winner, move `champion` if it won. Returns (decision, registered version)."""
+            data: TokenizedData, log: RunLogger, parent: RunLogger | None = None) -> tuple[Decision, str | None]:
+    """Decide, register the winner, move `champion` if it won. Returns (decision, registered version).
+
+    The decision and its reason go to the promote run, to `parent` (the pipeline run) when given,
+    and to the registered version's tags.
+    """
     candidates = [Candidate(r.variant, r.metrics) for r in reports]
     incumbent, note = _incumbent(tracker, cfg.name, data.fingerprint)
     decision = decide(candidates, incumbent, cfg.promote)
@@ -41,9 +58,64 @@ def promote(tracker: Tracker, cfg: ExperimentConfig, reports: list[EvalReport], 
     if decision.promote:
         tracker.move_champion(cfg.name, version)
     reason = decision.reason + (f" ({note})" if note else "")
-    log.set_tags({"promote.winner": decision.winner.name, "promote.promoted": decision.promote,
-                  "promote.reason": reason, "promote.version": version})
+    tracker.set_version_tags(cfg.name, version, _decision_tags(
+        "champion" if decision.promote else "challenger_lost", reason, "pipeline"))
+    tags = {"promote.winner": decision.winner.name, "promote.promoted": decision.promote,
+            "promote.reason": reason, "promote.version": version}
+    for run in (log, parent):
+        if run is not None:
+            run.set_tags(tags)
     return Decision(decision.winner, decision.promote, reason), version
+
+
+def promote_version(tracker: Tracker, cfg: ExperimentConfig, version: str, force: bool = False) -> tuple[Decision, str]:
+    """Champion/challenger for a registered version: it replaces `champion` only if it wins under `cfg.promote`.
+
+    It is compared on the metrics its run logged (the same evaluation as the champion's when
+    both were trained on the same data; otherwise it wins, as in a pipeline run). `force`
+    skips the comparison. Returns the decision and what happened ("promoted", "kept", "already").
+
+    Raises:
+        LookupError: no such version. TrackingError: the registry failed (nothing moved).
+    """
+    challenger = tracker.model_version(cfg.name, version)
+    current = tracker.alias_version(cfg.name, CHAMPION)
+    name = f"v{challenger.version}"
+    if current is not None and current.version == challenger.version:
+        return Decision(Candidate(name, {}), False, f"{name} is already {CHAMPION}"), "already"
+    metrics = tracker.run_metrics(challenger.run_id) if challenger.run_id else {}
+    if force:
+        decision = Decision(Candidate(name, metrics), True, f"{name} promoted by hand (--force), policy not applied")
+    elif cfg.promote.metric not in metrics:
+        raise LookupError(f"{cfg.name} {name}: its run has no metric {cfg.promote.metric!r} (promote.metric) to "
+                          f"compare with the champion; use --force to promote it anyway")
+    else:
+        incumbent, note = _incumbent(tracker, cfg.name, challenger.tags.get("data.fingerprint", ""))
+        decision = decide([Candidate(name, metrics)], incumbent, cfg.promote)
+        if note:
+            decision = Decision(decision.winner, decision.promote, f"{decision.reason} ({note})")
+    if decision.promote:
+        tracker.move_champion(cfg.name, challenger.version)
+    outcome = "champion" if decision.promote else "challenger_lost"
+    tracker.set_version_tags(cfg.name, challenger.version, _decision_tags(outcome, decision.reason, "gptforge promote"))
+    return decision, "promoted" if decision.promote else "kept"
+
+
+def rollback(tracker: Tracker, cfg: ExperimentConfig) -> tuple[str, str]:
+    """Point `champion` back at `previous` (and `previous` at the old champion). Returns (new, old) versions.
+
+    Raises:
+        LookupError: there is no `previous` (or no champion) to roll back to.
+    """
+    previous = tracker.alias_version(cfg.name, PREVIOUS)
+    current = tracker.alias_version(cfg.name, CHAMPION)
+    if previous is None or current is None:
+        raise LookupError(f"nothing to roll back to: {cfg.name} has no {PREVIOUS!r} version "
+                          f"(the alias is set when a champion is replaced)")
+    tracker.move_champion(cfg.name, previous.version)  # the old champion becomes `previous`
+    reason = f"rolled back from v{current.version}"
+    tracker.set_version_tags(cfg.name, previous.version, _decision_tags("rollback", reason, "gptforge promote --rollback"))
+    return previous.version, current.version
 
 
 def _incumbent(tracker: Tracker, model_name: str, fingerprint: str) -> tuple[Candidate | None, str]:

@@ -416,6 +416,25 @@ class Tracker:
                 self.client.set_registered_model_alias(model_name, PREVIOUS, old.version)
             self.client.set_registered_model_alias(model_name, CHAMPION, version)
 
+    def model_version(self, model_name: str, version: str):
+        """A registered version. Raises LookupError when the model or version does not exist."""
+        from mlflow.exceptions import MlflowException
+
+        with _registry_call(self.tracking_uri, f"reading {model_name} v{version}"):
+            try:
+                return self.client.get_model_version(model_name, str(version))
+            except MlflowException as error:
+                if _is_not_found(error):
+                    raise LookupError(f"no version {version} of registered model {model_name!r} in "
+                                      f"{redact(self.tracking_uri)}") from None
+                raise
+
+    def set_version_tags(self, model_name: str, version: str, tags: dict) -> None:
+        """Tags on a registered version (the promotion decisions that concern it)."""
+        with _registry_call(self.tracking_uri, f"tagging {model_name} v{version}"):
+            for key, value in tags.items():
+                self.client.set_model_version_tag(model_name, str(version), key, str(value))
+
     def run_tags(self, run_id: str) -> dict:
         with _registry_call(self.tracking_uri, f"reading run {run_id}"):
             return dict(self.client.get_run(run_id).data.tags)

@@ -196,7 +196,7 @@ def test_http_completion_from_the_champion(endpoint, pipeline):
     ({"prompt": ""}, "prompt"),
     ({"prompt": "x", "temperature": -1}, "temperature"),
     ({"max_tokens": 3}, "prompt"),
-    ({"prompt": "x", "stream": True}, "stream"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
     ({"prompt": "x", "temperature": 1e-39}, "temperature"),
     ({"prompt": "x", "seed": 2**64}, "seed"),
     ({"prompt": "x", "model": "gpt-4"}, "model"),

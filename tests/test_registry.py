@@ -63,6 +63,7 @@ def test_registration_pins_the_sha256_of_checksums_json(registry):
     version = find_alias(registry["uri"], registry["cfg"].name, CHAMPION)
     assert version.version == registry["version"]
     assert version.tags[CHECKSUMS_TAG] == sha256_file(os.path.join(_stored(registry), CHECKSUMS_FILE))
+    assert version.tags["promote.decision"] == "champion" and "no comparable champion" in version.tags["promote.reason"]
     loaded = registry["loader"]()
     assert loaded.model_id == f"pinned:v{registry['version']}"
 

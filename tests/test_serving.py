@@ -1,10 +1,7 @@
-"""The Serve endpoint on a real local Ray: OpenAI-shaped errors, and no application left after a failed deploy."""
+"""Failed deploys on a real local Ray leave no Serve application behind (tests/test_serving_api.py: the API)."""
 import functools
-import json
 import socket
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -33,16 +30,6 @@ def candidate(tmp_path_factory):
     return folder, make_candidate(folder, "int8_dynamic")
 
 
-def _post(url, body):
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 def _serve_application_running() -> bool:
     import ray
 
@@ -60,35 +47,6 @@ def _port_free(port: int) -> bool:
             return True
         except OSError:
             return False
-
-
-def test_requests_are_answered_or_refused_in_openai_shape(ray_local, candidate):
-    folder, pin = candidate
-    url = serving.deploy(serving.FolderLoader(str(folder), "tiny:v7", pin), ServeConfig(port=free_port()))
-    try:
-        good = {"prompt": "def add(a, b):", "max_tokens": 6, "temperature": 0.8, "seed": 42}
-        status, body = _post(f"{url}/v1/completions", {**good, "model": "tiny:v7"})
-        assert status == 200 and body["model"] == "tiny:v7"
-        assert _post(f"{url}/v1/completions", {**good, "model": "tiny"})[1]["choices"] == body["choices"]  # seeded
-
-        status, body = _post(f"{url}/v1/completions", {**good, "model": "gpt-4"})
-        assert status == 404
-        assert body["error"]["code"] == "model_not_found" and body["error"]["param"] == "model"
-        assert "tiny:v7" in body["error"]["message"] and body["error"]["type"] == "invalid_request_error"
-
-        for bad, name in [({"temperature": 1e-39}, "temperature"), ({"seed": 2**64}, "seed"),
-                          ({"seed": -1}, "seed"), ({"max_tokens": 0}, "max_tokens")]:
-            status, body = _post(f"{url}/v1/completions", {**good, **bad})
-            assert status == 400, (bad, body)
-            assert body["error"]["message"].startswith(f"{name}:")
-        status, body = _post(f"{url}/v1/completions", {"max_tokens": 3})  # pydantic's check, same shape
-        assert status == 422 and "prompt" in body["error"]["message"]
-    finally:
-        serving.shutdown()
-        # The killed controller's name lingers briefly; a deploy right after could find it dying.
-        deadline = time.monotonic() + 30
-        while _serve_application_running() and time.monotonic() < deadline:
-            time.sleep(0.5)
 
 
 def test_a_deploy_whose_replica_fails_leaves_no_serve_application(ray_local, candidate, tmp_path):

@@ -19,6 +19,31 @@ def test_default_tiny_experiment_end_to_end(tmp_path):
     assert "<- champion" in result.stdout
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert client.get_model_version_by_alias("tiny", "champion") is not None
+    _readme_example_returns_text(tmp_path)
+
+
+def _readme_example_returns_text(workdir):
+    """The README's curl example, against the champion of the default run, gives a non-empty completion."""
+    import json
+    import urllib.request
+
+    from components.config import ServeConfig
+    from pipelines import ray_runtime, serving
+    from tests.conftest import free_port
+
+    ray_runtime.init_ray(2)
+    try:
+        loader = serving.RegistryLoader(f"sqlite:///{workdir}/mlflow.db", "tiny", str(workdir / "serving"))
+        url = serving.deploy(loader, ServeConfig(port=free_port()), timeout_s=300)
+        body = {"prompt": "def add(a, b):\n", "max_tokens": 32, "temperature": 0}  # as in the README
+        request = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            text = json.loads(response.read())["choices"][0]["text"]
+        assert text.strip(), f"the README's example returned {text!r}"
+    finally:
+        serving.shutdown()
+        ray_runtime.shutdown_ray()
 
 
 @pytest.mark.gpu

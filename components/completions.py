@@ -1,0 +1,256 @@
+"""The OpenAI completions API as gptforge serves it: parsing a request, and the shapes of the answers.
+
+Pure (pydantic, no Ray or HTTP server), so every refusal is tested without Serve.
+
+Every field of OpenAI's `POST /v1/completions` is either honoured or refused with a
+400 naming it; an unknown field is refused too, so nothing is silently ignored:
+
+- honoured: `prompt` (a string or a list of strings), `model`, `max_tokens`,
+  `temperature`, `top_p`, `top_k` (not OpenAI's, common in compatible servers),
+  `stop` (string or up to 4 strings), `n`, `seed`, `echo`, `logprobs` (0..5),
+  `stream`, `stream_options.include_usage`, `user` (an end-user id; it does not
+  change the output and is only accepted);
+- accepted only at their no-op values: `best_of` (null or equal to `n`),
+  `frequency_penalty` and `presence_penalty` (0), `logit_bias` (empty), `suffix` (null);
+- refused: token-id prompts, anything else.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from components.generation import Delta, LogprobEntry, Sampling
+from components.sampling import seed_problem, temperature_problem
+
+MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_LOGPROBS = 5  # OpenAI's limit on `logprobs`
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (from the experiment's `serve:` section)."""
+
+    max_body_bytes: int = 65536
+    max_prompt_chars: int = 4000
+    max_tokens_cap: int = 256
+    max_choices: int = 16  # prompts x n
+
+
+class RequestError(Exception):
+    """A request the endpoint refuses; answered as an OpenAI error with `status_code`."""
+
+    def __init__(self, status_code: int, message: str, param: str | None = None, code: str | None = None,
+                 error_type: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status_code, self.message, self.param, self.code = status_code, message, param, code
+        self.error_type, self.headers = error_type, headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool | None = None
+
+
+Number = StrictFloat | StrictInt
+
+
+class CompletionRequest(BaseModel):
+    """The request body. Strict types: `"5"` is not a number and `1` is not `true`, as in OpenAI's API."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: StrictStr | list[StrictStr]
+    model: StrictStr | None = None
+    max_tokens: StrictInt | None = 16
+    temperature: Number | None = 1.0
+    top_p: Number | None = 1.0
+    top_k: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    n: StrictInt | None = 1
+    seed: StrictInt | None = None
+    echo: StrictBool | None = False
+    logprobs: StrictInt | None = None
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    user: StrictStr | None = None
+    best_of: StrictInt | None = None
+    frequency_penalty: Number | None = 0
+    presence_penalty: Number | None = 0
+    logit_bias: dict[StrictStr, Number] | None = None
+    suffix: StrictStr | None = None
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def choices_per_prompt(self) -> int:
+        return 1 if self.n is None else self.n
+
+
+def parse_request(body: bytes, limits: Limits) -> CompletionRequest:
+    """The validated request, or RequestError: 413 for a body over the limit, 400 naming the field otherwise."""
+    if len(body) > limits.max_body_bytes:
+        raise RequestError(413, f"the request body has {len(body)} bytes, more than the limit of "
+                                f"{limits.max_body_bytes} (serve.max_body_bytes)", code="request_too_large")
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+        raise RequestError(400, f"the request body is not valid JSON: {str(error)[:200]}") from None
+    if not isinstance(data, dict):
+        raise RequestError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    if isinstance(data.get("prompt"), list) and any(not isinstance(p, str) for p in data["prompt"]):
+        raise RequestError(400, "prompt: token-id prompts are not supported; send a string or a list of strings",
+                           param="prompt")
+    try:
+        request = CompletionRequest.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if not isinstance(p, int)) or None
+        param = param.split(".")[0] if param else None
+        problems = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {_pydantic_message(e)}" for e in error.errors()]
+        raise RequestError(400, "; ".join(problems)[:2000], param=param) from None
+    _check_values(request, limits)
+    return request
+
+
+def _pydantic_message(e: dict) -> str:
+    if e["type"] == "extra_forbidden":
+        return "unknown field; gptforge refuses fields it does not honour"
+    return e["msg"]
+
+
+def _check_values(r: CompletionRequest, limits: Limits) -> None:
+    """Every problem of the values at once, each naming its field."""
+    problems: list[tuple[str, str]] = []
+    prompts = r.prompts
+    if not prompts:
+        problems.append(("prompt", "must be a string or a non-empty list of strings"))
+    for i, p in enumerate(prompts):
+        name = "prompt" if isinstance(r.prompt, str) else f"prompt[{i}]"
+        if not p:
+            problems.append((name, "must not be empty"))
+        elif len(p) > limits.max_prompt_chars:
+            problems.append((name, f"{len(p)} characters, more than the limit of {limits.max_prompt_chars}"))
+    if r.max_tokens is not None and not 1 <= r.max_tokens <= limits.max_tokens_cap:
+        problems.append(("max_tokens", f"must be between 1 and {limits.max_tokens_cap}, got {r.max_tokens}"))
+    if r.temperature is not None and temperature_problem(float(r.temperature)):
+        problems.append(("temperature", temperature_problem(float(r.temperature))))
+    if r.top_p is not None and not 0 < r.top_p <= 1:
+        problems.append(("top_p", f"must be above 0 and at most 1, got {r.top_p}"))
+    if r.top_k is not None and r.top_k < 1:
+        problems.append(("top_k", f"must be at least 1, got {r.top_k}"))
+    if r.seed is not None and seed_problem(r.seed):
+        problems.append(("seed", seed_problem(r.seed)))
+    if r.n is not None and r.n < 1:
+        problems.append(("n", f"must be at least 1, got {r.n}"))
+    elif len(prompts) * r.choices_per_prompt > limits.max_choices:
+        problems.append(("n", f"{len(prompts)} prompt(s) x n={r.choices_per_prompt} is more than "
+                              f"{limits.max_choices} completions in one request (serve.max_choices)"))
+    stops = r.stops
+    if len(stops) > MAX_STOP:
+        problems.append(("stop", f"at most {MAX_STOP} sequences, got {len(stops)}"))
+    if any(not s for s in stops):
+        problems.append(("stop", "a stop sequence must not be empty"))
+    if any(len(s) > 200 for s in stops):
+        problems.append(("stop", "a stop sequence may have at most 200 characters"))
+    if r.logprobs is not None and not 0 <= r.logprobs <= MAX_LOGPROBS:
+        problems.append(("logprobs", f"must be between 0 and {MAX_LOGPROBS}, got {r.logprobs}"))
+    if r.stream_options is not None and not r.stream:
+        problems.append(("stream_options", "only allowed with stream=true"))
+    if r.best_of is not None and r.best_of != r.choices_per_prompt:
+        problems.append(("best_of", f"not supported (only best_of equal to n, here {r.choices_per_prompt})"))
+    for name in ("frequency_penalty", "presence_penalty"):
+        value = getattr(r, name)
+        if value not in (None, 0):
+            problems.append((name, f"not supported (only 0), got {value}"))
+    if r.logit_bias:
+        problems.append(("logit_bias", "not supported (only an empty object)"))
+    if r.suffix:
+        problems.append(("suffix", "not supported (insertion is not available)"))
+    if problems:
+        raise RequestError(400, "; ".join(f"{name}: {why}" for name, why in problems),
+                           param=problems[0][0].split("[")[0])
+
+
+def sampling_of(r: CompletionRequest) -> Sampling:
+    return Sampling(
+        max_tokens=16 if r.max_tokens is None else r.max_tokens,
+        temperature=1.0 if r.temperature is None else float(r.temperature),
+        top_p=1.0 if r.top_p is None else float(r.top_p),
+        top_k=r.top_k,
+        stop=r.stops,
+        logprobs=r.logprobs,
+        echo=bool(r.echo),
+    )
+
+
+def check_model(r: CompletionRequest, model_id: str) -> None:
+    """A request may leave `model` out, or name the served version (`tiny:v3`) or its registered model (`tiny`)."""
+    if r.model is not None and r.model not in (model_id, model_id.split(":")[0]):
+        raise RequestError(404, f"The model {r.model!r} does not exist on this endpoint; it serves "
+                                f"{model_id!r} (GET /v1/models)", param="model", code="model_not_found")
+
+
+def check_context(prompt_tokens: list[int], max_tokens: int, block_size: int, single: bool) -> None:
+    """Refuse prompts that, with `max_tokens`, do not fit in the model's context (OpenAI does the same)."""
+    for i, n in enumerate(prompt_tokens):
+        name = "prompt" if single else f"prompt[{i}]"
+        if n == 0:
+            raise RequestError(400, f"{name}: encodes to no tokens", param="prompt")
+        if n + max_tokens > block_size:
+            raise RequestError(400, f"{name}: {n} tokens + max_tokens {max_tokens} is more than the model's "
+                                    f"context of {block_size} tokens; shorten the prompt or lower max_tokens",
+                               param="prompt", code="context_length_exceeded")
+
+
+# ------------------------------------------------------------------ answers
+
+
+def new_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+def logprobs_json(entries: list[LogprobEntry]) -> dict:
+    """OpenAI's (legacy completions) logprobs object."""
+    return {"tokens": [e.text for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [e.top for e in entries], "text_offset": [e.offset for e in entries]}
+
+
+def completion_body(cid: str, model_id: str, choices: list[list[Delta]], want_logprobs: bool,
+                    prompt_tokens: int) -> dict:
+    """The whole answer from every choice's deltas."""
+    out, completion_tokens = [], 0
+    for index, deltas in enumerate(choices):
+        entries = [e for d in deltas for e in d.logprobs]
+        completion_tokens += sum(d.completion_tokens for d in deltas)
+        out.append({"text": "".join(d.text for d in deltas), "index": index,
+                    "logprobs": logprobs_json(entries) if want_logprobs else None,
+                    "finish_reason": deltas[-1].finish_reason if deltas else None})
+    return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model_id,
+            "choices": out, "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chunk_body(cid: str, model_id: str, index: int, delta: Delta, want_logprobs: bool) -> dict:
+    """One server-sent event: the same shape as the answer, with one choice's new text."""
+    return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model_id,
+            "choices": [{"text": delta.text, "index": index,
+                         "logprobs": logprobs_json(delta.logprobs) if want_logprobs else None,
+                         "finish_reason": delta.finish_reason}]}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

@@ -1,0 +1,279 @@
+"""Batched text generation for the endpoint: several requests decoded together on one KV cache.
+
+Pure PyTorch + tokenizers (no Ray, no HTTP), so it is tested in one process.
+
+A `Row` is one completion to produce (a prompt, its sampling settings, who to tell).
+`generate_batch` left-pads the rows' prompts into one (B, L) batch, runs one prefill
+and then one decode step per token for the whole batch, and samples each row with its
+own settings (temperature, top_k, top_p, seed). Each row reports `Delta`s through its
+`emit` callback as soon as text is safe to send: text that could still turn out to
+be the start of a stop sequence, or half of a UTF-8 character, is held back.
+
+Token healing: a prompt that ends on a token boundary the training data rarely had
+(`"def add(a, b):\\n"` ends in a lone "\\n" token, while the corpus tokenizes
+"\\n    return" as "\\n   " + " return", and a lone "\\n" is what comes before
+end-of-text) makes a small model predict end-of-text at once. So the last prompt
+token is taken back and the first new token must start with its text; the
+completion is what comes after that text. Greedy decoding of the README's example
+then continues the function instead of stopping.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one completion is sampled and what it reports (the OpenAI completions fields)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # nucleus: sample among the smallest set of tokens holding this probability
+    top_k: int | None = None
+    stop: tuple[str, ...] = ()  # the completion ends before the first of these strings
+    logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and the k most likely
+    echo: bool = False  # the prompt is part of the returned text (and of the logprobs)
+
+
+@dataclass
+class LogprobEntry:
+    """One token of the returned text with its log-probability under the model (temperature 1)."""
+
+    text: str
+    logprob: float | None  # None for the first prompt token (nothing predicts it)
+    top: dict[str, float] | None
+    offset: int  # character offset in the returned text (echoed prompt included)
+
+
+@dataclass
+class Delta:
+    """New text for one row; `finish_reason` ("stop" or "length") on the row's last delta."""
+
+    text: str
+    logprobs: list[LogprobEntry] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion_tokens: int = 0  # set on the last delta
+
+
+@dataclass
+class Row:
+    """One completion to generate. `generator` samples it (shared by a request's rows, seeded)."""
+
+    prompt_ids: list[int]
+    prompt_text: str
+    sampling: Sampling
+    emit: Callable[[Delta], None]
+    generator: torch.Generator | None = None
+
+
+def row_fits(prompt_tokens: int, max_tokens: int, block_size: int) -> bool:
+    """Whether a prompt and its completion fit in the model's context (the endpoint refuses others)."""
+    return prompt_tokens + max_tokens <= block_size
+
+
+def batch_fits(rows: list[Row], block_size: int) -> bool:
+    """Left padding makes every row as long as the longest prompt; the longest completion must still fit.
+
+    (A healed row runs one token shorter and may generate one more: the same total.)
+    """
+    longest_prompt = max(len(r.prompt_ids) for r in rows)
+    return longest_prompt + max(r.sampling.max_tokens for r in rows) <= block_size
+
+
+class TokenText:
+    """Per-token strings of a byte-level BPE tokenizer, for healing and logprobs."""
+
+    def __init__(self, tokenizer, vocab_rows: int):
+        self.tokenizer = tokenizer
+        size = tokenizer.get_vocab_size()
+        special = set(tokenizer.get_added_tokens_decoder())  # end-of-text: never a healing candidate
+        # The raw token strings are in ByteLevel's alphabet, one character per byte, so a
+        # prefix of a raw string is a prefix of its bytes.
+        self.raw = [("" if i in special else tokenizer.id_to_token(i) or "") for i in range(size)]
+        self.raw += [""] * max(0, vocab_rows - size)
+        self._allowed: dict[str, torch.Tensor] = {}
+
+    def starting_with(self, token_id: int) -> torch.Tensor:
+        """(V,) bool: the tokens whose bytes start with those of `token_id` (itself included)."""
+        prefix = self.raw[token_id]
+        if prefix not in self._allowed:
+            self._allowed[prefix] = torch.tensor([bool(r) and r.startswith(prefix) for r in self.raw])
+        return self._allowed[prefix]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False) if ids else ""
+
+
+class _RowState:
+    """What one row has generated and sent so far.
+
+    Text: the completion is decode(generated) less the healed prefix; the returned
+    text is the prompt (with echo) followed by the completion. Log-probability
+    entries cover the returned text token by token, with offsets into it.
+    """
+
+    def __init__(self, row: Row, text: TokenText, eos_id: int):
+        self.row, self.text, self.eos_id = row, text, eos_id
+        ids = row.prompt_ids
+        # Heal: take the last prompt token back (when something is left before it, it is not end-of-text,
+        # and its text is whole characters: half of one would not be a prefix of the decoded text).
+        last = ids[-1] if len(ids) >= 2 and text.raw[ids[-1]] else None
+        self.healed = last if last is not None and "\ufffd" not in text.decode([last]) else None
+        self.context = ids[:-1] if self.healed is not None else list(ids)
+        self.prefix = text.decode([self.healed]) if self.healed is not None else ""
+        self.echoed = row.prompt_text if row.sampling.echo else ""  # sent before the completion
+        self.generated: list[int] = []
+        # A first token that only gives the healed token back does not count against max_tokens.
+        self.free_tokens = 0
+        self.entries: list[LogprobEntry] = []
+        self.sent_chars = 0  # of the completion
+        self.sent_entries = 0
+        self.finished = False
+
+    def completion(self) -> str:
+        return self.text.decode(self.generated)[len(self.prefix):]
+
+    def add(self, token: int, logprobs: torch.Tensor | None) -> None:
+        """Record a sampled token (and its (V,) log-probabilities), then send what is safe to send."""
+        s = self.row.sampling
+        if token == self.eos_id:
+            self._finish(self.completion(), "stop")
+            return
+        before = len(self.text.decode(self.generated))
+        if not self.generated and token == self.healed:
+            self.free_tokens = 1
+        self.generated.append(token)
+        with_prefix = self.text.decode(self.generated)
+        if logprobs is not None:
+            if self.echoed:  # the healed prefix is echoed as the end of the prompt: this entry covers it
+                text, offset = with_prefix[before:], len(self.echoed) - len(self.prefix) + before
+            else:
+                start = max(before, len(self.prefix))
+                text, offset = with_prefix[start:], start - len(self.prefix)
+            self.entries.append(_entry(text, token, logprobs, s.logprobs, self.text, offset))
+        full = with_prefix[len(self.prefix):]
+        cut = min((i for i in (full.find(stop) for stop in s.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self._finish(full[:cut], "stop")
+        elif len(self.generated) - self.free_tokens >= s.max_tokens:
+            self._finish(full, "length")
+        else:
+            self._send(full[: _safe_length(full, s.stop)])
+
+    def send_prompt(self, entries: list[LogprobEntry]) -> None:
+        if self.echoed:
+            self.row.emit(Delta(self.echoed, entries))
+
+    def _send(self, upto: str, finish_reason: str | None = None) -> None:
+        end = len(self.echoed) + len(upto)
+        entries = list(itertools.takewhile(lambda e: e.offset < end or not e.text, self.entries[self.sent_entries:]))
+        if len(upto) > self.sent_chars or entries or finish_reason:
+            delta = Delta(upto[self.sent_chars:], entries, finish_reason,
+                          len(self.generated) - self.free_tokens if finish_reason else 0)
+            self.sent_chars = max(self.sent_chars, len(upto))
+            self.sent_entries += len(entries)
+            self.row.emit(delta)
+
+    def _finish(self, text: str, reason: str) -> None:
+        self.finished = True
+        self._send(text, reason)
+
+
+def _entry(text: str, token: int, logprobs: torch.Tensor, k: int, vocab: TokenText, offset: int) -> LogprobEntry:
+    top = None
+    if k:
+        values, ids = torch.topk(logprobs, k)
+        top = {vocab.decode([i]): float(v) for v, i in zip(values.tolist(), ids.tolist())}
+    return LogprobEntry(text, float(logprobs[token]), top, offset)
+
+
+def _safe_length(text: str, stops: tuple[str, ...]) -> int:
+    """How much of `text` can be sent: not a tail that may begin a stop string, nor a half character."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":  # an incomplete UTF-8 sequence decodes to U+FFFD
+        end -= 1
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, end), 0, -1):
+            if text[end - n : end] == stop[:n]:
+                hold = max(hold, n)
+                break
+    return end - hold
+
+
+def _sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> int:
+    """One token id from (V,) float32 logits under the row's settings."""
+    if s.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / s.temperature
+    if s.top_k is not None:
+        kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = F.softmax(logits, dim=-1)  # (V,)
+    if s.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # keep a token when the mass before it is below top_p (so the first one always stays)
+        drop = sorted_probs.cumsum(0) - sorted_probs >= s.top_p
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer_text: TokenText, rows: list[Row], eos_id: int) -> None:
+    """Generate every row's completion together; each row's `emit` gets its deltas, the last with a finish_reason.
+
+    The rows must fit together (`batch_fits`). One prefill over the left-padded prompts,
+    then one batched decode step per token until every row has finished.
+    """
+    device = model.transformer.wpe.weight.device
+    states = [_RowState(r, tokenizer_text, eos_id) for r in rows]
+    longest = max(len(st.context) for st in states)
+    pad = torch.tensor([longest - len(st.context) for st in states])  # (B,)
+    idx = torch.full((len(rows), longest), eos_id, dtype=torch.long)  # (B, L)
+    for b, st in enumerate(states):
+        idx[b, pad[b]:] = torch.tensor(st.context, dtype=torch.long)
+    cache = model.new_cache(len(rows), device, pad=pad)
+    logits, _ = model(idx.to(device), cache=cache)  # (B, L, V)
+    _send_prompts(states, logits, pad, tokenizer_text)
+    logits = logits[:, -1, :].float()  # (B, V)
+    first = True
+    while True:
+        next_ids = torch.full((len(rows), 1), eos_id, dtype=torch.long)  # (B, 1): finished rows feed eos
+        for b, st in enumerate(states):
+            if st.finished:
+                continue
+            row_logits = logits[b]
+            if first and st.healed is not None:
+                row_logits = row_logits.masked_fill(~tokenizer_text.starting_with(st.healed), -math.inf)
+            token = _sample(row_logits, st.row.sampling, st.row.generator)
+            lp = F.log_softmax(logits[b], dim=-1) if st.row.sampling.logprobs is not None else None
+            st.add(token, lp)
+            next_ids[b, 0] = token
+        first = False
+        if all(st.finished for st in states):
+            return
+        logits, _ = model(next_ids.to(device), cache=cache)  # (B, 1, V)
+        logits = logits[:, -1, :].float()  # (B, V)
+
+
+def _send_prompts(states: list[_RowState], logits: torch.Tensor, pad: torch.Tensor, vocab: TokenText) -> None:
+    """Echo: each row's prompt goes out first, with its tokens' log-probabilities when asked."""
+    for b, st in enumerate(states):
+        s = st.row.sampling
+        entries = []
+        if s.echo and s.logprobs is not None:
+            # The healed context; the healed token's text comes with the first new token's entry.
+            row_lp = F.log_softmax(logits[b, int(pad[b]):].float(), dim=-1)  # (P, V): row p predicts token p+1
+            offset = 0
+            for p, token in enumerate(st.context):
+                text = vocab.decode([token])
+                entries.append(_entry(text, token, row_lp[p - 1], s.logprobs, vocab, offset) if p
+                               else LogprobEntry(text, None, None, 0))
+                offset += len(text)
+        st.send_prompt(entries)

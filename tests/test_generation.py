@@ -1,0 +1,209 @@
+"""Batched generation for the endpoint, in one process: padding, sampling settings, stop, logprobs, healing."""
+import threading
+import time
+
+import pytest
+import torch
+
+from components.batching import Batcher, Overloaded, Work
+from components.data import train_tokenizer
+from components.generation import Row, Sampling, TokenText, _safe_length, batch_fits, generate_batch
+from components.model import GPT, GPTConfig
+
+EOT = 0
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls run fastest on one thread, above all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer(["def add(a, b):\n    return a + b\n", "x = [1, 2, 3]\nprint(x)\n"] * 20,
+                                vocab_size=300)
+    model = GPT(GPTConfig(block_size=64, vocab_size=300, n_layer=2, n_head=2, n_embd=32)).eval()
+    return model, tokenizer, TokenText(tokenizer, 300)
+
+
+def _run(tiny, prompts, sampling, seed=None):
+    """Generate `prompts` in one batch; returns [(text, finish_reason, deltas)] per prompt."""
+    model, tokenizer, text = tiny
+    deltas = [[] for _ in prompts]
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    rows = [Row(tokenizer.encode(p).ids, p, sampling, deltas[i].append, gen) for i, p in enumerate(prompts)]
+    generate_batch(model, text, rows, EOT)
+    return [("".join(d.text for d in ds), ds[-1].finish_reason, ds) for ds in deltas]
+
+
+def test_left_padded_rows_compute_what_each_row_computes_alone(tiny):
+    model = tiny[0]
+    a = torch.randint(1, 300, (1, 9))
+    b = torch.randint(1, 300, (1, 4))
+    alone = [model(x, cache=model.new_cache(1))[0][0, -1] for x in (a, b)]
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], dim=1)])  # (2, 9), b left-padded
+    cache = model.new_cache(2, pad=torch.tensor([0, 5]))
+    logits, _ = model(batch, cache=cache)
+    assert torch.allclose(logits[0, -1], alone[0], atol=1e-5) and torch.allclose(logits[1, -1], alone[1], atol=1e-5)
+    step = torch.randint(1, 300, (2, 1))  # one decode step on the padded cache
+    stepped, _ = model(step, cache=cache)
+    for i, x in enumerate((a, b)):
+        ref, _ = model(torch.cat([x, step[i : i + 1]], dim=1))
+        assert torch.allclose(stepped[i, -1], ref[0, -1], atol=1e-5)
+
+
+def test_a_batch_gives_each_prompt_what_it_gets_alone(tiny):
+    prompts = ["def add(a, b):\n", "x", "print(x)\nx = [1, 2"]
+    greedy = Sampling(max_tokens=12, temperature=0)
+    together = _run(tiny, prompts, greedy)
+    for prompt, got in zip(prompts, together):
+        assert _run(tiny, [prompt], greedy)[0][:2] == got[:2]
+    sampled = Sampling(max_tokens=12, temperature=0.9, top_k=40)
+    assert _run(tiny, prompts[:1], sampled, seed=3)[0][0] == _run(tiny, prompts[:1], sampled, seed=3)[0][0]
+
+
+def test_stop_cuts_the_text_before_the_first_stop_sequence(tiny):
+    prompt = ["def add(a, b):\n"]
+    full, reason, _ = _run(tiny, prompt, Sampling(max_tokens=40, temperature=0))[0]
+    assert reason == "length" and len(full) > 4, full
+    stop = full[3:5]
+    text, reason, deltas = _run(tiny, prompt, Sampling(max_tokens=40, temperature=0, stop=("zzz", stop)))[0]
+    assert reason == "stop" and text == full[: full.index(stop)]
+    assert stop not in "".join(d.text for d in deltas)  # never sent, not even in a streamed piece
+
+
+def test_text_that_may_start_a_stop_sequence_is_held_back():
+    assert _safe_length("abc\n", ("\n\n",)) == 3
+    assert _safe_length("abc", ("c d",)) == 2
+    assert _safe_length("ab\ufffd", ()) == 2  # half of a UTF-8 character
+    assert _safe_length("abc", ("x",)) == 3
+
+
+def test_a_tiny_top_p_keeps_only_the_most_likely_token(tiny):
+    greedy = _run(tiny, ["x = "], Sampling(max_tokens=10, temperature=0))[0][0]
+    nucleus = _run(tiny, ["x = "], Sampling(max_tokens=10, temperature=1.0, top_p=1e-6), seed=1)[0][0]
+    assert nucleus == greedy
+    wide = {_run(tiny, ["x = "], Sampling(max_tokens=10, temperature=2.0), seed=s)[0][0] for s in range(4)}
+    assert len(wide) > 1  # without the nucleus, sampling does vary
+
+
+def test_logprobs_and_echo_cover_the_returned_text(tiny):
+    prompt = "def add(a, b):\n"
+    text, _, deltas = _run(tiny, [prompt], Sampling(max_tokens=8, temperature=0, logprobs=2))[0]
+    entries = [e for d in deltas for e in d.logprobs]
+    assert "".join(e.text for e in entries).startswith(text) and len(entries) == sum(d.completion_tokens for d in deltas)
+    assert all(e.logprob <= 0 and len(e.top) == 2 for e in entries)
+    assert [e.offset for e in entries] == sorted(e.offset for e in entries)
+
+    echoed, _, deltas = _run(tiny, [prompt], Sampling(max_tokens=8, temperature=0, logprobs=1, echo=True))[0]
+    assert echoed == prompt + text
+    entries = [e for d in deltas for e in d.logprobs]
+    assert entries[0].logprob is None and all(e.logprob is not None for e in entries[1:])
+    joined = "".join(e.text for e in entries)
+    assert joined.startswith(echoed)
+    for e in entries:
+        assert joined[e.offset : e.offset + len(e.text)] == e.text
+
+
+def test_healing_keeps_the_prompt_text(tiny):
+    # The last prompt token is taken back and regenerated: prompt + completion is still a continuation.
+    model, tokenizer, vocab = tiny
+    prompt = "def add(a, b):\n"
+    text = _run(tiny, [prompt], Sampling(max_tokens=6, temperature=0))[0][0]
+    ids = tokenizer.encode(prompt).ids
+    allowed = vocab.starting_with(ids[-1])
+    assert allowed[ids[-1]] and allowed.sum() >= 1
+    assert all(vocab.raw[i].startswith(vocab.raw[ids[-1]]) for i in allowed.nonzero().flatten().tolist())
+    assert isinstance(text, str)
+
+
+def test_rows_that_do_not_fit_together_are_not_batched(tiny):
+    rows = [Row([1] * 50, "", Sampling(max_tokens=10), print), Row([1] * 2, "", Sampling(max_tokens=30), print)]
+    assert not batch_fits(rows, 64) and batch_fits(rows[:1], 64) and batch_fits(rows[1:], 64)
+
+
+def test_the_batcher_runs_concurrent_work_together_and_refuses_a_full_queue():
+    batches, release = [], threading.Event()
+
+    def run(model, works):
+        batches.append((model, [len(w.rows) for w in works]))
+        release.wait(5)  # the first batch runs until the test lets it go
+
+    batcher = Batcher(run, max_batch_rows=4, wait_s=0.2, max_queued_rows=5, fits=lambda m, rows: True)
+    try:
+        failed = []
+        batcher.submit(Work([1, 1], "m1", failed.append))
+        _until(lambda: batches)
+        batcher.submit(Work([1], "m1", failed.append))  # these three queue while the first batch runs
+        batcher.submit(Work([1, 1], "m1", failed.append))
+        batcher.submit(Work([1], "m2", failed.append))  # another model: never in the same batch
+        assert batcher.queued_rows() == 4
+        with pytest.raises(Overloaded):
+            batcher.submit(Work([1, 1], "m1", failed.append))  # would make 6 > 5: refused at once
+        release.set()
+        _until(lambda: len(batches) == 3)
+        assert batches == [("m1", [2]), ("m1", [1, 2]), ("m2", [1])] and not failed
+    finally:
+        release.set()
+        batcher.stop()
+
+
+def _until(condition, timeout_s=5.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_a_failing_batch_fails_its_requests_and_the_loop_goes_on():
+    calls = []
+
+    def run(model, works):
+        calls.append(model)
+        if model == "bad":
+            raise ValueError("boom")
+
+    batcher = Batcher(run, max_batch_rows=4, wait_s=0.0, max_queued_rows=8, fits=lambda m, rows: True)
+    try:
+        failed = []
+        batcher.submit(Work([1], "bad", failed.append))
+        deadline = time.monotonic() + 5
+        while not failed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        batcher.submit(Work([1], "good", failed.append))
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [str(e) for e in failed] == ["boom"] and calls == ["bad", "good"]
+    finally:
+        batcher.stop()
+
+
+def test_healing_turns_the_readme_example_from_empty_into_code(one_thread):
+    """The README's failure, reproduced: a lone "\\n" token is (in this corpus) only ever followed by end-of-text."""
+    torch.manual_seed(0)
+    doc = "def add(a, b):\n    return a + b\n"
+    tokenizer = train_tokenizer([doc] * 50, vocab_size=300)
+    ids = torch.tensor((tokenizer.encode(doc).ids + [EOT]) * 40)
+    model = GPT(GPTConfig(block_size=32, vocab_size=300, n_layer=2, n_head=2, n_embd=32))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(80):  # about a second of training on one thread
+        starts = torch.randint(0, len(ids) - 33, (8,))
+        rows = torch.stack([ids[s : s + 33] for s in starts.tolist()])  # (16, 33)
+        _, loss = model(rows[:, :-1], rows[:, 1:].contiguous())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    prompt = "def add(a, b):\n"
+    prompt_ids = tokenizer.encode(prompt).ids
+    plain = model.generate(torch.tensor([prompt_ids]), 8, temperature=0, eos_id=EOT)[0, len(prompt_ids):]
+    assert plain[0] == EOT  # without healing: end-of-text at once, an empty completion
+    text, reason, _ = _run((model, tokenizer, TokenText(tokenizer, 300)), [prompt], Sampling(max_tokens=8, temperature=0))[0]
+    assert text.startswith("    return a + b"), text
