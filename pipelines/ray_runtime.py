@@ -183,14 +183,24 @@ def _data_config(spec: TrainSpec):
     return TensorParallelGroups()
 
 
-def off_the_main_thread(work: Callable, name: str = "gptforge-ray"):
-    """Run `work()` in a helper thread and wait for it.
+def off_the_main_thread(work: Callable, deadline: float | None = None, timeout_message: str = "",
+                        name: str = "gptforge-ray"):
+    """Run `work()` in a helper thread and wait for it (until `deadline`, a time.monotonic() value).
 
     On the main thread, TorchTrainer.fit installs its own SIGINT handler, which
     exits the process (status 1) and stays installed after fit returns. Off the
     main thread it does not, so Ctrl-C remains a KeyboardInterrupt here: the CLI
     marks the MLflow runs KILLED and shutting Ray down stops the workers.
+
+    After a timeout the (daemon) thread goes on: use a deadline only for work that is
+    harmless to leave running, such as a lookup. A Serve deploy is not: it would go on
+    polling after Ray is shut down, and start a new Ray (serving.deploy waits itself).
+
+    Raises:
+        TimeoutError(timeout_message): still running at `deadline`.
     """
+    import time
+
     outcome: dict = {}
 
     def target() -> None:
@@ -202,6 +212,8 @@ def off_the_main_thread(work: Callable, name: str = "gptforge-ray"):
     thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
     while thread.is_alive():
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(timeout_message)
         thread.join(0.5)  # short waits keep the main thread responsive to signals
     if "error" in outcome:
         raise outcome["error"]
