@@ -249,6 +249,8 @@ def _wait_for_status(head, job_id: str, wanted: tuple, timeout: float = 300) -> 
     return status
 
 
+# Slow (minutes on 2 cores): kept out of the default suite so CI stays near 15 minutes.
+@pytest.mark.slow
 def test_jobs_logs_and_stop(first_job, head, store):
     result = gptforge("submit", str(TINY_EXPERIMENT), *JOB_OVERRIDES, "--no-cache", f"workdir={store['workdir']}",
                       "--address", head.address, cwd=store["root"], env=store["env"])

@@ -221,6 +221,8 @@ def test_empty_corpus_fails_clearly_and_leaves_no_run_running(tmp_path):
     assert statuses == {"FAILED"}
 
 
+# Slow (minutes on 2 cores): kept out of the default suite so CI stays near 15 minutes.
+@pytest.mark.slow
 def test_ctrl_c_during_training_exits_130_and_marks_runs_killed(tmp_path):
     import signal
     import subprocess

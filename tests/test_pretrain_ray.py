@@ -86,6 +86,8 @@ def test_each_strategy_lowers_the_loss_and_writes_a_full_checkpoint(setup, strat
         "checkpoint.json", "config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"]
 
 
+# Slow (minutes on 2 cores): kept out of the default suite so CI stays near 15 minutes.
+@pytest.mark.slow
 def test_a_worker_killed_mid_run_is_replaced_and_training_continues(setup):
     """SIGKILL one worker after a checkpoint: Ray Train restarts the group, which continues from the
     newest checkpoint (at most one checkpoint interval lost), logging into the same MLflow run."""
@@ -123,6 +125,8 @@ def test_a_worker_killed_mid_run_is_replaced_and_training_continues(setup):
     assert all(math.isfinite(v) for _, v in _history(setup, log.run_id, "train/loss"))
 
 
+# Slow (minutes on 2 cores): kept out of the default suite so CI stays near 15 minutes.
+@pytest.mark.slow
 def test_lora_fine_tuning_under_fsdp_saves_a_merged_plain_model(setup):
     """Fine-tuning shares the loop and its options: LoRA adapters on a sharded model, merged at the end."""
     import torch

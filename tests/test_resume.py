@@ -27,6 +27,8 @@ def _pretrain_step(client) -> int:
     return 0
 
 
+# Slow (minutes on 2 cores): kept out of the default suite so CI stays near 15 minutes.
+@pytest.mark.slow
 def test_resume_after_the_driver_is_killed_mid_pretrain(tmp_path):
     overrides = [*FAST_OVERRIDES, f"workdir={tmp_path}", "pretrain.max_steps=40", "pretrain.checkpoint_every=10",
                  "pretrain.log_every=1"]
