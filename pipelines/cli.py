@@ -8,6 +8,7 @@ printed goes through `redact`, so no tracking-URI password or token reaches it.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -334,7 +335,16 @@ def _serve_forever(loader, cfg: ExperimentConfig, progress) -> None:
 # -------------------------------------------------------------------- jobs
 
 
+def _send_ray_token() -> None:
+    """`ray start` clusters of Ray 2.60 want a token, and Ray's job client sends one only under
+    RAY_AUTH_MODE=token, which Ray reads once, when first imported. The job commands start no
+    Ray of their own, so the whole process may say so; the library (pipelines/jobs.py) leaves
+    os.environ alone, as a Ray started later by the same process would inherit it."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 def _submit(args) -> int:
+    _send_ray_token()
     from pipelines import jobs
 
     cfg = _load(args)  # a bad experiment fails here, not minutes later on the cluster
@@ -363,6 +373,7 @@ def _follow(job_id: str, address: str) -> int:
 
 
 def _jobs(args) -> int:
+    _send_ray_token()
     from pipelines import jobs
 
     listed = jobs.list_jobs(args.address)
@@ -377,6 +388,7 @@ def _jobs(args) -> int:
 
 
 def _logs(args) -> int:
+    _send_ray_token()
     from pipelines import jobs
 
     if args.follow:
@@ -386,6 +398,7 @@ def _logs(args) -> int:
 
 
 def _stop(args) -> int:
+    _send_ray_token()
     from pipelines import jobs
 
     if jobs.stop(args.job_id, args.address):
@@ -399,6 +412,7 @@ def _stop(args) -> int:
 
 
 def _schedule(args) -> int:
+    _send_ray_token()
     from pipelines import jobs, stages
     from pipelines.schedule import History, JobTemplate, ScheduleError, Scheduler, check_cron
 

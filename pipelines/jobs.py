@@ -88,22 +88,6 @@ def _ray_address_env_cleared():
         os.environ.update(saved)
 
 
-@contextmanager
-def _token_auth_for_this_client():
-    """`ray start` clusters of Ray 2.60 want a token, and its job client sends one only under
-    RAY_AUTH_MODE=token (read once per process, so in a `gptforge` CLI process this first read
-    decides). Set only while the client is built: left in os.environ, it would be inherited by
-    any Ray this process starts later, whose GCS would then refuse this process's own driver."""
-    added = "RAY_AUTH_MODE" not in os.environ
-    if added:
-        os.environ["RAY_AUTH_MODE"] = "token"
-    try:
-        yield
-    finally:
-        if added:
-            os.environ.pop("RAY_AUTH_MODE", None)
-
-
 def is_local(address: str) -> bool:
     return urlparse(address).hostname in _LOCAL_HOSTS
 
@@ -128,7 +112,7 @@ def client(address: str | None = None, timeout_s: float = 10.0):
     from ray.job_submission import JobSubmissionClient
 
     try:
-        with _ray_address_env_cleared(), _token_auth_for_this_client():
+        with _ray_address_env_cleared():
             return JobSubmissionClient(resolved)
     except Exception as error:  # noqa: BLE001 - ConnectionError, RuntimeError: both mean "not usable"
         raise JobError(f"the Ray job server at {resolved} refused the connection: {_first_line(error)}") from None
