@@ -4,9 +4,6 @@ The default test trains `tp` on two workers (one tp group, so one data shard) an
 on one worker with the same batch size and seed: both read the same rows in the same
 order, so their losses must agree to float noise, not just trend alike.
 """
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -17,22 +14,9 @@ from pipelines.tracking import Tracker
 
 pytestmark = pytest.mark.integration
 
-VOCAB, BLOCK = 64, 16
+from tests.test_pretrain_ray import BLOCK, VOCAB, _write_rows, ray_cluster  # noqa: F401 - ray_cluster is a fixture
+
 MODEL = GPTConfig(block_size=BLOCK, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray_runtime.init_ray(num_cpus=4)
-    yield
-    ray_runtime.shutdown_ray()
-
-
-def _write_rows(path, n, seed):
-    rng = np.random.default_rng(seed)
-    rows = (rng.integers(0, VOCAB, size=(n, 1)) + np.arange(BLOCK + 1)) % VOCAB  # count upward: learnable
-    pq.write_table(pa.table({"tokens": pa.array(rows.astype(np.int32).tolist(), pa.list_(pa.int32()))}), path)
-    return str(path)
 
 
 @pytest.fixture
