@@ -11,7 +11,13 @@ The baseline for the overhead: the replica's own work for one request (tokenize 
 generate on the same KV-cache code, one torch thread) called directly in this
 process, alternating call by call with one HTTP request to the endpoint (batching
 on), so both see the same load; the median of the paired differences is what
-Serve + HTTP add.
+Serve + HTTP add. The replica's `Server-Timing` header splits that further: the
+client's time minus the replica's is the transport (HAProxy or Serve's proxy, and
+HTTP); the replica's admit time (body, validation, tokenizing, queueing) is the rest.
+
+Serve's ingress is whatever the environment selects when Ray starts: gptforge's
+default is HAProxy (pipelines/ray_runtime.py); `RAY_SERVE_ENABLE_HA_PROXY=0
+RAY_SERVE_THROUGHPUT_OPTIMIZED=0` measures Serve's default Python proxy instead.
 
 Random weights cost the same per token as trained ones; the requests ask for a fixed
 `max_tokens` and the random model practically never ends early, so every request
@@ -112,7 +118,7 @@ def _overhead(url: str, folder: str, max_tokens: int, pairs: int) -> dict:
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=120)
     body = json.dumps({"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}).encode()
-    local, remote = [], []
+    local, remote, replica, admit = [], [], [], []
     for i in range(pairs + 5):
         started = time.perf_counter()
         ids = loaded.tokenizer.encode(PROMPT).ids
@@ -125,9 +131,14 @@ def _overhead(url: str, folder: str, max_tokens: int, pairs: int) -> dict:
         if i >= 5:  # warm-up
             local.append(middle - started)
             remote.append(time.perf_counter() - middle)
+            timing = dict(part.split(";dur=") for part in response.getheader("Server-Timing").split(", "))
+            replica.append(float(timing["replica"]) / 1000)
+            admit.append(float(timing["admit"]) / 1000)
     conn.close()
-    return {"in_process_ms": 1000 * statistics.median(local), "http_ms": 1000 * statistics.median(remote),
-            "overhead_ms": 1000 * statistics.median([r - l for r, l in zip(remote, local)])}
+    ms = lambda values: 1000 * statistics.median(values)  # noqa: E731
+    return {"in_process_ms": ms(local), "http_ms": ms(remote),
+            "overhead_ms": ms([r - l for r, l in zip(remote, local)]),
+            "transport_ms": ms([r - s for r, s in zip(remote, replica)]), "admit_ms": ms(admit)}
 
 
 def _serve_and_measure(folder: str, batch_size: int, clients: list[int], seconds: float, max_tokens: int,
@@ -144,6 +155,10 @@ def _serve_and_measure(folder: str, batch_size: int, clients: list[int], seconds
         return [{"batch": batch_size, **_load(url, c, seconds, max_tokens)} for c in clients]
     finally:
         serving.shutdown()
+
+
+def _ingress() -> str:
+    return "HAProxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Serve's Python proxy"
 
 
 def main() -> int:
@@ -188,6 +203,9 @@ def main() -> int:
     print(f"1 client, interleaved: in-process call p50 {overhead['in_process_ms']:.1f} ms, HTTP p50 "
           f"{overhead['http_ms']:.1f} ms; Serve + HTTP overhead (median of paired differences): "
           f"{overhead['overhead_ms']:.1f} ms (goal <= 5 ms)")
+    print(f"  of which outside the replica (ingress + HTTP, client time - Server-Timing replica): "
+          f"{overhead['transport_ms']:.1f} ms; the replica's admit (body, checks, tokenize, queue): "
+          f"{overhead['admit_ms']:.1f} ms; ingress: {_ingress()}")
     for r in rows:
         if r["first_error"]:
             print(f"first error (batch {r['batch']}, {r['clients']} clients): {r['first_error']}")

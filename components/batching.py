@@ -34,6 +34,7 @@ class Work:
     model: object
     fail: Callable[[BaseException], None]
     queued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None  # when its batch began (time.monotonic), for the Server-Timing header
 
 
 class Batcher:
@@ -98,6 +99,9 @@ class Batcher:
                     kept.append(work)
             self._queue = kept
             self._queued_rows -= len(rows)
+            started = time.monotonic()
+            for work in batch:
+                work.started_at = started
             self._last_batch_rows = len(rows)
             return model, batch
 

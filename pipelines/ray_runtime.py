@@ -21,6 +21,19 @@ from typing import Callable
 # end of a run. A shorter interval saves those seconds. Must be set before ray.init.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
+# Ray Serve's high-throughput mode (Ray's docs: "Enable High Throughput on Ray Serve").
+# HTTP goes from HAProxy (bundled with ray[serve]) straight to the replica's own
+# server; the default Python proxy adds two actor calls per request (the replica
+# even calls back to the proxy for the body), 12-16 ms on a 2-core machine
+# (benchmarks/serving.py, README). Like the line above, read when Ray starts: set
+# either variable to 0 before `gptforge` starts Ray to get Serve's default proxy.
+os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+# A stopping replica keeps answering this long so that load balancers on other nodes
+# drop it first. Serve's 30 s default is also how long `serve.shutdown()` waits, and it
+# gives up (a redeploy then fails) when the drain plus 5 s does not fit in 30 s.
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+
 
 def init_ray(num_cpus: int, address: str | None = None) -> None:
     """Start an embedded local Ray (default) or connect to `address` / `RAY_ADDRESS`.

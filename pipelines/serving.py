@@ -377,6 +377,7 @@ async def _complete(engine: Engine, limits: Limits, request: Request):
     from components.batching import Overloaded, Work
     from components.generation import Row
 
+    received = time.monotonic()
     body = await _read_body(request, limits.max_body_bytes)
     req = api_shapes.parse_request(body, limits)
     loaded = engine.current  # this request runs on this model, even if another is swapped in meanwhile
@@ -393,8 +394,9 @@ async def _complete(engine: Engine, limits: Limits, request: Request):
                                               int.from_bytes(os.urandom(8), "little") >> 1)
     rows = [Row(ids[p], prompts[p], sampling, reply.emitter(p * n + j), generator)
             for p in range(len(prompts)) for j in range(n)]
+    work = Work(rows, loaded, reply.fail)
     try:
-        engine.batcher.submit(Work(rows, loaded, reply.fail))
+        engine.batcher.submit(work)
     except Overloaded as error:
         raise RequestError(503, str(error), code="overloaded", error_type="server_overloaded",
                            headers={"Retry-After": str(error.retry_after_s)}) from None
@@ -409,8 +411,23 @@ async def _complete(engine: Engine, limits: Limits, request: Request):
     choices: list[list] = [[] for _ in rows]
     async for index, delta in reply.deltas():
         choices[index].append(delta)
-    return JSONResponse(api_shapes.completion_body(cid, loaded.model_id, choices, want_logprobs, prompt_tokens),
-                        headers=headers)
+    generated = time.monotonic()
+    content = api_shapes.completion_body(cid, loaded.model_id, choices, want_logprobs, prompt_tokens)
+    headers["Server-Timing"] = _server_timing(received, work, generated)
+    return JSONResponse(content, headers=headers)
+
+
+def _server_timing(received: float, work, generated: float) -> str:
+    """Where a request's time went inside the replica (W3C Server-Timing, milliseconds).
+
+    admit: body read, validated, tokenized, queued; queue: waiting for its batch;
+    generate: its batch's work until its last token reached the event loop. What a client
+    measures beyond their sum is Serve's and HTTP's share (benchmarks/serving.py splits it so).
+    """
+    started = work.started_at if work.started_at is not None else generated
+    parts = {"admit": work.queued_at - received, "queue": started - work.queued_at, "generate": generated - started,
+             "replica": generated - received}
+    return ", ".join(f"{name};dur={1000 * max(0.0, value):.2f}" for name, value in parts.items())
 
 
 async def _events(reply: _Reply, cid: str, model_id: str, want_logprobs: bool, include_usage: bool,
@@ -492,6 +509,8 @@ class ServeError(RuntimeError):
 def _check_port_free(host: str, port: int) -> None:
     # Serve's proxy would fail to bind in the background and leave us waiting for /healthz.
     with socket.socket() as s:
+        # As the proxy (uvicorn) binds: connections of a previous server in TIME_WAIT do not count.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as error:

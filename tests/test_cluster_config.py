@@ -64,5 +64,11 @@ def test_secure_defaults(cluster):
     assert "--dashboard-host=127.0.0.1" in head
     assert "--host 0.0.0.0" not in head
     for commands in (cluster["head_start_ray_commands"], cluster["worker_start_ray_commands"]):
-        assert any("RAY_AUTH_MODE=token ray start" in c for c in commands)
+        (start,) = [c for c in commands if "ray start" in c]
+        settings = dict(word.split("=", 1) for word in start.split("ray start")[0].split())
+        assert settings["RAY_AUTH_MODE"] == "token"
+        # The same Serve ingress as a local run (pipelines/ray_runtime.py), with a drain that fits
+        # in Serve's 30 s shutdown wait together with its 5 s margin.
+        assert settings["RAY_SERVE_ENABLE_HA_PROXY"] == settings["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+        assert float(settings["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) + 5 < 30
     assert "/home/ubuntu/.ray/auth_token" in cluster["file_mounts"]

@@ -159,6 +159,23 @@ def test_every_field_is_honoured(endpoint):
     assert status == 404 and body["error"]["code"] == "model_not_found"
 
 
+def test_a_completion_says_where_its_time_went_in_the_replica(endpoint):
+    def timing(max_tokens):
+        started = time.perf_counter()
+        status, _, headers = _post(endpoint["url"], {"prompt": "def add(a, b):\n", "max_tokens": max_tokens,
+                                                     "temperature": 0})
+        wall_ms = 1000 * (time.perf_counter() - started)
+        assert status == 200
+        parts = {name: float(ms) for name, ms in (p.split(";dur=") for p in headers["server-timing"].split(", "))}
+        assert list(parts) == ["admit", "queue", "generate", "replica"] and min(parts.values()) >= 0
+        assert parts["admit"] + parts["queue"] + parts["generate"] == pytest.approx(parts["replica"], abs=0.05)
+        assert parts["replica"] < wall_ms  # the client's time includes the replica's
+        return parts
+
+    short, long = timing(1), timing(60)
+    assert long["generate"] > short["generate"]
+
+
 def test_models_lists_the_served_version(endpoint):
     with urllib.request.urlopen(f"{endpoint['url']}/v1/models", timeout=30) as response:
         body = json.loads(response.read())
