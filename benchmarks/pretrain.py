@@ -13,8 +13,10 @@ tokens/s over the steps after a warm-up (compilation happens in the warm-up).
 - reference: a loop written here in ten lines, nanoGPT's recipe: bf16 autocast on a
   GPU, fused AdamW, optional torch.compile, no logging, no accumulation.
 - ray (without --no-ray): the project's step inside a Ray Train worker fed by Ray
-  Data from parquet shards, as `gptforge run` trains; the ratio ray / project
-  is what Ray costs. And Ray Data's feed alone, in tokens/s.
+  Data from parquet shards and logging to MLflow, as `gptforge run` trains; the
+  ratio ray / project is what Ray costs. It runs once per round, after that
+  round's no-Ray windows (`--rounds`); the reported ratio is the median of the
+  rounds'. And Ray Data's feed alone, in tokens/s.
 
 `--no-ray` imports only torch, numpy and the project's components, so it runs on a GPU
 machine that has PyTorch and nothing else. MFU is against the device's dense bf16
@@ -59,22 +61,38 @@ def main() -> None:
           f"after {args.warmup_windows} warm-up", flush=True)
 
     # Windows of the two paths alternate, so a machine that slows down part-way (shared CPUs)
-    # slows both alike and the ratio holds.
+    # slows both alike and the ratio holds. The Ray path cannot alternate window by window (a
+    # Ray Train run is one job), so it alternates by round: each round measures the project's
+    # windows with no Ray running, then one Ray Train run; the ratio is taken within a round.
     reference = _reference_windows(cfg, rows, args, device)
     project = _project_windows(cfg, rows, args, device, precision)
     times = {"reference": [], "project": []}
-    for window in range(args.warmup_windows + args.windows):
-        for name, path in (("reference", reference), ("project", project)):
-            tokens_per_s = next(path)
-            if window >= args.warmup_windows:
-                times[name].append(tokens_per_s)
+    rounds, feed = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(args.rounds):
+            measured = {"project": []}
+            for window in range(args.warmup_windows + args.windows if round_ == 0 else args.windows):
+                for name, path in (("reference", reference), ("project", project)):
+                    tokens_per_s = next(path)
+                    if round_ > 0 or window >= args.warmup_windows:
+                        times[name].append(tokens_per_s)
+                        measured.setdefault(name, []).append(tokens_per_s)
+            if not args.no_ray:
+                ray_tps, waiting, round_feed = _ray(cfg, rows, args, device, total_steps, tmp, measure_feed=feed is None)
+                feed = feed or round_feed
+                rounds.append((statistics.median(measured["project"]), ray_tps, waiting))
+                print(f"  round {round_ + 1}: project {rounds[-1][0]:,.0f} tok/s, ray {ray_tps:,.0f} tok/s "
+                      f"({ray_tps / rounds[-1][0]:.2f}x; {waiting:.1%} of the Ray path's time waiting for data)",
+                      flush=True)
     results = {name: statistics.median(values) for name, values in times.items()}
     for name, tps in results.items():
-        print(f"  {name:<10} {tps:>12,.0f} tok/s (median of {args.windows} windows)", flush=True)
-    if not args.no_ray:
-        results["ray"], feed = _ray(cfg, rows, args, device, total_steps)
-        print(f"  ray        {results['ray']:>12,.0f} tok/s", flush=True)
-        print(f"  Ray Data feed alone: {feed:,.0f} tok/s (one consumer)")
+        print(f"  {name:<10} {tps:>12,.0f} tok/s (median of {len(times[name])} windows)", flush=True)
+    if rounds:
+        results["ray"] = statistics.median(r[1] for r in rounds)
+        ratio = statistics.median(r[1] / r[0] for r in rounds)
+        print(f"  ray        {results['ray']:>12,.0f} tok/s (median of {len(rounds)} runs)")
+        print(f"  Ray path / project, median of the rounds' ratios: {ratio:.2f}x (goal >= 0.95x on this machine)")
+        print(f"  Ray Data feed alone: {feed:,.0f} tok/s (one consumer, the workers' iterator settings)")
 
     print()
     print(f"| path | tokens/s | MFU | vs reference |{' vs project |' if 'ray' in results else ''}")
@@ -99,6 +117,8 @@ def _args():
     p.add_argument("--window", type=int, default=10, help="steps per measured window")
     p.add_argument("--windows", type=int, default=3, help="measured windows")
     p.add_argument("--warmup-windows", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds of (project windows, one Ray Train run); the Ray ratio is their median")
     p.add_argument("--no-ray", action="store_true", help="skip the Ray Train path (needs only PyTorch)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers for the ray path")
     return p.parse_args()
@@ -139,7 +159,7 @@ def _project_windows(cfg, rows, args, device, precision):
     model = parallel.parallelize(gpt.GPT(cfg), "ddp", device, precision, args.compile)
     epoch = lambda e: ({"tokens": rows[i:i + args.batch_size]} for i in range(0, len(rows), args.batch_size))
     batches = Batches(epoch)
-    total = (args.warmup_windows + args.windows) * args.window
+    total = (args.warmup_windows + args.windows * args.rounds) * args.window
     loop = LoopConfig(max_steps=total, lr=1e-4, min_lr=1e-5, warmup_steps=0, weight_decay=0.1, grad_clip=1.0,
                       log_every=args.window)
     optimizer = make_optimizer(model, loop, device)
@@ -151,43 +171,57 @@ def _project_windows(cfg, rows, args, device, precision):
         yield logs[-1]["train/tokens_per_s"]
 
 
-def _ray(cfg, rows, args, device, total_steps) -> tuple[float, float]:
-    """The same step inside Ray Train workers fed by Ray Data from parquet, as `gptforge run` trains."""
+def _ray(cfg, rows, args, device, total_steps, tmp, measure_feed) -> tuple[float, float, float | None]:
+    """One Ray Train run of the project's step, fed by Ray Data from parquet and logging to MLflow as
+    `gptforge run` trains; Ray is started for the run and shut down after it.
+
+    Returns the median tokens/s per worker over the windows after the warm-up, the median share of
+    those windows spent waiting for data, and (with `measure_feed`) Ray Data's feed alone in tokens/s.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from components.train import rows_from_arrow, to_inputs_and_targets
     from pipelines import ray_runtime
+    from pipelines.tracking import Tracker
 
-    with tempfile.TemporaryDirectory() as tmp:
-        data = os.path.join(tmp, "train.parquet")
+    data = os.path.join(tmp, "train.parquet")
+    if not os.path.exists(data):
         feed_rows = np.tile(rows, (max(1, 20000 // len(rows)), 1)).astype(np.int32)  # enough rows to time the feed
         pq.write_table(pa.table({"tokens": pa.array(list(feed_rows), pa.list_(pa.int32()))}), data)
-        tokenizer = os.path.join(tmp, "tokenizer.json")
-        Path(tokenizer).write_text("{}")
-        ray_runtime.init_ray(num_cpus=max(4, args.workers + 2))
-        try:
-            import ray.data
+    tokenizer = os.path.join(tmp, "tokenizer.json")
+    Path(tokenizer).write_text("{}")
+    tracker = Tracker(f"sqlite:///{tmp}/mlflow.db", "benchmark", artifact_location=os.path.join(tmp, "artifacts"))
+    ray_runtime.init_ray(num_cpus=max(4, args.workers + 2))
+    try:
+        import ray.data
 
+        feed = None
+        if measure_feed:  # the iterator settings the workers use (pipelines/ray_runtime.py)
             dataset = ray.data.read_parquet(data).materialize()
             start, tokens = time.perf_counter(), 0
-            for table in dataset.iter_batches(batch_size=args.batch_size, batch_format="pyarrow", prefetch_batches=4):
+            for table in dataset.iter_batches(batch_size=args.batch_size, batch_format="pyarrow", drop_last=True,
+                                              prefetch_batches=4, local_shuffle_buffer_size=args.batch_size * 8,
+                                              local_shuffle_seed=0):
                 x, _ = to_inputs_and_targets(rows_from_arrow(table))
                 tokens += x.numel()
             feed = tokens / (time.perf_counter() - start)
 
-            loop = dict(max_steps=total_steps, lr=1e-4, min_lr=1e-5, warmup_steps=0, weight_decay=0.1, grad_clip=1.0,
-                        log_every=args.window, checkpoint_every=total_steps)
+        loop = dict(max_steps=total_steps, lr=1e-4, min_lr=1e-5, warmup_steps=0, weight_decay=0.1, grad_clip=1.0,
+                    log_every=args.window, checkpoint_every=total_steps)
+        with tracker.run("ray-path") as logger:
             spec = ray_runtime.TrainSpec(
-                name=f"bench-{os.getpid()}", loop=loop, batch_size=args.batch_size, seed=0,
-                model_config=cfg.to_dict(), init_from=None, lora=None, extra_files=(tokenizer,), logger=None,
+                name=f"bench-{logger.run_id}", loop=loop, batch_size=args.batch_size, seed=0,
+                model_config=cfg.to_dict(), init_from=None, lora=None, extra_files=(tokenizer,), logger=logger,
                 strategy="ddp", precision=args.precision, compile=args.compile)
             workers = ray_runtime.Workers(args.workers, use_gpu=device.type == "cuda")
-            result = ray_runtime.fit(spec, data, None, workers, os.path.join(tmp, "ray"))
-            # The final report carries the last window's figure: measured after the warm-up windows.
-            return result.metrics["train/tokens_per_s"] / args.workers, feed
-        finally:
-            ray_runtime.shutdown_ray()
+            ray_runtime.fit(spec, data, None, workers, os.path.join(tmp, "ray"))
+            after_warmup = args.warmup_windows * args.window
+            speed = [v for step, v in logger.metric_history("train/tokens_per_s") if step > after_warmup]
+            waiting = [v for step, v in logger.metric_history("train/data_wait_frac") if step > after_warmup]
+        return statistics.median(speed) / args.workers, statistics.median(waiting), feed
+    finally:
+        ray_runtime.shutdown_ray()
 
 
 def _sync(device) -> None:

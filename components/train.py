@@ -219,6 +219,7 @@ def train(
     model.train()
     loss_sum = torch.zeros((), device=device)  # summed on the device: reading it would sync the GPU
     window_steps, tokens_since, tokens_seen = 0, 0, 0
+    data_wait = 0.0  # seconds of this window spent waiting for batches
     window_start = time.perf_counter()
     metrics: dict = {}
     grad_norm = torch.zeros(())
@@ -226,7 +227,9 @@ def train(
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        fetch_start = time.perf_counter()
         micro = [to_inputs_and_targets(next(batches)) for _ in range(cfg.grad_accum)]  # on the CPU
+        data_wait += time.perf_counter() - fetch_start
         # Weight each micro-batch by its share of the step's trained tokens, so that k
         # micro-batches give the same update as one batch k times larger, masks included.
         counts = [int((y != IGNORE_INDEX).sum()) for _, y in micro]
@@ -265,6 +268,9 @@ def train(
                 "train/lr": lr,
                 "train/grad_norm": float(grad_norm),
                 "train/tokens_per_s": tokens_per_s,
+                # Share of the window's wall time spent getting batches: a feed that falls behind
+                # shows here. On a GPU the device may still be busy with earlier steps meanwhile.
+                "train/data_wait_frac": min(1.0, data_wait / max(elapsed, 1e-9)),
                 "train/tokens_seen": tokens_seen,
                 "train/step": done,
             }
@@ -277,7 +283,7 @@ def train(
                 model.train()
             hooks.log(metrics, done)
             loss_sum.zero_()
-            window_steps, tokens_since = 0, 0
+            window_steps, tokens_since, data_wait = 0, 0, 0.0
             window_start = time.perf_counter()  # validation time does not count against tokens/s
         if last or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
             hooks.checkpoint(done, optimizer)

@@ -21,6 +21,13 @@ from typing import Callable
 # end of a run. A shorter interval saves those seconds. Must be set before ray.init.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
+# Ray starts its workers (training workers, Data tasks, Serve replicas) at nice 15, below
+# its own daemons. Then any other process on the machine, down to a kernel thread or
+# the driver polling for progress, takes a core from training before the training gets
+# it back: on the 2-core development machine the Ray path ran at 0.87x the same step
+# without Ray, and at 1.04x with the workers at nice 0 (benchmarks/pretrain.py, README).
+os.environ.setdefault("RAY_worker_niceness", "0")
+
 # Ray Serve's high-throughput mode (Ray's docs: "Enable High Throughput on Ray Serve").
 # HTTP goes from HAProxy (bundled with ray[serve]) straight to the replica's own
 # server; the default Python proxy adds two actor calls per request (the replica

@@ -146,6 +146,11 @@ class RunLogger:
         """Keep the stage's output record (`components.artifacts.to_json`) on its run for --resume."""
         self.set_tags({OUTPUT_TAG: record_json})
 
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        """Every (step, value) logged for `key`, in step order."""
+        history = _client(self.tracking_uri).get_metric_history(self.run_id, key)
+        return sorted((m.step, m.value) for m in history)
+
     def latest_metrics(self) -> dict:
         """The newest value of every metric of the run."""
         return self.snapshot()[0]

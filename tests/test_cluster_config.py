@@ -67,6 +67,7 @@ def test_secure_defaults(cluster):
         (start,) = [c for c in commands if "ray start" in c]
         settings = dict(word.split("=", 1) for word in start.split("ray start")[0].split())
         assert settings["RAY_AUTH_MODE"] == "token"
+        assert settings["RAY_worker_niceness"] == "0"  # training at the daemons' priority, as locally
         # The same Serve ingress as a local run (pipelines/ray_runtime.py), with a drain that fits
         # in Serve's 30 s shutdown wait together with its 5 s margin.
         assert settings["RAY_SERVE_ENABLE_HA_PROXY"] == settings["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"

@@ -149,3 +149,13 @@ def test_lora_fine_tuning_under_fsdp_saves_a_merged_plain_model(setup):
     assert not any(isinstance(m, LoRALinear) for m in tuned.modules())
     changed = [n for n, p in tuned.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
     assert changed and all(".h." in n and n.endswith(".weight") for n in changed)  # only the adapted Linears
+
+
+def _niceness() -> int:
+    return os.nice(0)
+
+
+def test_ray_workers_run_at_the_drivers_priority(ray_cluster):
+    # Ray's default puts workers at nice 15, where any other busy process slows training
+    # (pipelines/ray_runtime.py): the Ray the project starts keeps them level with the driver.
+    assert ray_runtime.run_task(_niceness) == os.nice(0)

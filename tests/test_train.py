@@ -198,3 +198,21 @@ def test_compiled_model_trains_like_the_eager_one():
     for name, model in (("eager", eager), ("compiled", compiled)):
         train(model, _batches(), _loop(20), Hooks(log=lambda m, s, name=name: logs[name].append(m["train/loss"])))
     assert logs["compiled"] == pytest.approx(logs["eager"], rel=1e-3)
+
+
+def test_the_share_of_time_spent_waiting_for_data_is_logged():
+    import time
+
+    def slow(batches, seconds):
+        for batch in batches:
+            time.sleep(seconds)  # a feed that cannot keep up
+            yield batch
+
+    def waiting(batches):
+        logs = []
+        train(_tiny_model(), batches, _loop(10), Hooks(log=lambda m, s: logs.append(m["train/data_wait_frac"])))
+        return logs[-1]
+
+    # The tiny step takes a few milliseconds: 50 ms per batch is most of the window.
+    assert waiting(slow(_batches(), 0.05)) > 0.5
+    assert waiting(_batches()) < 0.2
