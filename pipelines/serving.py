@@ -47,6 +47,7 @@ from components.files import IntegrityError
 APP_NAME = "gptforge"
 EOT_ID = 0  # components.data.EOT is id 0 in every tokenizer gptforge trains
 VERSION_HEADER = "x-gptforge-model-version"
+REPLICA_HEADER = "x-gptforge-replica"  # which replica answered (with several, HAProxy spreads the requests)
 
 
 @dataclass
@@ -268,11 +269,11 @@ class _Reply:
 class Engine:
     """The replica's model, its batching loop, and the registry watcher that swaps models."""
 
-    def __init__(self, loader, limits: dict, device: str):
+    def __init__(self, loader, limits: dict, device: str, replica: str = "local"):
         from components.batching import Batcher
         from components.generation import batch_fits
 
-        self.loader, self.limits, self.device = loader, limits, device
+        self.loader, self.limits, self.device, self.replica = loader, limits, device, replica
         self.current: LoadedModel = loader(device) if _takes_device(loader) else loader()
         self.created = int(time.time())
         self.batcher = Batcher(self._run_batch, limits["max_batch_size"], limits["batch_wait_timeout_s"],
@@ -326,7 +327,9 @@ def _deployment():
             import ray
 
             device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-            self.engine = Engine(loader, limits, device)
+            from ray import serve
+
+            self.engine = Engine(loader, limits, device, serve.get_replica_context().replica_id.unique_id)
             self.limits = Limits(**{k: limits[k] for k in ("max_body_bytes", "max_prompt_chars", "max_tokens_cap",
                                                            "max_choices")})
 
@@ -402,7 +405,7 @@ async def _complete(engine: Engine, limits: Limits, request: Request):
                            headers={"Retry-After": str(error.retry_after_s)}) from None
     cid = api_shapes.new_id()
     prompt_tokens = sum(len(i) for i in ids)
-    headers = {VERSION_HEADER: loaded.model_id}
+    headers = {VERSION_HEADER: loaded.model_id, REPLICA_HEADER: engine.replica}
     want_logprobs = req.logprobs is not None
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

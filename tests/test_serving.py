@@ -69,3 +69,30 @@ def test_a_deploy_that_never_gets_healthy_times_out_and_leaves_nothing(ray_local
         serving.deploy(functools.partial(time.sleep, 600), ServeConfig(port=port), timeout_s=10)  # a hung loader
     assert time.monotonic() - started < 120
     assert not _serve_application_running() and _port_free(port)
+
+
+# Slow (two replicas to start on 2 cores); `./scripts/test -m slow tests/test_serving.py`.
+@pytest.mark.slow
+def test_two_replicas_behind_haproxy_share_the_requests(ray_local, candidate):
+    import concurrent.futures
+    import json
+    import urllib.request
+
+    folder, pin = candidate
+    cfg = ServeConfig(port=free_port(), num_replicas=2, num_cpus=0.5, max_batch_size=4, poll_interval_s=0)
+    url = serving.deploy(serving.FolderLoader(str(folder), "tiny:v1", pin), cfg, timeout_s=300)
+    try:
+        def complete(i):
+            request = urllib.request.Request(
+                f"{url}/v1/completions", method="POST", headers={"Content-Type": "application/json"},
+                data=json.dumps({"prompt": f"x = {i}", "max_tokens": 8}).encode())
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, response.headers[serving.REPLICA_HEADER], response.headers[serving.VERSION_HEADER]
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(complete, range(48)))
+    finally:
+        serving.shutdown()
+    assert {status for status, _, _ in answers} == {200}
+    assert {version for _, _, version in answers} == {"tiny:v1"}
+    assert len({replica for _, replica, _ in answers}) == 2, answers  # both replicas answered
