@@ -325,10 +325,9 @@ def _deployment():
 
             torch.set_num_threads(1)  # the replica holds a fraction of a CPU
             import ray
-
-            device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
             from ray import serve
 
+            device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
             self.engine = Engine(loader, limits, device, serve.get_replica_context().replica_id.unique_id)
             self.limits = Limits(**{k: limits[k] for k in ("max_body_bytes", "max_prompt_chars", "max_tokens_cap",
                                                            "max_choices")})
