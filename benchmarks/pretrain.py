@@ -70,17 +70,16 @@ def main() -> None:
     rounds, feed = [], None
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
-            measured = {"project": []}
             for window in range(args.warmup_windows + args.windows if round_ == 0 else args.windows):
                 for name, path in (("reference", reference), ("project", project)):
                     tokens_per_s = next(path)
                     if round_ > 0 or window >= args.warmup_windows:
                         times[name].append(tokens_per_s)
-                        measured.setdefault(name, []).append(tokens_per_s)
             if not args.no_ray:
                 ray_tps, waiting, round_feed = _ray(cfg, rows, args, device, total_steps, tmp, measure_feed=feed is None)
                 feed = feed or round_feed
-                rounds.append((statistics.median(measured["project"]), ray_tps, waiting))
+                this_round = times["project"][-args.windows:]  # the project's windows measured just before
+                rounds.append((statistics.median(this_round), ray_tps, waiting))
                 print(f"  round {round_ + 1}: project {rounds[-1][0]:,.0f} tok/s, ray {ray_tps:,.0f} tok/s "
                       f"({ray_tps / rounds[-1][0]:.2f}x; {waiting:.1%} of the Ray path's time waiting for data)",
                       flush=True)

@@ -104,10 +104,11 @@ def _worker(rank: int, args, cfg: gpt.GPTConfig, strategy: str, tp: int, store: 
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
     pieces = parallel.held_parameters(model)
+    param_bytes = sum(p[4] for p in pieces)
     mine = {
         "param_count": sum(p[3] for p in pieces),
-        "param_bytes": sum(p[4] for p in pieces),
-        "state_bytes": _state_bytes(model, optimizer),
+        "param_bytes": param_bytes,
+        "state_bytes": _state_bytes(param_bytes, optimizer),
         "peak_bytes": _peak(device),
         "elapsed_s": elapsed,
     }
@@ -126,16 +127,15 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _state_bytes(model, optimizer) -> int:
+def _state_bytes(param_bytes: int, optimizer) -> int:
     """Bytes of what training keeps between steps on this worker: parameters, gradients, AdamW moments.
 
     Gradients are freed by the loop after each step (set_to_none), so they count as the
-    parameters' size: what the backward pass allocates again.
+    parameters' size (`param_bytes`, this worker's pieces): what the backward pass allocates again.
     """
-    params = sum(_local(p).numel() * p.element_size() for p in model.parameters())
     moments = sum(_local(t).numel() * t.element_size() for state in optimizer.state.values()
                   for t in state.values() if isinstance(t, torch.Tensor) and t.dim() > 0)
-    return 2 * params + moments
+    return 2 * param_bytes + moments
 
 
 def _reset_peak(device: torch.device) -> None:

@@ -273,10 +273,14 @@ class ExperimentConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
 
 
+# Training strategies (components/parallel.py builds them); the last two split layers over a tp group.
+STRATEGIES = ("ddp", "fsdp", "tp", "fsdp+tp")
+TENSOR_PARALLEL = ("tp", "fsdp+tp")
+
 # Values that are checked beyond their type: key -> allowed values.
 _CHOICES = {
-    "pretrain.strategy": ("ddp", "fsdp", "tp", "fsdp+tp"),
-    "finetune.strategy": ("ddp", "fsdp", "tp", "fsdp+tp"),
+    "pretrain.strategy": STRATEGIES,
+    "finetune.strategy": STRATEGIES,
     "pretrain.precision": ("auto", "bf16", "fp16", "fp32"),
     "finetune.precision": ("auto", "bf16", "fp16", "fp32"),
     "finetune.method": ("lora", "full"),
@@ -522,7 +526,7 @@ def _validate_tensor_parallel(cfg: ExperimentConfig, section: str) -> list[str]:
     t: TrainingConfig = getattr(cfg, section)
     if t.tp_degree <= 0:
         return [f"{section}.tp_degree: must be positive, got {t.tp_degree}"]
-    if t.strategy not in ("tp", "fsdp+tp"):
+    if t.strategy not in TENSOR_PARALLEL:
         if t.tp_degree != 1:
             return [f"{section}.tp_degree: {t.tp_degree} only applies to strategy tp or fsdp+tp "
                     f"({section}.strategy is {t.strategy!r}); set it to 1 or change the strategy"]
@@ -550,7 +554,7 @@ def _validate_tensor_parallel(cfg: ExperimentConfig, section: str) -> list[str]:
 
 def data_parallel_workers(training: TrainingConfig) -> int:
     """Workers that train on different rows: a tensor-parallel group shares one batch."""
-    if training.strategy in ("tp", "fsdp+tp") and training.tp_degree > 0:
+    if training.strategy in TENSOR_PARALLEL and training.tp_degree > 0:
         return max(1, training.num_workers // training.tp_degree)
     return training.num_workers
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import itertools
 import json
 import os
 import sysconfig
@@ -316,25 +317,16 @@ def extract_function_pairs(source: str, *, max_bytes: int = 0, max_pairs: int = 
     Raises:
         DataError: missing path, unsupported file type, bad jsonl line.
     """
-    if source == _STDLIB:
-        files = _iter_tree(_stdlib_root(), (".py",), _STDLIB_SKIP_DIRS, max_bytes)
-        pairs = [p for doc in files for p in _function_pairs(doc)]
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise DataError(
-                f"finetune.source={source!r} does not exist; give a folder of .py files, a .jsonl file, or 'stdlib'"
-            )
-        if path.is_dir():
-            files = _iter_tree(path, (".py",), frozenset(), max_bytes)
-            pairs = [p for doc in files for p in _function_pairs(doc)]
-        elif path.suffix == ".jsonl":
-            pairs = list(_iter_jsonl_pairs(path))
-        else:
+    path = Path(source)
+    if source != _STDLIB and path.exists() and not path.is_dir():  # one file: pairs as they are
+        if path.suffix != ".jsonl":
             raise DataError(
                 f"finetune.source={source!r}: unsupported file type {path.suffix!r}; "
                 "give a folder of .py files, a .jsonl file of prompt/completion objects, or 'stdlib'"
             )
+        pairs = list(_iter_jsonl_pairs(path))
+    else:  # the stdlib or a folder of .py files (a missing path fails in _sft_documents)
+        pairs = [p for doc in _sft_documents(source, max_bytes) for p in _function_pairs(doc)]
     if max_pairs > 0 and len(pairs) > max_pairs:
         keep = set(sorted(range(len(pairs)), key=lambda i: _subset_key(pairs[i].doc_id + pairs[i].prompt))[:max_pairs])
         pairs = [p for i, p in enumerate(pairs) if i in keep]
@@ -441,9 +433,10 @@ def source_fingerprint(source: str = "stdlib", *, text_field: str = "text", max_
     Raises:
         DataError: a missing path or an unsupported file type, as `iter_documents` says.
     """
-    docs = list(iter_documents(source, text_field=text_field, max_bytes=max_bytes))
-    sft = [Document(f"sft:{d.doc_id}", d.text) for d in _sft_documents(sft_source, sft_max_bytes)]
-    return fingerprint([*docs, *sft], format_version=_FORMAT_VERSION, text_field=text_field)
+    docs = iter_documents(source, text_field=text_field, max_bytes=max_bytes)
+    sft = (Document(f"sft:{d.doc_id}", d.text) for d in _sft_documents(sft_source, sft_max_bytes))
+    # Streamed, one document at a time: the corpus is never all in memory.
+    return fingerprint(itertools.chain(docs, sft), format_version=_FORMAT_VERSION, text_field=text_field)
 
 
 def _sft_documents(source: str, max_bytes: int) -> Iterator[Document]:

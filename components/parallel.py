@@ -16,9 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from components import tensor_parallel
-
-STRATEGIES = ("ddp", "fsdp", "tp", "fsdp+tp")
-TENSOR_PARALLEL = ("tp", "fsdp+tp")
+from components.config import STRATEGIES, TENSOR_PARALLEL
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s, no sparsity), from NVIDIA's data sheets.
 # MFU is reported against these whatever precision trains, as nanoGPT and the issue's
@@ -115,33 +113,29 @@ def parallelize(model: nn.Module, strategy: str, device: torch.device, precision
     if strategy in TENSOR_PARALLEL:
         mesh = _tensor_parallel_mesh(device, tp_degree)
         tensor_parallel.apply(model, mesh, grads_averaged_by_hand=strategy == "tp" and mesh["dp"].size() > 1)
+    if strategy == "ddp":
+        if compile:
+            model = torch.compile(model)
+        if distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return model
+    shard = None  # FSDP2's arguments, under fsdp and fsdp+tp
     if strategy in ("fsdp", "fsdp+tp"):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         policy = MixedPrecisionPolicy(param_dtype=precision.autocast_dtype, reduce_dtype=torch.float32)
         shard = dict(mp_policy=policy, mesh=mesh["dp"]) if strategy == "fsdp+tp" else dict(mp_policy=policy)
-        blocks = model.transformer.h
-        for i, block in enumerate(blocks):
-            if compile:
-                block = torch.compile(block)
-                blocks[i] = block
-            if distributed:
-                fully_shard(block, **shard)
-        if distributed:
-            fully_shard(model, **shard)
-        return model
-    if strategy == "tp":
+    # Each block is compiled after tensor parallelism split it and before FSDP shards it.
+    blocks = model.transformer.h
+    for i, block in enumerate(blocks):
         if compile:
-            blocks = model.transformer.h
-            for i, block in enumerate(blocks):
-                blocks[i] = torch.compile(block)
-        return model
-    if compile:
-        model = torch.compile(model)
-    if distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            blocks[i] = block = torch.compile(block)
+        if shard is not None and distributed:
+            fully_shard(block, **shard)
+    if shard is not None and distributed:
+        fully_shard(model, **shard)
     return model
 
 

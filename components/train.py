@@ -246,7 +246,7 @@ def train(
         if scaler:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         with mixed_tensors(model):
-            grad_norm = _clip(params, cfg.grad_clip)
+            grad_norm = clip_grad_norm(params, cfg.grad_clip)  # 0: no clipping; the norm stays on the device
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
@@ -314,11 +314,6 @@ def validation_loss(model: nn.Module, batches: Iterable[dict], num_batches: int,
         total += loss.float()
         count += 1
     return _mean_over_ranks(total / max(count, 1))
-
-
-def _clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Clip to `max_norm` (0: do not clip) and return the global norm, still on the device."""
-    return clip_grad_norm(params, max_norm)
 
 
 def _mean_over_ranks(value: torch.Tensor) -> float:

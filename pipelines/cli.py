@@ -19,7 +19,7 @@ from components.config import ConfigError, ExperimentConfig, load_config
 from components.data import DataError
 from components.files import IntegrityError
 from pipelines.jobs import JobError
-from pipelines.schedule import ScheduleError
+from pipelines.schedule import MISSED_POLICIES, ScheduleError
 from pipelines.serving import ServeError
 from pipelines.tracking import TrackingError, redact
 
@@ -143,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="also run when the fingerprint of data.source / finetune.source changes")
     schedule.add_argument("--poll", type=float, default=60.0, metavar="SECONDS",
                           help="how often --on-new-data reads the sources (default: 60)")
-    schedule.add_argument("--missed", choices=("run_once", "skip"), default="run_once",
+    schedule.add_argument("--missed", choices=MISSED_POLICIES, default="run_once",
                           help="a slot missed while the scheduler was down: run it once (default) or skip it")
     schedule.add_argument("--history", action="store_true", help="print the trigger history and exit")
     schedule.set_defaults(handler=_schedule)
@@ -355,7 +355,7 @@ def _submit(args) -> int:
                          run_name=args.run_name, no_cache=args.no_cache)
     print(f"submitted job {job_id} to {redact(address)}", flush=True)
     if not args.follow:
-        print(f"follow it with: gptforge logs {job_id} --follow" + (f" --address {address}" if args.address else ""))
+        print(f"follow it with: gptforge logs {job_id} --follow" + (f" --address {redact(address)}" if args.address else ""))
         return 0
     return _follow(job_id, address)
 
@@ -434,7 +434,7 @@ def _schedule(args) -> int:
                           tz_name=args.timezone, fingerprint=fingerprint, poll_s=args.poll, missed=args.missed,
                           say=lambda m: print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {m}", flush=True))
     jobs.client(address)  # an unreachable job server fails now, not at the first trigger
-    print(f"gptforge schedule: experiment {cfg.name!r} -> jobs at {address}; history in {history.path}", flush=True)
+    print(f"gptforge schedule: experiment {cfg.name!r} -> jobs at {redact(address)}; history in {history.path}", flush=True)
     scheduler.run_forever()
     return 0
 

@@ -121,9 +121,6 @@ def run_pipeline(cfg: ExperimentConfig, progress: Progress, resume: InterruptedR
     return PipelineResult(parent.run_id, tracker.tracking_uri, cfg.name, reports, decision, version)
 
 
-RESUMABLE_STAGES = ("prepare_data", "pretrain", "finetune")  # the later stages take seconds: they run again
-
-
 class StageRunner:
     """Runs a stage in its own nested MLflow run and records its output under its cache key, or
     reuses an output: the one an interrupted run recorded (`--resume`; an interrupted stage
@@ -137,8 +134,9 @@ class StageRunner:
         self.tracker, self.parent, self.progress, self.resume = tracker, parent, progress, resume
         self.cache_cfg = cache_cfg
         if resume:
-            # Runs the killed driver left RUNNING that no stage will continue (candidates, ...).
-            continued = {resume.unfinished_run(name) for name in RESUMABLE_STAGES}
+            # Runs the killed driver left RUNNING that no stage will continue (candidates, ...):
+            # the stages that continue are those whose outputs are recorded, the cached ones.
+            continued = {resume.unfinished_run(name) for name in stage_cache.CACHED_STAGES}
             tracker.end_runs([r for r in resume.running if r not in continued], "KILLED")
 
     def run(self, name: str, params: dict, work: Callable[[RunLogger], object], total_steps: int | None = None,

@@ -199,7 +199,9 @@ def _data_config(spec: TrainSpec):
     """
     from ray.train import DataConfig
 
-    if spec.strategy not in ("tp", "fsdp+tp") or spec.tp_degree == 1:
+    from components.config import TENSOR_PARALLEL
+
+    if spec.strategy not in TENSOR_PARALLEL or spec.tp_degree == 1:
         return DataConfig()
     tp = spec.tp_degree
 

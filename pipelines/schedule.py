@@ -163,8 +163,6 @@ class Scheduler:
         cron: a cron expression (or None), read in `tz_name`.
         fingerprint: returns the data sources' fingerprint; with `poll_s`, a change triggers a run.
         missed: `run_once` (the newest slot missed while down runs once) or `skip` (recorded only).
-        submit: submits one job (experiment, overrides, run name, job id) and returns its id.
-        status: the status of a job id. Both default to the Ray job server of `template.address`.
     """
 
     def __init__(self, template: JobTemplate, history: History, lock_path: str | Path, *, cron: str | None = None,

@@ -269,7 +269,7 @@ class _Reply:
 class Engine:
     """The replica's model, its batching loop, and the registry watcher that swaps models."""
 
-    def __init__(self, loader, limits: dict, device: str, replica: str = "local"):
+    def __init__(self, loader, limits: dict, device: str, replica: str):
         from components.batching import Batcher
         from components.generation import batch_fits
 
@@ -511,7 +511,8 @@ class ServeError(RuntimeError):
 def _check_port_free(host: str, port: int) -> None:
     # Serve's proxy would fail to bind in the background and leave us waiting for /healthz.
     with socket.socket() as s:
-        # As the proxy (uvicorn) binds: connections of a previous server in TIME_WAIT do not count.
+        # As the ingress (HAProxy or Serve's uvicorn) binds: a previous server's connections in
+        # TIME_WAIT do not count.
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
