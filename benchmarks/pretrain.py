@@ -20,11 +20,12 @@ tokens/s over the steps after a warm-up (compilation happens in the warm-up).
 
 `--no-ray` imports only torch, numpy and the project's components, so it runs on a GPU
 machine that has PyTorch and nothing else. MFU is against the device's dense bf16
-peak (`components.parallel.PEAK_TFLOPS`); a CPU has none.
+peak (`components.devices.PEAK_TFLOPS`); a CPU has none.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -38,8 +39,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from components import model as gpt  # noqa: E402
-from components import parallel  # noqa: E402
-from components.train import Batches, Hooks, LoopConfig, make_optimizer, train  # noqa: E402
+from components import devices, parallel  # noqa: E402
+from components.config import TrainingConfig  # noqa: E402
+from components.recipe import TrainPlan  # noqa: E402
+from components.tokenizer import TOKENIZER_FILE  # noqa: E402
+from components.train import Batches, Hooks, make_optimizer, train  # noqa: E402
 
 
 def main() -> None:
@@ -47,11 +51,11 @@ def main() -> None:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    parallel.configure_device(device)
-    precision = parallel.resolve_precision(args.precision, device)
+    devices.configure_device(device)
+    precision = devices.resolve_precision(args.precision, device)
     cfg = gpt.config_from_preset(args.preset, vocab_size=args.vocab_size, block_size=args.block_size, bias=args.bias)
     flops = gpt.flops_per_token(cfg)
-    peak = parallel.peak_flops(device)
+    peak = devices.peak_flops(device)
     rows = np.random.default_rng(0).integers(0, args.vocab_size, size=(args.batch_size * 16, args.block_size + 1))
     total_steps = (args.warmup_windows + args.windows) * args.window  # for the Ray path
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{args.threads} threads'}), "
@@ -130,7 +134,7 @@ def _reference_windows(cfg, rows, args, device):
     if args.compile:
         model = torch.compile(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
-    amp = parallel.resolve_precision(args.precision, device).autocast_dtype
+    amp = devices.resolve_precision(args.precision, device).autocast_dtype
     batches = torch.from_numpy(rows).view(-1, args.batch_size, args.block_size + 1)  # (N, B, T+1)
     step = 0
     while True:
@@ -159,12 +163,12 @@ def _project_windows(cfg, rows, args, device, precision):
     epoch = lambda e: ({"tokens": rows[i:i + args.batch_size]} for i in range(0, len(rows), args.batch_size))
     batches = Batches(epoch)
     total = (args.warmup_windows + args.windows * args.rounds) * args.window
-    loop = LoopConfig(max_steps=total, lr=1e-4, min_lr=1e-5, warmup_steps=0, weight_decay=0.1, grad_clip=1.0,
-                      log_every=args.window)
+    loop = TrainingConfig(max_steps=total, lr=1e-4, min_lr=1e-5, warmup_steps=0, weight_decay=0.1, grad_clip=1.0,
+                          log_every=args.window, eval_every=0, checkpoint_every=0)
     optimizer = make_optimizer(model, loop, device)
     for start in range(0, total, args.window):
         logs = []
-        window = LoopConfig(**{**loop.__dict__, "max_steps": start + args.window})
+        window = dataclasses.replace(loop, max_steps=start + args.window)
         train(model, batches, window, Hooks(log=lambda m, s: logs.append(m)), device, precision,
               optimizer=optimizer, start_step=start)
         yield logs[-1]["train/tokens_per_s"]
@@ -188,7 +192,7 @@ def _ray(cfg, rows, args, device, total_steps, tmp, measure_feed) -> tuple[float
     if not os.path.exists(data):
         feed_rows = np.tile(rows, (max(1, 20000 // len(rows)), 1)).astype(np.int32)  # enough rows to time the feed
         pq.write_table(pa.table({"tokens": pa.array(list(feed_rows), pa.list_(pa.int32()))}), data)
-    tokenizer = os.path.join(tmp, "tokenizer.json")
+    tokenizer = os.path.join(tmp, TOKENIZER_FILE)
     Path(tokenizer).write_text("{}")
     tracker = Tracker(f"sqlite:///{tmp}/mlflow.db", "benchmark", artifact_location=os.path.join(tmp, "artifacts"))
     ray_runtime.init_ray(num_cpus=max(4, args.workers + 2))
@@ -206,15 +210,14 @@ def _ray(cfg, rows, args, device, total_steps, tmp, measure_feed) -> tuple[float
                 tokens += x.numel()
             feed = tokens / (time.perf_counter() - start)
 
-        loop = dict(max_steps=total_steps, lr=1e-4, min_lr=1e-5, warmup_steps=0, weight_decay=0.1, grad_clip=1.0,
-                    log_every=args.window, checkpoint_every=total_steps)
+        training = TrainingConfig(
+            num_workers=args.workers, use_gpu=device.type == "cuda", max_steps=total_steps, batch_size=args.batch_size,
+            lr=1e-4, min_lr=1e-5, warmup_steps=0, weight_decay=0.1, grad_clip=1.0, log_every=args.window, seed=0,
+            strategy="ddp", precision=args.precision, compile=args.compile, eval_every=0,
+            checkpoint_every=total_steps, max_failures=0)
         with tracker.run("ray-path") as logger:
-            spec = ray_runtime.TrainSpec(
-                name=f"bench-{logger.run_id}", loop=loop, batch_size=args.batch_size, seed=0,
-                model_config=cfg.to_dict(), init_from=None, lora=None, extra_files=(tokenizer,), logger=logger,
-                strategy="ddp", precision=args.precision, compile=args.compile)
-            workers = ray_runtime.Workers(args.workers, use_gpu=device.type == "cuda")
-            ray_runtime.fit(spec, data, None, workers, os.path.join(tmp, "ray"))
+            plan = TrainPlan(training, cfg, extra_files=(tokenizer,))
+            ray_runtime.fit(plan, f"bench-{logger.run_id}", data, None, os.path.join(tmp, "ray"), logger)
             after_warmup = args.warmup_windows * args.window
             speed = [v for step, v in logger.metric_history("train/tokens_per_s") if step > after_warmup]
             waiting = [v for step, v in logger.metric_history("train/data_wait_frac") if step > after_warmup]

@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere in the checkout
 
 from components.evaluate import mean_loss  # noqa: E402
-from components.model import GPT, config_from_preset, load_model, parameter_counts, save_model  # noqa: E402
+from components.accounting import parameter_counts  # noqa: E402
+from components.model import GPT, config_from_preset, load_model, save_model  # noqa: E402
 from components.quantize import VARIANTS, load_variant, quantize_model, stored_bytes  # noqa: E402
 
 

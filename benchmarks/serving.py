@@ -46,10 +46,10 @@ def _make_folder(root: Path) -> str:
     """A candidate folder of the tiny preset's shape (what `gptforge run` trains by default)."""
     import torch
 
-    from components.data import train_tokenizer
     from components.files import write_checksums
     from components.model import GPTConfig, GPT, PRESETS, save_model
     from components.quantize import quantize_model
+    from components.tokenizer import TOKENIZER_FILE, train_tokenizer
 
     torch.manual_seed(0)
     src, folder = root / "src", root / "candidate"
@@ -57,7 +57,7 @@ def _make_folder(root: Path) -> str:
     import sysconfig
 
     corpus = [p.read_text(errors="ignore") for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:60]]
-    train_tokenizer(corpus, vocab_size=4096).save(str(src / "tokenizer.json"))
+    train_tokenizer(corpus, vocab_size=4096).save(str(src / TOKENIZER_FILE))
     quantize_model(str(src), "fp32", str(folder))
     write_checksums(folder)
     return str(folder)
@@ -110,7 +110,8 @@ def _overhead(url: str, folder: str, max_tokens: int, pairs: int) -> dict:
     import torch
 
     from components.generation import Row, Sampling, generate_batch
-    from pipelines.serving import EOT_ID, FolderLoader
+    from components.tokenizer import EOT_ID
+    from pipelines.model_loading import FolderLoader
 
     torch.set_num_threads(1)
     loaded = FolderLoader(folder)()
@@ -145,10 +146,11 @@ def _serve_and_measure(folder: str, batch_size: int, clients: list[int], seconds
                        port: int, overhead: dict | None = None) -> list[dict]:
     from components.config import ServeConfig
     from pipelines import serving
+    from pipelines.model_loading import FolderLoader
 
     cfg = ServeConfig(port=port, max_batch_size=batch_size, max_choices=1, max_queued_rows=256,
                       max_ongoing_requests=256, num_cpus=1, poll_interval_s=0)
-    url = serving.deploy(serving.FolderLoader(folder, "bench:v0"), cfg, timeout_s=300)
+    url = serving.deploy(FolderLoader(folder, "bench:v0"), cfg, timeout_s=300)
     try:
         if overhead is not None:
             overhead.update(_overhead(url, folder, max_tokens, pairs=60))

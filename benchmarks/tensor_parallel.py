@@ -10,7 +10,7 @@ same model in each (seed 0), splits it with `components.parallel.parallelize` an
 the project's loop (`components.train.train`) on random tokens: `--warmup` steps,
 then `--steps` timed ones. Per worker it reports:
 
-- parameter count and bytes it holds (`components.parallel.held_parameters`);
+- parameter count and bytes it holds (`components.accounting.held_parameters`);
 - training-state bytes: parameters + gradients + AdamW moments it holds;
 - peak memory during the timed steps: on a GPU `torch.cuda.max_memory_allocated`, on
   a CPU the process's peak resident set (VmHWM, reset before the timed steps through
@@ -19,12 +19,14 @@ then `--steps` timed ones. Per worker it reports:
   workers trains on one batch, so it trains fewer tokens per step than ddp does with
   the same per-worker batch: compare tokens/s, not only step time.
 
-Each worker uses one CPU thread (NOTES.md: more oversubscribes a small machine).
+Each worker uses one CPU thread: two workers with two threads each on two cores ran
+5-20x slower than with one.
 Imports only torch and the project's components; no Ray, no MLflow.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -39,9 +41,10 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from components import accounting, devices, parallel  # noqa: E402
 from components import model as gpt  # noqa: E402
-from components import parallel  # noqa: E402
-from components.train import Hooks, LoopConfig, make_optimizer, train  # noqa: E402
+from components.config import TrainingConfig  # noqa: E402
+from components.train import Hooks, make_optimizer, train  # noqa: E402
 
 
 def main() -> None:
@@ -79,21 +82,21 @@ def _worker(rank: int, args, cfg: gpt.GPTConfig, strategy: str, tp: int, store: 
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if not cuda:
         torch.set_num_threads(1)
-    parallel.configure_device(device)
+    devices.configure_device(device)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank,
                             world_size=args.workers)
     torch.manual_seed(0)
-    model = parallel.parallelize(gpt.GPT(cfg), strategy, device, parallel.FP32, tp_degree=tp)
+    model = parallel.parallelize(gpt.GPT(cfg), strategy, device, devices.FP32, tp_degree=tp)
     replicas = parallel.data_parallel_size(model)
-    loop = LoopConfig(max_steps=args.warmup + args.steps, lr=1e-4, min_lr=1e-4, warmup_steps=0, weight_decay=0.1,
-                      grad_clip=1.0, log_every=10**9)
+    loop = TrainingConfig(max_steps=args.warmup + args.steps, lr=1e-4, min_lr=1e-4, warmup_steps=0,
+                          weight_decay=0.1, grad_clip=1.0, log_every=10**9, eval_every=0, checkpoint_every=0)
     optimizer = make_optimizer(model, loop, device)
     layout = parallel.tensor_parallel_layout(model)
     replica = layout.mesh["dp"].get_local_rank() if layout is not None else rank
     g = torch.Generator().manual_seed(1 + replica)  # a tp group draws the same rows
     batches = iter(lambda: {"tokens": torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.block_size + 1),
                                                     generator=g)}, None)
-    warm = LoopConfig(**{**loop.__dict__, "max_steps": args.warmup})
+    warm = dataclasses.replace(loop, max_steps=args.warmup)
     train(model, batches, warm, Hooks(), device, optimizer=optimizer)
     gc.collect()
     _reset_peak(device)
@@ -103,7 +106,7 @@ def _worker(rank: int, args, cfg: gpt.GPTConfig, strategy: str, tp: int, store: 
     if cuda:
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
-    pieces = parallel.held_parameters(model)
+    pieces = accounting.held_parameters(model)
     param_bytes = sum(p[4] for p in pieces)
     mine = {
         "param_count": sum(p[3] for p in pieces),

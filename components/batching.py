@@ -1,11 +1,11 @@
 """The endpoint's batching loop: requests queue up, one thread runs them in batches.
 
 Pure Python (no Ray, no HTTP). A request is a `Work` of one or more rows (prompts x n).
-The loop waits up to `wait_s` after the first queued work for more (only when the
-previous batch had company: a lone client does not pay the wait), then runs the
-oldest works whose rows fit together (`fits`, at most `max_batch_rows` rows, all for
-the same model), so concurrent requests share one forward pass per token. A request
-that would push the queue past `max_queued_rows` is refused at once (`Overloaded`),
+The loop waits up to `serve.batch_wait_timeout_s` after the first queued work for more
+(only when the previous batch had company: a lone client does not pay the wait), then
+runs the oldest works whose rows fit together (`fits`, at most `serve.max_batch_size`
+rows, all for the same model), so concurrent requests share one forward pass per token.
+A request that would push the queue past `serve.max_queued_rows` is refused at once (`Overloaded`),
 so an overloaded endpoint answers 503 instead of letting connections hang.
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
+
+from components.config import ServeConfig
 
 
 class Overloaded(RuntimeError):
@@ -40,10 +42,13 @@ class Work:
 class Batcher:
     """Runs `run(model, works)` on a background thread, in batches of concurrent works."""
 
-    def __init__(self, run: Callable[[object, list[Work]], None], max_batch_rows: int, wait_s: float,
-                 max_queued_rows: int, fits: Callable[[object, list], bool]):
+    def __init__(self, run: Callable[[object, list[Work]], None], cfg: ServeConfig,
+                 fits: Callable[[object, list], bool]):
+        """`cfg` is the experiment's `serve:` section: `max_batch_size` rows at most per batch, a wait
+        of `batch_wait_timeout_s` for company, `max_queued_rows` rows at most in the queue."""
         self._run, self._fits = run, fits
-        self.max_batch_rows, self.wait_s, self.max_queued_rows = max_batch_rows, wait_s, max_queued_rows
+        self.max_batch_rows, self.wait_s = cfg.max_batch_size, cfg.batch_wait_timeout_s
+        self.max_queued_rows = cfg.max_queued_rows
         self._queue: collections.deque[Work] = collections.deque()
         self._queued_rows = 0
         self._cond = threading.Condition()

@@ -148,7 +148,10 @@ def _full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tup
 
         # Handles DDP's `module.` and torch.compile's `_orig_mod.` prefixes and FSDP2 shards alike.
         return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}, optimizer.state_dict()
+    # Copies: on the CPU `.cpu()` would return the live tensors, and exporting (merging LoRA into the
+    # base weights) would then change the model being trained.
+    return ({k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()},
+            optimizer.state_dict())
 
 
 def _gather(obj) -> list:

@@ -19,25 +19,15 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from components.config import ServeConfig
 from components.generation import Delta, LogprobEntry, Sampling
 from components.sampling import seed_problem, temperature_problem
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_LOGPROBS = 5  # OpenAI's limit on `logprobs`
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for (from the experiment's `serve:` section)."""
-
-    max_body_bytes: int = 65536
-    max_prompt_chars: int = 4000
-    max_tokens_cap: int = 256
-    max_choices: int = 16  # prompts x n
 
 
 class RequestError(Exception):
@@ -100,8 +90,12 @@ class CompletionRequest(BaseModel):
         return 1 if self.n is None else self.n
 
 
-def parse_request(body: bytes, limits: Limits) -> CompletionRequest:
-    """The validated request, or RequestError: 413 for a body over the limit, 400 naming the field otherwise."""
+def parse_request(body: bytes, limits: ServeConfig) -> CompletionRequest:
+    """The validated request, or RequestError: 413 for a body over the limit, 400 naming the field otherwise.
+
+    `limits` is the experiment's `serve:` section: what one request may ask for
+    (`max_body_bytes`, `max_prompt_chars`, `max_tokens_cap`, `max_choices`).
+    """
     if len(body) > limits.max_body_bytes:
         raise RequestError(413, f"the request body has {len(body)} bytes, more than the limit of "
                                 f"{limits.max_body_bytes} (serve.max_body_bytes)", code="request_too_large")
@@ -132,7 +126,7 @@ def _pydantic_message(e: dict) -> str:
     return e["msg"]
 
 
-def _check_values(r: CompletionRequest, limits: Limits) -> None:
+def _check_values(r: CompletionRequest, limits: ServeConfig) -> None:
     """Every problem of the values at once, each naming its field."""
     problems: list[tuple[str, str]] = []
     prompts = r.prompts

@@ -4,6 +4,9 @@ An experiment YAML has one section per stage; every key has a default, so any
 section (or the whole file) may be left out. Overrides use the same dotted names
 as the file (`pretrain.max_steps=50`). Unknown keys and values of the wrong type
 are errors that name the key, and every problem is reported at once.
+
+Each field carries its own rules (`checked(default, *rules)`, components/field_rules.py);
+the checks that read two fields or two sections are in `_cross_checks`.
 """
 from __future__ import annotations
 
@@ -12,13 +15,14 @@ import hashlib
 import json
 import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from components.experiment_file import apply_override, build
+from components.field_rules import (at_least_1, check_fields, checked, each, fraction, must_be, new_default,
+                                    non_negative, one_of, positive, reported_by)
 from components.metrics import CANDIDATE_METRICS
 from components.sampling import seed_problem, temperature_problem
 
@@ -27,6 +31,57 @@ class ConfigError(ValueError):
     """The experiment file or an override is wrong; the message names every bad key."""
 
 
+# ----------------------------------------------------------------------------- rules of these fields
+
+def _min_vocab(value: int) -> str | None:
+    from components.tokenizer import EOT, MIN_VOCAB_SIZE
+
+    if value < MIN_VOCAB_SIZE:
+        return f"must be at least {MIN_VOCAB_SIZE} (256 bytes + {EOT}), got {value}"
+    return None
+
+
+def _model_presets() -> tuple[str, ...]:
+    from components.model import PRESETS  # imports torch
+
+    return tuple(PRESETS)
+
+
+def _quantize_variants() -> tuple[str, ...]:
+    from components.quantize import VARIANTS  # imports torch
+
+    return VARIANTS
+
+
+def _candidate_metric(value: str) -> str | None:
+    if value not in CANDIDATE_METRICS:
+        return f"{value!r} is not a metric the candidates log; choose one of {', '.join(CANDIDATE_METRICS)}"
+    return None
+
+
+def _distinct_variants(variants: list[str]) -> list[str]:
+    repeated = dict.fromkeys(v for i, v in enumerate(variants) if v in variants[:i])
+    return [f"{v!r} is listed more than once (each variant is one candidate)" for v in repeated]
+
+
+def _registered_model_name(value: str) -> str | None:
+    # A name MLflow takes for a registered model (no '/' or ':') that is also a safe folder name (serving cache).
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", value):
+        return (f"{value!r} cannot name an MLflow registered model; use up to 100 letters, digits, "
+                f"'.', '_' or '-', starting with a letter or digit")
+    return None
+
+
+# Training strategies (components/parallel.py builds them); the last two split layers over a tp group.
+STRATEGIES = ("ddp", "fsdp", "tp", "fsdp+tp")
+TENSOR_PARALLEL = ("tp", "fsdp+tp")
+_MIN_OR_MAX = one_of("min", "max")
+# Ray refuses fractional resource amounts above 1 ("must be whole numbers").
+_RAY_AMOUNT = must_be(lambda v: 0 <= v <= 1 or (v > 1 and v == int(v)), "must be 0 to 1, or a whole number")
+
+
+# ----------------------------------------------------------------------------- sections
+
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "stdlib"
@@ -34,11 +89,11 @@ class DataConfig:
     a .jsonl file with a text field, or a .parquet file with a text column."""
     text_field: str = "text"
     """Field (jsonl) or column (parquet) holding the document text."""
-    max_bytes: int = 0
+    max_bytes: int = checked(0, non_negative)
     """Use a deterministic subset of about this many bytes of the corpus; 0 uses all of it."""
-    block_size: int = 128
+    block_size: int = checked(128, positive)
     """Tokens per training sequence (the model's context length)."""
-    val_fraction: float = 0.05
+    val_fraction: float = checked(0.05, fraction)
     """Share of documents held out for validation, chosen by a hash of the document id."""
     cache: bool = True
     """Reuse the prepared data of an earlier run with the same sources, data settings and code
@@ -47,90 +102,118 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    vocab_size: int = 4096
+    vocab_size: int = checked(4096, reported_by(_min_vocab))
     """Size of the byte-level BPE vocabulary trained on the corpus."""
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    preset: str = "tiny"
+    preset: str = checked("tiny", one_of(_model_presets))
     """One of components.model.PRESETS: tiny, mini, gpt2, gpt2-medium, gpt2-large, gpt2-xl."""
-    n_layer: int | None = None
+    n_layer: int | None = checked(None, positive)
     """Overrides the preset's number of transformer blocks."""
-    n_head: int | None = None
+    n_head: int | None = checked(None, positive)
     """Overrides the preset's number of attention heads."""
-    n_embd: int | None = None
+    n_embd: int | None = checked(None, positive)
     """Overrides the preset's embedding width."""
-    dropout: float = 0.0
+    dropout: float = checked(0.0, must_be(lambda v: 0 <= v < 1, "must be in [0, 1)"))
     """Dropout probability in attention and MLP (0 for short runs)."""
     bias: bool = True
     """Biases in Linear and LayerNorm layers, as in GPT-2; false is a little faster and no worse."""
-    pad_vocab_to: int = 1
+    pad_vocab_to: int = checked(1, positive)
     """Round the embedding's vocabulary up to a multiple of this (64 suits GPU matmuls; 1 = no padding).
     The extra rows are never a target, so they only cost memory."""
+
+    def shape(self) -> dict | None:
+        """n_layer, n_head and n_embd of the preset with this section's overrides; None when they are not valid."""
+        from components.model import PRESETS  # imports torch
+
+        if self.preset not in PRESETS:
+            return None
+        overrides = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd") if getattr(self, k) is not None}
+        shape = {**PRESETS[self.preset], **overrides}
+        return shape if all(isinstance(v, int) and v > 0 for v in shape.values()) else None
+
+    def padded_vocab(self, vocab_size: int) -> int:
+        """`vocab_size` rounded up to a multiple of `pad_vocab_to`: the embedding's rows."""
+        return -(-vocab_size // self.pad_vocab_to) * self.pad_vocab_to
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
     """What pretraining and fine-tuning share: workers and the optimisation schedule."""
 
-    num_workers: int = 2
+    num_workers: int = checked(2, positive)
     """Ray Train workers (processes); each gets one CPU or one GPU."""
     use_gpu: bool = False
     """Train on GPUs (nccl) instead of CPUs (gloo)."""
-    max_steps: int = 200
+    max_steps: int = checked(200, positive)
     """Optimizer steps."""
-    batch_size: int = 16
+    batch_size: int = checked(16, positive)
     """Sequences per worker per step."""
-    lr: float = 1e-3
+    lr: float = checked(1e-3, positive)
     """Peak learning rate (AdamW), reached after warmup, then cosine decay to min_lr."""
-    min_lr: float = 1e-4
+    min_lr: float = checked(1e-4, non_negative)
     """Learning rate at the end of the cosine decay."""
-    warmup_steps: int = 20
+    warmup_steps: int = checked(20, non_negative)
     """Linear warmup steps."""
-    weight_decay: float = 0.1
+    weight_decay: float = checked(0.1, non_negative)
     """AdamW weight decay on 2-D weights."""
-    grad_clip: float = 1.0
+    grad_clip: float = checked(1.0, must_be(lambda v: v >= 0, "must not be negative (0 disables clipping)"))
     """Clip the global gradient norm to this; 0 disables clipping."""
-    log_every: int = 1
+    log_every: int = checked(1, positive)
     """Log training metrics to MLflow every this many steps. Reading the loss syncs the GPU, so
     on a GPU log every 10 or more steps."""
-    seed: int = 1337
+    seed: int = checked(1337, reported_by(seed_problem))
     """Seed for weights, adapters and data order."""
-    strategy: str = "ddp"
+    strategy: str = checked("ddp", one_of(*STRATEGIES))
     """How the workers share the model: `ddp` (every worker holds all of it), `fsdp`
     (PyTorch FSDP2 `fully_shard`: parameters, gradients and optimizer state sharded over workers),
     `tp` (tensor parallel: each block's weight matrices split over groups of `tp_degree` workers,
     which see the same rows) or `fsdp+tp` (tensor parallel inside each group, FSDP2 across groups)."""
-    tp_degree: int = 1
+    tp_degree: int = checked(1, positive)
     """Workers per tensor-parallel group (strategies tp and fsdp+tp); must divide num_workers and
     the model's n_head. Put a group on one node: it talks at every layer."""
-    precision: str = "auto"
+    precision: str = checked("auto", one_of("auto", "bf16", "fp16", "fp32"))
     """`bf16` (autocast), `fp16` (autocast + gradient scaling), `fp32`, or `auto`: bf16 on a GPU,
     fp32 on a CPU. Weights stay fp32; checkpoints are fp32."""
     compile: bool = False
     """torch.compile the model (much faster on a GPU; the first steps compile, 15 s or more)."""
-    tokens_per_step: int = 0
+    tokens_per_step: int = checked(0, non_negative)
     """Tokens per optimizer step over all workers. More than one micro-batch per worker
     (num_workers x batch_size x block_size) accumulates gradients; 0 means one micro-batch."""
-    eval_every: int = 100
+    eval_every: int = checked(100, non_negative)
     """Measure the validation loss (`val/loss`) every this many steps and at the end; 0 never."""
-    eval_batches: int = 4
+    eval_batches: int = checked(4, positive)
     """Batches per worker for each validation loss."""
-    checkpoint_every: int = 100
+    checkpoint_every: int = checked(100, positive)
     """Save model, optimizer, step, RNG state and data position every this many steps (and at the end).
     A worker that dies loses at most this many steps."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = checked(2, positive)
     """Checkpoints kept in Ray Train's storage (the newest ones)."""
-    max_failures: int = 1
+    max_failures: int = checked(1, non_negative)
     """Times Ray Train restarts the workers after one dies, continuing from the last checkpoint."""
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = checked(1.0, positive)
     """CPUs Ray reserves for each training worker."""
-    gpus_per_worker: float = 1.0
+    gpus_per_worker: float = checked(1.0, positive)
     """GPUs Ray reserves for each training worker when use_gpu is true."""
     cache: bool = True
     """Reuse the checkpoint of an earlier run whose stage key (code, this section, its inputs) is the
     same (the stage cache); false always trains again."""
+
+    def data_parallel_workers(self) -> int:
+        """Workers that train on different rows: a tensor-parallel group shares one batch."""
+        if self.strategy in TENSOR_PARALLEL and self.tp_degree > 0:
+            return max(1, self.num_workers // self.tp_degree)
+        return self.num_workers
+
+    def micro_step_tokens(self, block_size: int) -> int:
+        """Tokens that one micro-batch of every data-parallel worker holds together."""
+        return self.data_parallel_workers() * self.batch_size * block_size
+
+    def grad_accum_steps(self, block_size: int) -> int:
+        """Micro-steps per optimizer step that `tokens_per_step` asks for (1 when it is 0)."""
+        return max(1, self.tokens_per_step // self.micro_step_tokens(block_size)) if self.tokens_per_step else 1
 
 
 @dataclass(frozen=True)
@@ -141,33 +224,42 @@ class PretrainConfig(TrainingConfig):
 @dataclass(frozen=True)
 class FinetuneConfig(TrainingConfig):
     # Fine-tuning defaults differ from pretraining's: fewer steps on one worker, no decay.
-    num_workers: int = 1
-    max_steps: int = 100
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    eval_every: int = 50
-    checkpoint_every: int = 50
+    num_workers: int = new_default(TrainingConfig, "num_workers", 1)
+    max_steps: int = new_default(TrainingConfig, "max_steps", 100)
+    warmup_steps: int = new_default(TrainingConfig, "warmup_steps", 10)
+    weight_decay: float = new_default(TrainingConfig, "weight_decay", 0.0)
+    eval_every: int = new_default(TrainingConfig, "eval_every", 50)
+    checkpoint_every: int = new_default(TrainingConfig, "checkpoint_every", 50)
 
     source: str = "stdlib"
     """Prompt/completion pairs: `stdlib` (function signature+docstring -> body, via ast),
     a folder of .py files, or a .jsonl with `prompt` and `completion` fields."""
-    max_bytes: int = 0
+    max_bytes: int = checked(0, non_negative)
     """Read about this many bytes of `source` to find pairs; 0 reads all of it."""
-    max_pairs: int = 0
+    max_pairs: int = checked(0, non_negative)
     """Keep at most this many pairs (deterministic subset); 0 keeps all."""
-    heldout_fraction: float = 0.1
+    heldout_fraction: float = checked(0.1, fraction)
     """Share of pairs held out to measure completion loss."""
-    method: str = "lora"
+    method: str = checked("lora", one_of("lora", "full"))
     """`lora` (low-rank adapters, merged back after training) or `full`."""
-    lora_rank: int = 8
+    lora_rank: int = checked(8, positive)
     """Rank of the LoRA adapters."""
-    lora_alpha: float = 16.0
+    lora_alpha: float = checked(16.0, positive)
     """LoRA scaling numerator (the update is scaled by alpha / rank)."""
+
+    @property
+    def uses_lora(self) -> bool:
+        """Whether fine-tuning trains low-rank adapters rather than every weight."""
+        return self.method == "lora"
 
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    variants: list[str] = field(default_factory=lambda: ["fp32", "int8_dynamic"])
+    variants: list[str] = checked(
+        ["fp32", "int8_dynamic"],
+        reported_by(lambda v: None if v else "list at least one variant, for example [fp32]"),
+        each(one_of(_quantize_variants)),
+        _distinct_variants)
     """Candidates to build from the fine-tuned model: fp32, bf16, fp16, int8_dynamic (CPU),
     int8_weight_only, int4_weight_only (CUDA). A variant that cannot run here is skipped,
     with the reason on its run. fp32, when listed, is the reference for the deltas."""
@@ -175,22 +267,22 @@ class QuantizeConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    max_batches: int = 20
+    max_batches: int = checked(20, non_negative)
     """Validation batches per candidate for perplexity (0 = the whole split)."""
-    batch_size: int = 16
+    batch_size: int = checked(16, positive)
     """Sequences per evaluation batch."""
-    gen_tokens: int = 32
+    gen_tokens: int = checked(32, non_negative)
     """Tokens generated per sample and per fixed prompt, also used to measure generation speed."""
-    num_samples: int = 3
+    num_samples: int = checked(3, non_negative)
     """Generated samples logged per candidate (prompts from the held-out pairs)."""
-    temperature: float = 0.0
+    temperature: float = checked(0.0, reported_by(temperature_problem))
     """Sampling temperature for the samples; 0 is greedy, so runs are comparable."""
-    device: str = "auto"
+    device: str = checked("auto", one_of("auto", "cpu", "cuda"))
     """`auto` (each candidate on the GPU when there is one and its variant runs there, else
     the CPU), `cpu`, or `cuda` (variants that cannot run there are skipped)."""
-    cpu_threads: int = 1
+    cpu_threads: int = checked(1, positive)
     """torch threads for a candidate evaluated on the CPU; the same for all, so speeds compare."""
-    prompts: list[str] = field(default_factory=lambda: [
+    prompts: list[str] = checked([
         "def fibonacci(n):\n", "import os\n", "class Stack:\n    def __init__(self):\n", "for i in range(10):\n",
     ])
     """Fixed prompts whose greedy continuations are logged side by side across candidates."""
@@ -198,18 +290,19 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class PromoteConfig:
-    metric: str = "eval/val_ppl"
-    """Metric that decides the best candidate (one of components.evaluate.CANDIDATE_METRICS)."""
-    mode: str = "min"
+    metric: str = checked("eval/val_ppl", reported_by(_candidate_metric))
+    """Metric that decides the best candidate (one of components.metrics.CANDIDATE_METRICS)."""
+    mode: str = checked("min", _MIN_OR_MAX)
     """`min` or `max`: which direction of `metric` is better."""
-    tie_tolerance: float = 0.01
+    tie_tolerance: float = checked(
+        0.01, must_be(lambda v: 0 <= v < 1, "must be at least 0 and below 1 (a relative distance)"))
     """Candidates within this relative distance of the best count as tied."""
-    tie_breaker: str = "model/size_bytes"
+    tie_breaker: str = checked("model/size_bytes", reported_by(_candidate_metric))
     """Among tied candidates the one with the best value of this metric wins. The defaults
     read "the smallest candidate whose val perplexity is within 1% of the best"; with
     tie_breaker eval/tokens_per_s, tie_breaker_mode max and tie_tolerance 0.02, "the
     fastest within 2%"."""
-    tie_breaker_mode: str = "min"
+    tie_breaker_mode: str = checked("min", _MIN_OR_MAX)
     """`min` or `max`: which direction of `tie_breaker` wins."""
 
 
@@ -217,51 +310,53 @@ class PromoteConfig:
 class ServeConfig:
     host: str = "127.0.0.1"
     """Address the Serve HTTP proxy binds to."""
-    port: int = 8000
+    port: int = checked(8000, reported_by(lambda v: None if 0 < v < 65536 else f"{v} is not a TCP port"))
     """Port of the Serve HTTP proxy."""
-    max_prompt_chars: int = 4000
+    max_prompt_chars: int = checked(4000, at_least_1)
     """Longest prompt accepted, in characters; longer ones get a 400 naming `prompt`."""
-    max_tokens_cap: int = 256
+    max_tokens_cap: int = checked(256, at_least_1)
     """Largest `max_tokens` a request may ask for."""
-    max_body_bytes: int = 65536
+    max_body_bytes: int = checked(65536, must_be(lambda v: v >= 1024, "must be at least 1024"))
     """Largest request body; a larger one gets 413 before it is read to the end."""
-    max_choices: int = 16
+    max_choices: int = checked(16, at_least_1)
     """Most completions one request may ask for (prompts x `n`)."""
-    num_cpus: float = 0.5
+    num_cpus: float = checked(0.5, _RAY_AMOUNT)
     """CPUs reserved by each replica (kept small so training jobs still fit)."""
-    num_gpus: float = 0.0
+    num_gpus: float = checked(0.0, _RAY_AMOUNT)
     """GPUs reserved by each replica; 1 gives one replica per GPU, and the replica then runs on CUDA."""
-    num_replicas: int = 1
+    num_replicas: int = checked(1, at_least_1)
     """Replicas started; with `max_replicas` above it, the lower bound of autoscaling."""
-    max_replicas: int = 0
+    max_replicas: int = checked(0, must_be(lambda v: v >= 0, "must not be negative (0: no autoscaling)"))
     """Upper bound of Serve's autoscaling; 0 (or `num_replicas`) keeps a fixed number of replicas."""
-    target_ongoing_requests: float = 16.0
+    target_ongoing_requests: float = checked(16.0, positive)
     """Autoscaling target: requests in flight per replica."""
-    max_batch_size: int = 16
+    max_batch_size: int = checked(16, must_be(lambda v: v >= 1, "must be at least 1 (1: no batching)"))
     """Most completions decoded together in one batch (one forward pass per token); 1 turns batching off."""
-    batch_wait_timeout_s: float = 0.01
+    batch_wait_timeout_s: float = checked(0.01, must_be(lambda v: 0 <= v <= 10, "must be 0 to 10 seconds"))
     """How long the first queued request waits for others to share its batch."""
-    max_queued_rows: int = 64
+    max_queued_rows: int = checked(64, at_least_1)
     """Completions that may wait in a replica's queue; past it a request gets 503 with Retry-After at once."""
-    max_ongoing_requests: int = 128
+    max_ongoing_requests: int = checked(128, at_least_1)
     """Serve's cap on requests in flight per replica (streams included); above `max_queued_rows`
     so that a full queue answers 503 itself, quickly, rather than Serve holding requests."""
-    max_queued_requests: int = 128
+    max_queued_requests: int = checked(
+        128, must_be(lambda v: v >= 1 or v == -1, "must be at least 1, or -1 for no limit"))
     """Serve's cap on requests waiting for a replica; past it Serve answers 503."""
-    poll_interval_s: float = 5.0
+    poll_interval_s: float = checked(5.0, must_be(lambda v: v >= 0, "must not be negative (0: never)"))
     """How often a replica checks the registry alias it serves; when it moved, the replica loads the
     new version and switches to it without dropping a request. 0 turns it off."""
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    name: str = "tiny"
+    name: str = checked("tiny", reported_by(_registered_model_name))
     """MLflow experiment name and registered model name."""
     workdir: str = ".gptforge"
     """Local folder for the MLflow SQLite store, artifacts and Ray Train storage."""
-    ray_num_cpus: int = 4
-    """Logical CPUs of the embedded local Ray. More than the cores, so Ray Data still
-    gets a slot while two training workers hold one each (see NOTES.md)."""
+    ray_num_cpus: int = checked(4, positive)
+    """Logical CPUs of the embedded local Ray, more than the cores: Ray Data needs a free logical CPU
+    to read while the training workers hold one each, and with num_cpus equal to the cores a lazy
+    read would wait forever (docs/ray-and-mlflow.md)."""
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -273,21 +368,7 @@ class ExperimentConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
 
 
-# Training strategies (components/parallel.py builds them); the last two split layers over a tp group.
-STRATEGIES = ("ddp", "fsdp", "tp", "fsdp+tp")
-TENSOR_PARALLEL = ("tp", "fsdp+tp")
-
-# Values that are checked beyond their type: key -> allowed values.
-_CHOICES = {
-    "pretrain.strategy": STRATEGIES,
-    "finetune.strategy": STRATEGIES,
-    "pretrain.precision": ("auto", "bf16", "fp16", "fp32"),
-    "finetune.precision": ("auto", "bf16", "fp16", "fp32"),
-    "finetune.method": ("lora", "full"),
-    "promote.mode": ("min", "max"),
-}
-_QUANT_VARIANTS = ("fp32", "bf16", "fp16", "int8_dynamic", "int8_weight_only", "int4_weight_only")
-
+# ----------------------------------------------------------------------------- loading and checking
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Read an experiment YAML (or only defaults when `path` is None) and apply overrides.
@@ -315,361 +396,73 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     errors: list[str] = []
     for item in overrides:
-        _apply_override(raw, item, errors)
-    cfg = _build(ExperimentConfig, raw, "", errors)
+        apply_override(raw, item, errors)
+    cfg = build(ExperimentConfig, raw, "", errors)
     if cfg is not None:
-        errors.extend(_validate(cfg))
+        errors.extend(check_fields(cfg))
+        errors.extend(_cross_checks(cfg))
     if errors:
         raise ConfigError(f"invalid experiment ({where}):\n" + "\n".join(f"  - {e}" for e in errors))
     return cfg
 
 
-def _apply_override(raw: dict, item: str, errors: list[str]) -> None:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        errors.append(f"override {item!r}: expected key=value, for example pretrain.max_steps=50")
-        return
-    node = raw
-    *parents, leaf = key.strip().split(".")
-    for part in parents:
-        if node.get(part) is None:  # absent, or left empty in the YAML (`data:`): the override fills it
-            node[part] = {}
-        node = node[part]
-        if not isinstance(node, dict):
-            errors.append(f"override {item!r}: {part} is not a section")
-            return
-    try:
-        node[leaf] = yaml.safe_load(value)
-    except yaml.YAMLError:
-        node[leaf] = value
-
-
-def _build(cls, raw, prefix: str, errors: list[str]):
-    if not isinstance(raw, dict):
-        errors.append(f"{prefix.rstrip('.') or 'experiment'}: expected a mapping, got {raw!r}")
-        return None
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            known = ", ".join(fields)
-            errors.append(f"{prefix}{key}: unknown key (known keys here: {known})")
-    kwargs = {}
-    for name in fields:
-        if name not in raw:
-            continue
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            built = _build(hint, raw[name] if raw[name] is not None else {}, f"{prefix}{name}.", errors)
-            if built is not None:
-                kwargs[name] = built
-            continue
-        value, problem = _coerce(raw[name], hint)
-        if problem:
-            errors.append(f"{prefix}{name}: {problem}")
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)
-
-
-def _coerce(value, hint):
-    """Return (value, None) when `value` fits the annotation `hint`, else (None, problem)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None, None
-        for option in options:
-            if option is type(None):
-                continue
-            coerced, problem = _coerce(value, option)
-            if problem is None:
-                return coerced, None
-        return None, f"expected {_type_name(hint)}, got {value!r}"
-    if origin is list:
-        (item_type,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            return None, f"expected a list of {item_type.__name__}, got {value!r}"
-        out = []
-        for v in value:
-            coerced, problem = _coerce(v, item_type)
-            if problem:
-                return None, f"list item {v!r}: {problem}"
-            out.append(coerced)
-        return out, None
-    # bool is a subclass of int: refuse `max_steps: true` and `use_gpu: 1` alike.
-    if hint is bool:
-        return (value, None) if isinstance(value, bool) else (None, f"expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value, None
-        return None, f"expected an integer, got {value!r}"
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value), None
-        if isinstance(value, str):  # YAML reads `3e-4` (no dot) as a string
-            try:
-                return float(value), None
-            except ValueError:
-                pass
-        return None, f"expected a number, got {value!r}"
-    if hint is str:
-        return (value, None) if isinstance(value, str) else (None, f"expected a string, got {value!r}")
-    raise TypeError(f"unsupported config annotation {hint!r}")  # a bug in this module, not user input
-
-
-def _type_name(hint) -> str:
-    return " or ".join("null" if a is type(None) else a.__name__ for a in typing.get_args(hint))
-
-
-def _validate(cfg: ExperimentConfig) -> list[str]:
+def _cross_checks(cfg: ExperimentConfig) -> list[str]:
+    """The checks that read two fields or two sections, before Ray starts. Each skips operands
+    that their own field's rule already refused."""
     errors = []
-    for key, allowed in _CHOICES.items():
-        value = get_dotted(cfg, key)
-        if value not in allowed:
-            errors.append(f"{key}: {value!r} is not one of {', '.join(allowed)}")
-    positive = [
-        "data.block_size", "tokenizer.vocab_size", "pretrain.num_workers", "pretrain.max_steps",
-        "pretrain.batch_size", "pretrain.log_every", "finetune.num_workers", "finetune.max_steps",
-        "finetune.batch_size", "finetune.log_every", "finetune.lora_rank", "evaluate.batch_size",
-        "ray_num_cpus",
-    ]
-    for key in positive:
-        if get_dotted(cfg, key) <= 0:
-            errors.append(f"{key}: must be positive, got {get_dotted(cfg, key)}")
-    for key in ["data.max_bytes", "finetune.max_bytes", "finetune.max_pairs", "evaluate.max_batches",
-                "evaluate.gen_tokens", "evaluate.num_samples", "pretrain.warmup_steps", "finetune.warmup_steps"]:
-        if get_dotted(cfg, key) < 0:
-            errors.append(f"{key}: must not be negative, got {get_dotted(cfg, key)}")
-    for key in ["data.val_fraction", "finetune.heldout_fraction"]:
-        if not 0.0 < get_dotted(cfg, key) < 1.0:
-            errors.append(f"{key}: must be between 0 and 1 (exclusive), got {get_dotted(cfg, key)}")
-    if cfg.tokenizer.vocab_size < 260:
-        errors.append(f"tokenizer.vocab_size: must be at least 260 (256 bytes + merges), got {cfg.tokenizer.vocab_size}")
-    if not cfg.quantize.variants:
-        errors.append("quantize.variants: list at least one variant, for example [fp32]")
-    for v in cfg.quantize.variants:
-        if v not in _QUANT_VARIANTS:
-            errors.append(f"quantize.variants: {v!r} is not one of {', '.join(_QUANT_VARIANTS)}")
-    if not 0 < cfg.serve.port < 65536:
-        errors.append(f"serve.port: {cfg.serve.port} is not a TCP port")
-    if cfg.serve.max_replicas and cfg.serve.max_replicas < cfg.serve.num_replicas:
-        errors.append(f"serve.max_replicas: {cfg.serve.max_replicas} is below serve.num_replicas "
-                      f"({cfg.serve.num_replicas}); set it to 0 for a fixed number of replicas")
-    if cfg.serve.max_choices > cfg.serve.max_batch_size:
-        errors.append(f"serve.max_choices: {cfg.serve.max_choices} is more than serve.max_batch_size "
-                      f"({cfg.serve.max_batch_size}), so such a request could never run; lower it")
-    if cfg.serve.max_choices > cfg.serve.max_queued_rows:
-        errors.append(f"serve.max_choices: {cfg.serve.max_choices} is more than serve.max_queued_rows "
-                      f"({cfg.serve.max_queued_rows}), so such a request could never be queued; lower it")
-    errors.extend(_validate_numbers(cfg))
-    errors.extend(_validate_promote(cfg))
-    errors.extend(_validate_names(cfg))
-    errors.extend(_validate_model(cfg))
-    for section in _TRAINING_SECTIONS:
-        errors.extend(_validate_training(cfg, section))
-    errors.extend(_validate_candidates(cfg))
-    return errors
-
-
-def _validate_candidates(cfg: ExperimentConfig) -> list[str]:
-    """quantize/evaluate/promote checks beyond the types."""
-    errors = []
-    if cfg.evaluate.device not in ("auto", "cpu", "cuda"):
-        errors.append(f"evaluate.device: {cfg.evaluate.device!r} is not one of auto, cpu, cuda")
-    if cfg.evaluate.cpu_threads <= 0:
-        errors.append(f"evaluate.cpu_threads: must be positive, got {cfg.evaluate.cpu_threads}")
-    if cfg.promote.tie_breaker_mode not in ("min", "max"):
-        errors.append(f"promote.tie_breaker_mode: {cfg.promote.tie_breaker_mode!r} is not one of min, max")
-    return errors
-
-
-def _validate_model(cfg: ExperimentConfig) -> list[str]:
-    """The model's shape, checked now rather than after the data stage has run."""
-    from components import model as gpt  # imports torch; only needed here
-
-    m = cfg.model
-    if m.preset not in gpt.PRESETS:
-        return [f"model.preset: {m.preset!r} is not one of {', '.join(gpt.PRESETS)}"]
-    errors = []
-    for key in ("n_layer", "n_head", "n_embd"):
-        value = getattr(m, key)
-        if value is not None and value <= 0:
-            errors.append(f"model.{key}: must be positive, got {value}")
-    if not 0.0 <= m.dropout < 1.0:
-        errors.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
-    if m.pad_vocab_to <= 0:
-        errors.append(f"model.pad_vocab_to: must be positive, got {m.pad_vocab_to}")
-    if errors:
-        return errors
-    shape = _model_shape(cfg)
-    if shape["n_embd"] % shape["n_head"]:
+    shape = cfg.model.shape()
+    if shape is not None and shape["n_embd"] % shape["n_head"]:
         errors.append(f"model.n_head: {shape['n_head']} heads do not divide n_embd {shape['n_embd']} "
-                      f"(preset {m.preset!r} plus overrides); pick n_head dividing n_embd")
-    return errors
-
-
-def _model_shape(cfg: ExperimentConfig) -> dict | None:
-    """n_layer, n_head and n_embd of the preset with the YAML's overrides; None when they are not valid."""
-    from components import model as gpt
-
-    m = cfg.model
-    if m.preset not in gpt.PRESETS:
-        return None
-    shape = {**gpt.PRESETS[m.preset], **{k: getattr(m, k) for k in ("n_layer", "n_head", "n_embd")
-                                         if getattr(m, k) is not None}}
-    return shape if all(isinstance(v, int) and v > 0 for v in shape.values()) else None
-
-
-def _validate_tensor_parallel(cfg: ExperimentConfig, section: str) -> list[str]:
-    """A tp layout that cannot be built fails here, before Ray starts a worker."""
-    t: TrainingConfig = getattr(cfg, section)
-    if t.tp_degree <= 0:
-        return [f"{section}.tp_degree: must be positive, got {t.tp_degree}"]
-    if t.strategy not in TENSOR_PARALLEL:
-        if t.tp_degree != 1:
-            return [f"{section}.tp_degree: {t.tp_degree} only applies to strategy tp or fsdp+tp "
-                    f"({section}.strategy is {t.strategy!r}); set it to 1 or change the strategy"]
-        return []
-    errors = []
-    if t.tp_degree > t.num_workers:
-        errors.append(f"{section}.tp_degree: {t.tp_degree} tensor-parallel workers are more than "
-                      f"{section}.num_workers ({t.num_workers})")
-    elif t.num_workers % t.tp_degree:
-        errors.append(f"{section}.tp_degree: {t.tp_degree} does not divide {section}.num_workers "
-                      f"({t.num_workers}); the workers form groups of tp_degree")
-    shape = _model_shape(cfg)
-    if shape is not None:
-        if shape["n_head"] % t.tp_degree:
+                      f"(preset {cfg.model.preset!r} plus overrides); pick n_head dividing n_embd")
+    for section in ("pretrain", "finetune"):
+        t: TrainingConfig = getattr(cfg, section)
+        if math.isfinite(t.lr) and math.isfinite(t.min_lr) and t.min_lr > t.lr:
+            errors.append(f"{section}.min_lr: must not exceed {section}.lr ({t.lr}), got {t.min_lr}")
+        micro_tokens = t.micro_step_tokens(cfg.data.block_size)
+        if t.tokens_per_step > 0 and micro_tokens > 0 and t.tokens_per_step % micro_tokens:
+            errors.append(
+                f"{section}.tokens_per_step: {t.tokens_per_step} is not a multiple of one micro-step's tokens "
+                f"({t.data_parallel_workers()} data-parallel workers x {section}.batch_size {t.batch_size} x "
+                f"data.block_size {cfg.data.block_size} = {micro_tokens})")
+        if t.strategy != "ddp" and t.precision == "fp16":
+            errors.append(f"{section}.precision: fp16 is not supported with strategy {t.strategy} (its gradient "
+                          f"scaling is not wired for sharded gradients); use bf16")
+        if t.tp_degree <= 0:
+            continue
+        if t.strategy not in TENSOR_PARALLEL:
+            if t.tp_degree != 1:
+                errors.append(f"{section}.tp_degree: {t.tp_degree} only applies to strategy tp or fsdp+tp "
+                              f"({section}.strategy is {t.strategy!r}); set it to 1 or change the strategy")
+            continue
+        if t.tp_degree > t.num_workers:
+            errors.append(f"{section}.tp_degree: {t.tp_degree} tensor-parallel workers are more than "
+                          f"{section}.num_workers ({t.num_workers})")
+        elif t.num_workers % t.tp_degree:
+            errors.append(f"{section}.tp_degree: {t.tp_degree} does not divide {section}.num_workers "
+                          f"({t.num_workers}); the workers form groups of tp_degree")
+        if shape is not None and shape["n_head"] % t.tp_degree:
             errors.append(f"{section}.tp_degree: {t.tp_degree} does not divide the model's {shape['n_head']} "
                           f"attention heads (model.n_head); each worker computes whole heads")
-        if shape["n_embd"] % t.tp_degree:
+        if shape is not None and shape["n_embd"] % t.tp_degree:
             errors.append(f"{section}.tp_degree: {t.tp_degree} does not divide the model's hidden size "
                           f"{shape['n_embd']} (model.n_embd)")
-    if section == "finetune" and cfg.finetune.method == "lora":
-        errors.append("finetune.strategy: tp and fsdp+tp do not support finetune.method lora yet (the adapters "
-                      "wrap the Linears that tensor parallelism splits); use method full, or strategy ddp or fsdp")
+        if section == "finetune" and cfg.finetune.uses_lora:
+            errors.append("finetune.strategy: tp and fsdp+tp do not support finetune.method lora yet (the adapters "
+                          "wrap the Linears that tensor parallelism splits); use method full, or strategy ddp or fsdp")
+    s = cfg.serve
+    if s.max_replicas and s.max_replicas < s.num_replicas:
+        errors.append(f"serve.max_replicas: {s.max_replicas} is below serve.num_replicas "
+                      f"({s.num_replicas}); set it to 0 for a fixed number of replicas")
+    if s.max_choices > s.max_batch_size:
+        errors.append(f"serve.max_choices: {s.max_choices} is more than serve.max_batch_size "
+                      f"({s.max_batch_size}), so such a request could never run; lower it")
+    if s.max_choices > s.max_queued_rows:
+        errors.append(f"serve.max_choices: {s.max_choices} is more than serve.max_queued_rows "
+                      f"({s.max_queued_rows}), so such a request could never be queued; lower it")
     return errors
 
 
-def data_parallel_workers(training: TrainingConfig) -> int:
-    """Workers that train on different rows: a tensor-parallel group shares one batch."""
-    if training.strategy in TENSOR_PARALLEL and training.tp_degree > 0:
-        return max(1, training.num_workers // training.tp_degree)
-    return training.num_workers
-
-
-def _validate_training(cfg: ExperimentConfig, section: str) -> list[str]:
-    """The training keys shared by pretrain and finetune: all checked before Ray starts."""
-    t: TrainingConfig = getattr(cfg, section)
-    errors = []
-    for key in ("checkpoint_every", "keep_checkpoints", "eval_batches"):
-        if getattr(t, key) <= 0:
-            errors.append(f"{section}.{key}: must be positive, got {getattr(t, key)}")
-    for key in ("eval_every", "max_failures", "tokens_per_step"):
-        if getattr(t, key) < 0:
-            errors.append(f"{section}.{key}: must not be negative, got {getattr(t, key)}")
-    for key in ("cpus_per_worker", "gpus_per_worker"):
-        if not getattr(t, key) > 0:  # also refuses NaN
-            errors.append(f"{section}.{key}: must be positive, got {getattr(t, key)}")
-    replicas = data_parallel_workers(t)
-    micro_tokens = replicas * t.batch_size * cfg.data.block_size
-    if t.tokens_per_step > 0 and micro_tokens > 0 and t.tokens_per_step % micro_tokens:
-        errors.append(
-            f"{section}.tokens_per_step: {t.tokens_per_step} is not a multiple of one micro-step's tokens "
-            f"({replicas} data-parallel workers x {section}.batch_size {t.batch_size} x "
-            f"data.block_size {cfg.data.block_size} = {micro_tokens})")
-    if t.strategy != "ddp" and t.precision == "fp16":
-        errors.append(f"{section}.precision: fp16 is not supported with strategy {t.strategy} (its gradient "
-                      f"scaling is not wired for sharded gradients); use bf16")
-    errors.extend(_validate_tensor_parallel(cfg, section))
-    return errors
-
-
-def grad_accum_steps(training: TrainingConfig, block_size: int) -> int:
-    """Micro-steps per optimizer step that `tokens_per_step` asks for (1 when it is 0)."""
-    micro_tokens = data_parallel_workers(training) * training.batch_size * block_size
-    return max(1, training.tokens_per_step // micro_tokens) if training.tokens_per_step else 1
-
-
-# Ranges of the numbers that the lists in _validate leave out: key -> (is the value fine, what it must be).
-# `{t}` stands for each training section. Every number is also checked to be finite (_validate_numbers).
-_RANGES = {
-    "{t}.lr": (lambda v: v > 0, "must be positive"),
-    "{t}.min_lr": (lambda v: v >= 0, "must not be negative"),
-    "{t}.weight_decay": (lambda v: v >= 0, "must not be negative"),
-    "{t}.grad_clip": (lambda v: v >= 0, "must not be negative (0 disables clipping)"),
-    "finetune.lora_alpha": (lambda v: v > 0, "must be positive"),
-    "promote.tie_tolerance": (lambda v: 0 <= v < 1, "must be at least 0 and below 1 (a relative distance)"),
-    "serve.max_prompt_chars": (lambda v: v >= 1, "must be at least 1"),
-    "serve.max_tokens_cap": (lambda v: v >= 1, "must be at least 1"),
-    "serve.max_body_bytes": (lambda v: v >= 1024, "must be at least 1024"),
-    "serve.max_choices": (lambda v: v >= 1, "must be at least 1"),
-    "serve.num_gpus": (lambda v: 0 <= v <= 1 or (v > 1 and v == int(v)), "must be 0 to 1, or a whole number"),
-    "serve.num_replicas": (lambda v: v >= 1, "must be at least 1"),
-    "serve.max_replicas": (lambda v: v >= 0, "must not be negative (0: no autoscaling)"),
-    "serve.target_ongoing_requests": (lambda v: v > 0, "must be positive"),
-    "serve.max_batch_size": (lambda v: v >= 1, "must be at least 1 (1: no batching)"),
-    "serve.batch_wait_timeout_s": (lambda v: 0 <= v <= 10, "must be 0 to 10 seconds"),
-    "serve.max_queued_rows": (lambda v: v >= 1, "must be at least 1"),
-    "serve.max_ongoing_requests": (lambda v: v >= 1, "must be at least 1"),
-    "serve.max_queued_requests": (lambda v: v >= 1 or v == -1, "must be at least 1, or -1 for no limit"),
-    "serve.poll_interval_s": (lambda v: v >= 0, "must not be negative (0: never)"),
-    # Ray refuses fractional resource amounts above 1 ("must be whole numbers").
-    "serve.num_cpus": (lambda v: 0 <= v <= 1 or (v > 1 and v == int(v)), "must be 0 to 1, or a whole number"),
-}
-_TRAINING_SECTIONS = ("pretrain", "finetune")
-# A registered model name that MLflow takes (no '/' or ':') and that is also a safe folder name (serving cache).
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-
-
-def _validate_numbers(cfg: ExperimentConfig) -> list[str]:
-    """Every number finite (NaN and inf load as floats from YAML), then in its range."""
-    errors = []
-    flat = flatten(cfg)
-    for key, value in flat.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            errors.append(f"{key}: must be a finite number, got {value}")
-    finite = {k for k, v in flat.items() if not (isinstance(v, float) and not math.isfinite(v))}
-    for pattern, (ok, must) in _RANGES.items():
-        for key in dict.fromkeys(pattern.format(t=t) for t in _TRAINING_SECTIONS):
-            if key in finite and not ok(flat[key]):
-                errors.append(f"{key}: {must}, got {flat[key]}")
-    for t in _TRAINING_SECTIONS:
-        section = getattr(cfg, t)
-        if {f"{t}.lr", f"{t}.min_lr"} <= finite and section.min_lr > section.lr:
-            errors.append(f"{t}.min_lr: must not exceed {t}.lr ({section.lr}), got {section.min_lr}")
-        problem = seed_problem(section.seed)
-        if problem:
-            errors.append(f"{t}.seed: {problem}")
-    if "evaluate.temperature" in finite:
-        problem = temperature_problem(cfg.evaluate.temperature)
-        if problem:
-            errors.append(f"evaluate.temperature: {problem}")
-    return errors
-
-
-def _validate_promote(cfg: ExperimentConfig) -> list[str]:
-    """Promotion settings that would otherwise fail (or be ignored) only after the whole run."""
-    errors = []
-    known = ", ".join(CANDIDATE_METRICS)
-    for key in ("promote.metric", "promote.tie_breaker"):
-        if get_dotted(cfg, key) not in CANDIDATE_METRICS:
-            errors.append(f"{key}: {get_dotted(cfg, key)!r} is not a metric the candidates log; choose one of {known}")
-    seen = set()
-    for v in cfg.quantize.variants:
-        if v in seen:
-            errors.append(f"quantize.variants: {v!r} is listed more than once (each variant is one candidate)")
-        seen.add(v)
-    return errors
-
-
-def _validate_names(cfg: ExperimentConfig) -> list[str]:
-    if not _NAME.fullmatch(cfg.name):
-        return [f"name: {cfg.name!r} cannot name an MLflow registered model; use up to 100 letters, digits, "
-                f"'.', '_' or '-', starting with a letter or digit"]
-    return []
-
+# ----------------------------------------------------------------------------- reading a config back
 
 def get_dotted(cfg, key: str):
     """`get_dotted(cfg, "pretrain.max_steps")` -> the value."""

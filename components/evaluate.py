@@ -18,45 +18,41 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from components.artifacts import EvalReport
-from components.model import bytes_by_dtype, linear_bytes, parameter_counts
-from components.train import IGNORE_INDEX, to_inputs_and_targets
+from components.accounting import bytes_by_dtype, linear_bytes, parameter_counts
+from components.artifacts import EvalReport, TokenizedData
+from components.config import EvaluateConfig
+from components.metrics import (  # noqa: F401 - the names every candidate logs, re-exported
+    CANDIDATE_METRICS, DELTA_METRICS, DTYPES, QUALITY_METRICS, SIZE_METRICS, SPEED_METRICS)
+from components.model import IGNORE_INDEX
+from components.tokenizer import EOT_ID
+from components.train import to_inputs_and_targets
 
 SPEED_PROMPTS = 8  # timed at batch 1 one after the other, then together as one batch of 8
 SPEED_PROMPT_TOKENS = 32  # tokens of each timed prompt (fewer when the context is short)
-from components.metrics import (  # noqa: E402,F401 - the names every candidate logs, re-exported
-    CANDIDATE_METRICS, DELTA_METRICS, DTYPES, QUALITY_METRICS, SIZE_METRICS, SPEED_METRICS)
 
 
 def evaluate(
     model: nn.Module,
+    cfg: EvaluateConfig,
+    data: TokenizedData,
     *,
     variant: str,
-    val_uri: str,
-    sft_heldout_uri: str,
-    tokenizer_uri: str,
     size_bytes: int,
     disk_bytes: tuple[dict[str, int], int] = ({}, 0),
-    max_batches: int = 20,
-    batch_size: int = 16,
-    gen_tokens: int = 32,
-    num_samples: int = 3,
-    temperature: float = 0.0,
-    prompts: tuple[str, ...] | list[str] = (),
-    eos_id: int = 0,
 ) -> EvalReport:
     """Measure one candidate, on the device its weights are on.
 
     Args:
         model: the loaded candidate (any variant), in eval mode.
-        val_uri: packed validation rows; the first `max_batches * batch_size`
-            rows are used (all when max_batches is 0), the same rows for every candidate.
-        sft_heldout_uri: held-out prompt/completion rows (`tokens`, `mask`).
+        cfg: the experiment's `evaluate:` section. The first `max_batches * batch_size`
+            validation rows are used (all when max_batches is 0), the same rows for every
+            candidate; `gen_tokens` are generated per sample, per fixed prompt (`prompts`,
+            greedily, to read side by side across candidates) and per timed prompt.
+        data: the data stage's record: its validation rows (`val_uri`), held-out
+            prompt/completion rows (`sft_heldout_uri`) and tokenizer.
         size_bytes: size of the candidate's stored weights file.
         disk_bytes: (bytes per dtype, Linear-layer bytes) of that file
             (`components.quantize.stored_bytes`).
-        gen_tokens: tokens generated per sample, per fixed prompt and per timed prompt.
-        prompts: fixed prompts generated greedily, to read side by side across candidates.
 
     Returns:
         EvalReport with every metric of CANDIDATE_METRICS but the DELTA_METRICS, samples
@@ -64,13 +60,13 @@ def evaluate(
     """
     model.eval()
     device = model.transformer.wpe.weight.device  # never quantized, so always a plain tensor
-    limit = max_batches * batch_size if max_batches else None
-    val = _read_rows(val_uri, ["tokens"], limit)
-    heldout = _read_rows(sft_heldout_uri, ["tokens", "mask"], None)
+    limit = cfg.max_batches * cfg.batch_size if cfg.max_batches else None
+    val = _read_rows(data.val_uri, ["tokens"], limit)
+    heldout = _read_rows(data.sft_heldout_uri, ["tokens", "mask"], None)
     # Generation first, before the loss passes leave their activations in the allocator.
-    metrics = generation_metrics(model, val["tokens"], gen_tokens)
-    val_loss, val_accuracy = mean_loss(model, val, batch_size)
-    completion_loss, completion_accuracy = mean_loss(model, heldout, batch_size)
+    metrics = generation_metrics(model, val["tokens"], cfg.gen_tokens)
+    val_loss, val_accuracy = mean_loss(model, val, cfg.batch_size)
+    completion_loss, completion_accuracy = mean_loss(model, heldout, cfg.batch_size)
     metrics |= {
         "eval/val_loss": val_loss,
         "eval/val_ppl": math.exp(min(val_loss, 50.0)),
@@ -83,23 +79,23 @@ def evaluate(
     }
     metrics |= size_metrics(model, size_bytes, disk_bytes)
 
-    tokenizer = Tokenizer.from_file(tokenizer_uri)
+    tokenizer = Tokenizer.from_file(data.tokenizer_uri)
     samples = []
-    for tokens, mask in list(zip(heldout["tokens"], heldout["mask"]))[:num_samples]:
+    for tokens, mask in list(zip(heldout["tokens"], heldout["mask"]))[:cfg.num_samples]:
         prompt_ids = tokens[: int(np.argmax(mask))]
         idx = torch.tensor(prompt_ids, dtype=torch.long, device=device)[None, :]  # (1, P)
-        out = model.generate(idx, gen_tokens, temperature=temperature, top_k=50 if temperature > 0 else None,
-                             eos_id=eos_id)
+        out = model.generate(idx, cfg.gen_tokens, temperature=cfg.temperature,
+                             top_k=50 if cfg.temperature > 0 else None, eos_id=EOT_ID)
         samples.append({
             "prompt": tokenizer.decode(list(prompt_ids)),
             "generated": tokenizer.decode(out[0, idx.shape[1]:].tolist()),
             "reference": tokenizer.decode([int(t) for t, m in zip(tokens, mask) if m]),
         })
     generations = {}
-    for prompt in prompts:
-        ids = tokenizer.encode(prompt, add_special_tokens=False).ids[-model.config.block_size :] or [eos_id]
+    for prompt in cfg.prompts:
+        ids = tokenizer.encode(prompt, add_special_tokens=False).ids[-model.config.block_size :] or [EOT_ID]
         idx = torch.tensor(ids, dtype=torch.long, device=device)[None, :]  # (1, P)
-        out = model.generate(idx, gen_tokens, temperature=0.0, eos_id=eos_id)
+        out = model.generate(idx, cfg.gen_tokens, temperature=0.0, eos_id=EOT_ID)
         generations[prompt] = tokenizer.decode(out[0, idx.shape[1]:].tolist())
     missing = set(CANDIDATE_METRICS) - set(DELTA_METRICS) - set(metrics)
     assert not missing, f"evaluate() forgot {sorted(missing)}"

@@ -72,11 +72,6 @@ class Row:
     generator: torch.Generator | None = None
 
 
-def row_fits(prompt_tokens: int, max_tokens: int, block_size: int) -> bool:
-    """Whether a prompt and its completion fit in the model's context (the endpoint refuses others)."""
-    return prompt_tokens + max_tokens <= block_size
-
-
 def batch_fits(rows: list[Row], block_size: int) -> bool:
     """Left padding makes every row as long as the longest prompt; the longest completion must still fit.
 

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from components.files import atomic_write, write_json_atomic
 
+IGNORE_INDEX = -100  # targets with this value carry no loss (prompt tokens, padding)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -177,7 +178,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.size()  # batch, sequence length, n_embd
         # Under tensor parallelism `c_attn` yields only this rank's heads and `n_head`, `n_embd`
-        # are this rank's share (components/parallel.py); on one process they are the whole.
+        # are this rank's share (components/tensor_parallel.py); on one process they are the whole.
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, n_embd)
         hs = self.n_embd // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -245,7 +246,7 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying (https://paperswithcode.com/method/weight-tying): one Parameter object
-        # under two names. save_model/load_model and parameter_counts rely on it being shared.
+        # under two names. save_model/load_model and components/accounting.py rely on it being shared.
         self.transformer.wte.weight = self.lm_head.weight
 
         self.apply(self._init_weights)
@@ -270,7 +271,7 @@ class GPT(nn.Module):
 
         Args:
             idx: (B, T) long token ids, T <= block_size.
-            targets: (B, T) long ids of the next token; -100 marks positions the loss skips
+            targets: (B, T) long ids of the next token; IGNORE_INDEX marks positions the loss skips
                 (padding, prompt tokens in finetuning).
             cache: keys and values of earlier positions (see `generate`); `idx` continues them,
                 at positions cache.length .. cache.length + T - 1, and the cache grows by T.
@@ -301,7 +302,7 @@ class GPT(nn.Module):
             loss = F.cross_entropy(
                 logits.float().view(-1, logits.size(-1)),  # (B*T, vocab_size)
                 targets.view(-1),  # (B*T,)
-                ignore_index=-100,
+                ignore_index=IGNORE_INDEX,
             )
         return logits, loss
 
@@ -379,125 +380,7 @@ class GPT(nn.Module):
         return idx
 
 
-# ----------------------------------------------------------------------------- accounting
-
-
-def _is_dynamic_quantized_linear(module: nn.Module) -> bool:
-    # torch.ao dynamic Linear keeps its weight packed, outside parameters() and buffers()
-    return hasattr(module, "_packed_params") and callable(getattr(module, "weight", None))
-
-
-def _module_tensors(module: nn.Module, buffers: bool) -> list[tuple[object, torch.Tensor]]:
-    """(identity key, tensor) for each tensor `module` holds directly (not in its children)."""
-    out: list[tuple[object, torch.Tensor]] = [(id(t), t) for t in module.parameters(recurse=False)]
-    if buffers:
-        out += [(id(t), t) for t in module.buffers(recurse=False)]
-    if _is_dynamic_quantized_linear(module):
-        # weight() unpacks into a new tensor on every call, so key by module instead
-        out.append(((id(module), "weight"), module.weight()))
-        bias = module.bias()
-        if bias is not None:
-            out.append(((id(module), "bias"), bias))
-    return out
-
-
-def _unique_tensors(module: nn.Module, seen: set, buffers: bool = False) -> list[torch.Tensor]:
-    """Tensors under `module` whose key is not in `seen` yet (`seen` is updated)."""
-    out = []
-    for m in module.modules():
-        for key, t in _module_tensors(m, buffers):
-            if key not in seen:
-                seen.add(key)
-                out.append(t)
-    return out
-
-
-def _find_gpt(model: nn.Module) -> nn.Module | None:
-    """The module holding `transformer` and `lm_head`: the model itself, or one inside a wrapper."""
-    for m in model.modules():
-        if isinstance(getattr(m, "transformer", None), nn.ModuleDict) and hasattr(m, "lm_head"):
-            return m
-    return None
-
-
-def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Parameter counts, each tensor counted once (the tied lm_head/wte weight included).
-
-    Works on a plain GPT, on one whose Linears are wrapped by LoRA adapters, and on a
-    torch.ao dynamic-quantized GPT (packed int8 Linear weights and their biases count).
-
-    Returns:
-        "total", "trainable", "embedding" (wte + wpe), "non_embedding" (total - embedding), and
-        "module/<name>" for each top-level submodule of `model.transformer` that holds
-        parameters, plus "module/lm_head" (0 when tied: wte already counted it). The module
-        keys sum to "total"; parameters outside the GPT (in a wrapper) go to "module/other".
-    """
-    total = sum(t.numel() for t in _unique_tensors(model, set()))
-    trainable = sum(t.numel() for t in _unique_tensors(model, set()) if t.requires_grad)
-    counts = {"total": total, "trainable": trainable}
-    gpt = _find_gpt(model)
-    if gpt is None:
-        counts.update(embedding=0, non_embedding=total)
-        return counts
-
-    seen: set = set()  # shared, so the tied lm_head weight counts under wte only
-    per_module = {}
-    for name, sub in [*gpt.transformer.named_children(), ("lm_head", gpt.lm_head)]:
-        n = sum(t.numel() for t in _unique_tensors(sub, seen))
-        if n or name == "lm_head":
-            per_module[f"module/{name}"] = n
-    embedding = per_module.get("module/wte", 0) + per_module.get("module/wpe", 0)
-    counts.update(embedding=embedding, non_embedding=total - embedding)
-    if total != sum(per_module.values()):
-        per_module["module/other"] = total - sum(per_module.values())
-    counts.update(per_module)
-    return counts
-
-
-def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
-    """The tensors that hold `t`'s bytes: itself, or a quantized tensor's int values and scales.
-
-    torch.ao quantized tensors keep an int8 representation and (per channel) scale and zero
-    point tensors; torchao tensor subclasses (Int8Tensor, Int4TilePackedTo4dTensor, ...)
-    name their inner tensors in `__tensor_flatten__`. A per-tensor scale and zero point are
-    two Python scalars per layer and are not counted.
-    """
-    if t.is_quantized:
-        out = [t.int_repr()]
-        if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-            out += [t.q_per_channel_scales(), t.q_per_channel_zero_points()]
-        return out
-    if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return [p for name in names for p in _plain_tensors(getattr(t, name))]
-    return [t]
-
-
-def _count_bytes(tensors: list[torch.Tensor]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for t in tensors:
-        for p in _plain_tensors(t):
-            key = str(p.dtype).removeprefix("torch.")
-            out[key] = out.get(key, 0) + p.numel() * p.element_size()
-    return out
-
-
-def bytes_by_dtype(model: nn.Module) -> dict[str, int]:
-    """Bytes of parameters, buffers and quantized weights in memory, per storage dtype, each tensor once.
-
-    Quantized weights count under the dtype that stores them ("int8" for torch.ao qint8 and
-    torchao Int8Tensor data, "int32" for torchao's packed int4), their scales under theirs.
-    """
-    return _count_bytes(_unique_tensors(model, set(), buffers=True))
-
-
-def linear_bytes(model: nn.Module) -> int:
-    """Bytes of the Linear layers inside the blocks (weights, scales, biases): what quantization shrinks."""
-    gpt = _find_gpt(model)
-    blocks = gpt.transformer.h if gpt is not None else model
-    return sum(_count_bytes(_unique_tensors(blocks, set(), buffers=True)).values()) - sum(
-        _count_bytes([t for m in blocks.modules() if isinstance(m, LayerNorm) for t in m.parameters()]).values()
-    )
+# ----------------------------------------------------------------------------- training cost
 
 
 def flops_per_token(cfg: GPTConfig, n_params_non_embedding: int | None = None) -> int:
@@ -509,7 +392,7 @@ def flops_per_token(cfg: GPTConfig, n_params_non_embedding: int | None = None) -
     Args:
         cfg: model shape.
         n_params_non_embedding: N; computed from `cfg` when None (equal to
-            `parameter_counts(GPT(cfg))["non_embedding"]`).
+            `components.accounting.parameter_counts(GPT(cfg))["non_embedding"]`).
     """
     if n_params_non_embedding is None:
         C, b = cfg.n_embd, int(cfg.bias)

@@ -1,4 +1,4 @@
-"""Where the model runs and how workers share it: device, precision, compile, DDP, FSDP2, tensor parallel.
+"""How workers share the model: compile, DDP, FSDP2, tensor parallel, and the queries the loop asks of the result.
 
 `parallelize` is applied once, after the model is built (torchtitan's order:
 compile, then the data-parallel wrapper); the model file knows nothing of
@@ -9,7 +9,6 @@ runs in one plain process (tests, benchmarks) and in Ray Train workers.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -17,74 +16,7 @@ from torch import nn
 
 from components import tensor_parallel
 from components.config import STRATEGIES, TENSOR_PARALLEL
-
-# Dense bf16/fp16 tensor-core peaks (TFLOP/s, no sparsity), from NVIDIA's data sheets.
-# MFU is reported against these whatever precision trains, as nanoGPT and the issue's
-# baseline do, so fp32 and bf16 runs compare on one scale. Longest name first: "H100 PCIe"
-# must match before "H100".
-PEAK_TFLOPS = {
-    "H100 PCIe": 756.0,
-    "H100 NVL": 835.0,
-    "H100": 989.0,  # SXM
-    "H200": 989.0,
-    "GH200": 989.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "L4": 121.0,
-    "A10G": 70.0,
-    "A10": 125.0,
-}
-
-
-@dataclass(frozen=True)
-class Precision:
-    """What one precision name means for the loop."""
-
-    name: str  # bf16 | fp16 | fp32
-    autocast_dtype: torch.dtype | None  # None: no autocast
-
-    @property
-    def needs_grad_scaler(self) -> bool:
-        return self.name == "fp16"  # fp16's narrow exponent underflows small gradients
-
-
-FP32 = Precision("fp32", None)
-
-
-def resolve_precision(name: str, device: torch.device) -> Precision:
-    """`auto` means bf16 on a GPU and fp32 on a CPU (where bf16 autocast is slower)."""
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" else "fp32"
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-    if name not in dtypes:
-        raise ValueError(f"unknown precision {name!r}; use one of auto, {', '.join(dtypes)}")
-    return Precision(name, dtypes[name])
-
-
-def autocast(precision: Precision, device: torch.device):
-    """The autocast context of `precision` (a no-op for fp32)."""
-    if precision.autocast_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=precision.autocast_dtype)
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """The device's dense bf16 peak in FLOP/s, or None (CPU, or a GPU not in PEAK_TFLOPS)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
-        if key in name:
-            return PEAK_TFLOPS[key] * 1e12
-    return None
-
-
-def configure_device(device: torch.device) -> None:
-    """Process-wide settings that make matmuls fast: TF32 on NVIDIA GPUs."""
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+from components.devices import Precision
 
 
 def parallelize(model: nn.Module, strategy: str, device: torch.device, precision: Precision,
@@ -227,62 +159,6 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         for group in groups.values():
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
-
-
-def held_parameters(model: nn.Module) -> list[tuple[str, tuple, tuple, int, int]]:
-    """The parameter pieces this rank holds: (name, global offset, shape, count, bytes) each.
-
-    A plain tensor is a whole piece (offset 0); a DTensor (FSDP2, tensor parallel) is its
-    local shard, placed by its offset in the unsplit tensor. A tied weight counts once.
-    """
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    out = []
-    for name, p in unwrap(model).named_parameters():
-        if isinstance(p, DTensor):
-            _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-            local = p.to_local()
-        else:
-            offset, local = (0,) * p.dim(), p
-        out.append((name, tuple(offset), tuple(local.shape), local.numel(), local.numel() * local.element_size()))
-    return out
-
-
-def summarize_shares(per_rank: list[list[tuple]], unsharded_total: int) -> dict[str, float]:
-    """Per-worker parameter counts and bytes, and whether the pieces add up to the unsharded model.
-
-    A piece held by several workers (a replicated tensor, or a tp shard that each data-parallel
-    replica holds) counts once, for the lowest rank holding it (`unique_param_count`);
-    `parallel/param_counts_add_up` is 1 when those add up to `unsharded_total`.
-    """
-    seen: set = set()
-    metrics: dict[str, float] = {}
-    unique_total = 0
-    for rank, pieces in enumerate(per_rank):
-        unique = 0
-        for name, offset, shape, count, _ in pieces:
-            if (name, offset, shape) not in seen:
-                seen.add((name, offset, shape))
-                unique += count
-        metrics[f"parallel/worker{rank}/param_count"] = sum(p[3] for p in pieces)
-        metrics[f"parallel/worker{rank}/param_bytes"] = sum(p[4] for p in pieces)
-        metrics[f"parallel/worker{rank}/unique_param_count"] = unique
-        unique_total += unique
-    metrics["parallel/param_count_unsharded"] = unsharded_total
-    metrics["parallel/param_count_sum_unique"] = unique_total
-    metrics["parallel/param_counts_add_up"] = float(unique_total == unsharded_total)
-    return metrics
-
-
-def parameter_shares(model: nn.Module, unsharded_total: int) -> dict[str, float]:
-    """`summarize_shares` over every worker (a collective); the metrics on rank 0, {} elsewhere."""
-    pieces = held_parameters(model)
-    if not dist.is_initialized():
-        return summarize_shares([pieces], unsharded_total)
-    per_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(per_rank, pieces)
-    return summarize_shares(per_rank, unsharded_total) if dist.get_rank() == 0 else {}
 
 
 def mixed_tensors(model: nn.Module):

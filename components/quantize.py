@@ -7,9 +7,9 @@ without going back to fp32.
 The variants and where they run:
 - fp32, bf16, fp16: the same GPT cast to that dtype; CPU and CUDA.
 - int8_dynamic: eager torch.ao `quantize_dynamic` (int8 weights, activations quantized
-  per batch); CPU only. On CPU it is the fastest eager int8 path (../shared/NOTES.md,
-  "Quantization on CPU": batch-1 decode 2.90 ms -> 1.53 ms per step); torchao's
-  Int8DynamicActivationInt8WeightConfig is only faster under torch.compile.
+  per batch); CPU only. On CPU it is the fastest eager int8 path: about twice as fast
+  as fp32 at batch-1 decode in benchmarks/quantization.py, where int8_weight_only gains
+  little; torchao's Int8DynamicActivationInt8WeightConfig is only faster under torch.compile.
 - int8_weight_only: torchao `Int8WeightOnlyConfig` (int8 weights with a per-row scale,
   fp32 activations); CPU and CUDA.
 - int4_weight_only: torchao `Int4WeightOnlyConfig` packed as `tile_packed_to_4d` (two
@@ -40,8 +40,8 @@ import torch.nn as nn
 from components.artifacts import QuantizedModel
 from components.files import atomic_write, write_json_atomic
 from components.model import CONFIG_FILE, GPT, WEIGHTS_FILE, GPTConfig, load_model
+from components.tokenizer import TOKENIZER_FILE
 
-VARIANTS = ("fp32", "bf16", "fp16", "int8_dynamic", "int8_weight_only", "int4_weight_only")
 RUNS_ON: dict[str, tuple[str, ...]] = {
     "fp32": ("cuda", "cpu"),  # preferred device first
     "bf16": ("cuda", "cpu"),
@@ -50,10 +50,10 @@ RUNS_ON: dict[str, tuple[str, ...]] = {
     "int8_weight_only": ("cuda", "cpu"),
     "int4_weight_only": ("cuda",),  # packing and kernel are CUDA only (module docstring)
 }
+VARIANTS = tuple(RUNS_ON)
 _FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _TORCHAO_VARIANTS = {"int8_weight_only": torch.float32, "int4_weight_only": torch.bfloat16}  # -> activation dtype
 _INT4_GROUP_SIZE = 128
-TOKENIZER_FILE = "tokenizer.json"
 CANDIDATE_FILES = (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE)
 """Exactly the files of a candidate folder (besides checksums.json); serving refuses any other set."""
 
@@ -90,7 +90,8 @@ def pick_device(variant: str, requested: str, cuda_available: bool) -> str:
 def _torchao():
     """Import torchao's quantize_ API, or say why the torchao variants are unavailable."""
     # On a CPU-only torch, torchao logs at import that its CUDA extensions cannot load, and
-    # torch's pytree warns about torchao's enums; both are harmless (NOTES.md).
+    # torch's pytree warns that registering torchao's enums is deprecated; both are harmless:
+    # the CPU variants use none of those kernels, and the enums still work.
     quiet = [logging.getLogger(name) for name in ("torchao", "torchao.kernel.intmm", "torch.utils._pytree")]
     levels = [logger.level for logger in quiet]
     for logger in quiet:
@@ -222,7 +223,8 @@ def _load_int8_state(model: GPT, tensors: dict[str, torch.Tensor], metadata: dic
 
 
 def _torchao_state(model: GPT, variant: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Plain tensors and metadata for a torchao-quantized GPT (the round trip is in NOTES.md).
+    """Plain tensors and metadata for a torchao-quantized GPT; `_load_torchao_state` reverses it
+    exactly (the loaded model gives the same logits).
 
     torchao's weights are tensor subclasses (Int8Tensor: `qdata` int8 + `scale`, ...), which
     `safetensors` cannot store directly. `flatten_tensor_state_dict` splits each into its

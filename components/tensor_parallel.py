@@ -8,14 +8,15 @@ partial sums, all-reduced). Attention runs on each rank's own heads, so a block
 costs two all-reduces forward and two backward. Embeddings, the tied lm_head and
 the layer norms stay whole on every rank.
 
-Two details of this model (NOTES.md):
+Two details of this model, without which a split model computes wrong results or does not run:
 - `c_attn` is one Linear holding q, k and v ([q | k | v] rows). Split by columns
-  as it is, rank 0 would get all of q and half of k. Its rows are reordered once,
+  as it is, rank 0 would get all of q and half of k, silently. Its rows are reordered once,
   when the model is split, to [q0 k0 v0 | q1 k1 v1 | ...] (qi: the rows of rank
   i's heads); checkpoints put them back in the usual order (`reorder_qkv`), so
   a model file is the same whatever wrote it.
 - The attention module then computes with its local head count and width
-  (`n_head / tp`, `n_embd / tp`), on plain local tensors.
+  (`n_head / tp`, `n_embd / tp`), on plain local tensors: scaled_dot_product_attention
+  has no DTensor sharding rule on the CPU.
 
 Plain torch.distributed, no Ray; `components/parallel.py: parallelize` calls `apply`.
 """

@@ -23,32 +23,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from components.parallel import FP32, Precision, autocast, clip_grad_norm, data_parallel_size, gradient_sync, is_fsdp, \
-    mixed_tensors, unwrap, uses_autocast
-
-IGNORE_INDEX = -100  # targets with this value carry no loss (prompt tokens, padding)
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    """Optimisation settings of one training run (a subset of a stage's config)."""
-
-    max_steps: int
-    lr: float
-    min_lr: float
-    warmup_steps: int
-    weight_decay: float
-    grad_clip: float
-    log_every: int
-    grad_accum: int = 1
-    """Micro-batches per optimizer step (from `tokens_per_step`)."""
-    eval_every: int = 0
-    """Validation loss every this many steps and at the end; 0 never."""
-    checkpoint_every: int = 0
-    """Checkpoint every this many steps; the last step always checkpoints."""
+from components.config import TrainingConfig
+from components.devices import FP32, Precision, autocast
+from components.model import IGNORE_INDEX
+from components.parallel import clip_grad_norm, data_parallel_size, gradient_sync, is_fsdp, mixed_tensors, unwrap, \
+    uses_autocast
 
 
-def lr_at(step: int, cfg: LoopConfig) -> float:
+def lr_at(step: int, cfg: TrainingConfig) -> float:
     """Linear warmup to `lr`, then cosine decay to `min_lr` at `max_steps` (nanoGPT's schedule)."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -57,7 +39,7 @@ def lr_at(step: int, cfg: LoopConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def make_optimizer(model: nn.Module, cfg: LoopConfig, device: torch.device | str = "cpu") -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, cfg: TrainingConfig, device: torch.device | str = "cpu") -> torch.optim.AdamW:
     """AdamW over trainable parameters; no weight decay on biases and LayerNorm gains (1-D tensors).
 
     On a GPU the fused kernel updates every parameter in one launch.
@@ -188,12 +170,13 @@ class Hooks:
 def train(
     model: nn.Module,
     batches: Iterator[dict],
-    cfg: LoopConfig,
+    cfg: TrainingConfig,
     hooks: Hooks,
     device: torch.device | str = "cpu",
     precision: Precision = FP32,
     optimizer: torch.optim.Optimizer | None = None,
     start_step: int = 0,
+    grad_accum: int = 1,
     flops_per_token: int | None = None,
     peak_flops: float | None = None,
 ) -> dict:
@@ -203,7 +186,10 @@ def train(
         model: the model as `components.parallel.parallelize` returned it;
             forward(x, y) -> (logits, loss).
         batches: endless iterator of batches (see `to_inputs_and_targets`).
+        cfg: the pretrain or finetune section: the schedule, clipping, and how often to log,
+            validate and checkpoint.
         optimizer: to continue a checkpointed run; by default a fresh `make_optimizer`.
+        grad_accum: micro-batches per optimizer step (`TrainingConfig.grad_accum_steps`).
         flops_per_token, peak_flops: for `train/mfu` (omitted when either is None).
 
     Returns:
@@ -228,7 +214,7 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         fetch_start = time.perf_counter()
-        micro = [to_inputs_and_targets(next(batches)) for _ in range(cfg.grad_accum)]  # on the CPU
+        micro = [to_inputs_and_targets(next(batches)) for _ in range(grad_accum)]  # on the CPU
         data_wait += time.perf_counter() - fetch_start
         # Weight each micro-batch by its share of the step's trained tokens, so that k
         # micro-batches give the same update as one batch k times larger, masks included.

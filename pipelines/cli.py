@@ -16,8 +16,8 @@ import traceback
 from pathlib import Path
 
 from components.config import ConfigError, ExperimentConfig, load_config
-from components.data import DataError
 from components.files import IntegrityError
+from components.sources import DataError
 from pipelines.jobs import JobError
 from pipelines.schedule import MISSED_POLICIES, ScheduleError
 from pipelines.serving import ServeError
@@ -204,8 +204,10 @@ def _experiment_and_overrides(args) -> tuple[str | None, list[str]]:
 
 
 def _run(args) -> int:
-    from pipelines import ray_runtime, serving
+    from components.comparison import candidate_table
+    from pipelines import ray_runtime
     from pipelines.llm_pipeline import run_pipeline
+    from pipelines.model_loading import RegistryLoader
     from pipelines.progress import Progress
 
     resume = None
@@ -228,7 +230,7 @@ def _run(args) -> int:
         progress.say(f"MLflow run: {result.run_id}  ({redact(result.tracking_uri)})")
         progress.say(f"total time: {time.perf_counter() - started:.0f}s")
         if args.serve:
-            loader = serving.RegistryLoader(result.tracking_uri, result.model_name, _serving_cache(cfg))
+            loader = RegistryLoader(result.tracking_uri, result.model_name, _serving_cache(cfg))
             loader.fetch()  # download and check the champion here, where a refusal reads plainly
             _serve_forever(loader, cfg, progress)
         else:
@@ -242,7 +244,8 @@ def _interrupted_run(args):
     """The config and MLflow record of the run that `--resume` continues."""
     import tempfile
 
-    from pipelines.tracking import Tracker, resolve_tracking_uri
+    from pipelines.run_queries import interrupted_pipeline
+    from pipelines.tracking import Tracker
 
     run_id = args.resume
     if run_id != "latest" and not _looks_like_run_id(run_id):  # `run --resume experiments/x.yaml`
@@ -254,9 +257,7 @@ def _interrupted_run(args):
         raise ConfigError(f"--resume continues a run with the config it started with; drop {' '.join(changed)} "
                           f"(only workdir=... may be given) or start a new run")
     cfg = _load(args)
-    workdir = Path(cfg.workdir).resolve()
-    tracker = Tracker(resolve_tracking_uri(cfg.workdir), cfg.name, artifact_location=str(workdir / "mlartifacts"))
-    resume = tracker.interrupted_pipeline(None if run_id == "latest" else run_id)
+    resume = interrupted_pipeline(Tracker.for_experiment(cfg), None if run_id == "latest" else run_id)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         f.write(resume.experiment_yaml)
         f.flush()
@@ -281,24 +282,18 @@ def _check_gpus(cfg: ExperimentConfig) -> None:
                               f"(set it to false, or point RAY_ADDRESS at a cluster with GPUs)")
 
 
-def candidate_table(reports: list, winner: str) -> str:
-    """The candidates side by side: the numbers a person compares before trusting a promotion."""
-    from components.comparison import candidate_table as table
-
-    return table(reports, winner)
-
-
 # ------------------------------------------------------------------- serve
 
 
 def _serve(args) -> int:
-    from pipelines import ray_runtime, serving
+    from pipelines import ray_runtime
+    from pipelines.model_loading import RegistryLoader
     from pipelines.progress import Progress
     from pipelines.tracking import resolve_tracking_uri
 
     cfg = _load(args)
     tracking_uri = resolve_tracking_uri(cfg.workdir)
-    loader = serving.RegistryLoader(tracking_uri, cfg.name, _serving_cache(cfg), args.alias)
+    loader = RegistryLoader(tracking_uri, cfg.name, _serving_cache(cfg), args.alias)
     # Fail here, before Ray starts and with a plain message, when nothing was promoted yet, the
     # registry does not answer, or the champion's files do not match the registry's record.
     loader.fetch()
@@ -458,15 +453,14 @@ PROMOTION_LOST = 3
 
 def _promote(args) -> int:
     from pipelines import promotion
-    from pipelines.tracking import Tracker, resolve_tracking_uri
+    from pipelines.tracking import Tracker
 
     if args.force and args.rollback:
         raise ConfigError("--force goes with --version, not --rollback")
     if args.version is not None and not args.version.isdigit():
         raise ConfigError(f"--version: expected a registered version number, got {args.version!r}")
     cfg = _load(args)
-    workdir = Path(cfg.workdir).resolve()
-    tracker = Tracker(resolve_tracking_uri(cfg.workdir), cfg.name, artifact_location=str(workdir / "mlartifacts"))
+    tracker = Tracker.for_experiment(cfg)
     if args.rollback:
         new, old = promotion.rollback(tracker, cfg)
         print(f"{cfg.name}: champion is v{new} again (rolled back from v{old}; previous is now v{old})")
@@ -486,7 +480,8 @@ def _promote(args) -> int:
 
 
 def _runs(args) -> int:
-    from pipelines.tracking import list_runs, resolve_tracking_uri
+    from pipelines.run_queries import list_runs
+    from pipelines.tracking import resolve_tracking_uri
 
     cfg = _load(args)
     tracking_uri = resolve_tracking_uri(cfg.workdir)

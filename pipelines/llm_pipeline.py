@@ -1,7 +1,7 @@
 """The DAG: prepare_data → pretrain → finetune → quantize → evaluate → promote.
 
 This file only wires stages together; what each stage does lives in
-`pipelines/stages.py` (and below it, `components/`). Deploying the champion
+`pipelines/stages.py` and `pipelines/candidates.py` (and below them, `components/`). Deploying the champion
 is `pipelines/serving.py`, started by the CLI after the run.
 """
 from __future__ import annotations
@@ -12,11 +12,11 @@ from typing import Callable
 
 from components.artifacts import from_json, to_json
 from components.config import ExperimentConfig, flatten, to_yaml
-from pipelines import promotion, stage_cache, stages
+from pipelines import candidates, stage_cache, stages
 from pipelines.progress import Progress
-from pipelines.ray_runtime import cluster_gpus, run_task
-from pipelines.tracking import CACHE_KEY_TAG, CACHED_FROM_TAG, InterruptedRun, RunLogger, Tracker, redact, \
-    resolve_tracking_uri
+from pipelines.ray_runtime import run_task
+from pipelines.run_queries import InterruptedRun, cached_outputs
+from pipelines.tracking import CACHE_KEY_TAG, CACHED_FROM_TAG, RunLogger, Tracker, redact
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def run_pipeline(cfg: ExperimentConfig, progress: Progress, resume: InterruptedR
     reuse a finished output recorded under the same stage key (pipelines/stage_cache.py).
     """
     workdir = Path(cfg.workdir).resolve()
-    tracker = Tracker(resolve_tracking_uri(cfg.workdir), cfg.name, artifact_location=str(workdir / "mlartifacts"))
+    tracker = Tracker.for_experiment(cfg)
     config_params = flatten(cfg)
     ray_storage = str(workdir / "ray_results")
 
@@ -79,44 +79,9 @@ def run_pipeline(cfg: ExperimentConfig, progress: Progress, resume: InterruptedR
                               key=stage_cache.stage_key("finetune", cfg, (data_key, pretrain_key)))
         progress.done()
 
-        # ------------------------------------------------------ candidates
-        candidates = {}
-        gpus = cluster_gpus()
-        progress.stage(f"quantize ({', '.join(cfg.quantize.variants)})")
-        with tracker.run("quantize", parent, stage="quantize", params=params) as log:
-            for variant in cfg.quantize.variants:
-                run = tracker.open_run(f"candidate-{variant}", parent, stage="candidate", params=params)
-                run.set_tags({"data.fingerprint": data.fingerprint})
-                model = run_task(stages.quantize, finetuned, variant, str(out / "candidates" / variant), run,
-                                 num_gpus=int(stages.quantize_wants_gpu(variant, gpus)))
-                log.log_metrics({f"quantize/{variant}/size_bytes": model.size_bytes})
-                candidates[variant] = (run, model)
-                if model.skipped:
-                    progress.say(f"    {variant}: skipped ({model.skipped})")
-        progress.done()
-
-        progress.stage("evaluate")
-        reports = []
-        with tracker.run("evaluate", parent, stage="evaluate", params=params) as log:
-            for variant, (run, model) in candidates.items():
-                reports.append(run_task(stages.evaluate, model, data, cfg, run,
-                                        num_gpus=int(stages.evaluate_wants_gpu(variant, cfg, gpus))))
-                report = reports[-1]
-                progress.say(f"    {variant}: " + (f"skipped ({report.skipped})" if report.skipped
-                                                     else f"val ppl {report.metrics['eval/val_ppl']:.2f}"))
-            runs = {variant: run for variant, (run, _) in candidates.items()}
-            reports = stages.compare(reports, runs, str(out / "comparison"), log, parent)
-            for run, _ in candidates.values():
-                tracker.close_run(run)
-        progress.done()
-
-        # ------------------------------------------------------- promotion
-        progress.stage("promote")
-        with tracker.run("promote", parent, stage="promote", params=params) as log:
-            runs = {variant: run for variant, (run, _) in candidates.items()}
-            measured = [r for r in reports if not r.skipped]  # compare() made sure there is one
-            decision, version = promotion.promote(tracker, cfg, measured, runs, data, log, parent)
-        progress.done(decision.reason)
+        # ---------------------------------------- candidates and promotion
+        reports, decision, version = candidates.quantize_evaluate_promote(cfg, tracker, parent, finetuned, data,
+                                                                          out, params, progress)
 
     return PipelineResult(parent.run_id, tracker.tracking_uri, cfg.name, reports, decision, version)
 
@@ -160,7 +125,7 @@ class StageRunner:
 
     def _cached(self, name: str, params: dict, key: str):
         """The newest output recorded under `key` whose files are all still there, or None."""
-        for hit in self.tracker.cached_outputs(name, key):
+        for hit in cached_outputs(self.tracker, name, key):
             record = from_json(hit.output)
             if not stage_cache.output_complete(record):
                 continue  # its files were deleted or cut short: look further back, else recompute

@@ -22,7 +22,9 @@ import time
 from components.artifacts import EvalReport, TokenizedData
 from components.config import ExperimentConfig, config_hash
 from components.promote import Candidate, Decision, decide
-from pipelines.tracking import CHAMPION, CHECKSUMS_TAG, PREVIOUS, RunLogger, Tracker
+from pipelines import registry
+from pipelines.registry import CHAMPION, CHECKSUMS_TAG, PREVIOUS
+from pipelines.tracking import RunLogger, Tracker
 
 MODEL_ARTIFACT = "model"
 
@@ -47,7 +49,7 @@ def promote(tracker: Tracker, cfg: ExperimentConfig, reports: list[EvalReport], 
     if not checksums:
         raise RuntimeError(f"candidate run {winner_run.run_id} has no {CHECKSUMS_TAG} tag, so its files "
                             f"cannot be pinned in the registry; it was not registered")
-    version = tracker.register(cfg.name, winner_run.run_id, MODEL_ARTIFACT, tags={
+    version = registry.register(tracker.tracking_uri, cfg.name, winner_run.run_id, MODEL_ARTIFACT, tags={
         CHECKSUMS_TAG: checksums,
         "run_id": winner_run.run_id,
         "variant": decision.winner.name,
@@ -56,9 +58,9 @@ def promote(tracker: Tracker, cfg: ExperimentConfig, reports: list[EvalReport], 
         cfg.promote.metric: decision.winner.metrics[cfg.promote.metric],
     })
     if decision.promote:
-        tracker.move_champion(cfg.name, version)
+        registry.move_champion(tracker.tracking_uri, cfg.name, version)
     reason = decision.reason + (f" ({note})" if note else "")
-    tracker.set_version_tags(cfg.name, version, _decision_tags(
+    registry.set_version_tags(tracker.tracking_uri, cfg.name, version, _decision_tags(
         "champion" if decision.promote else "challenger_lost", reason, "pipeline"))
     tags = {"promote.winner": decision.winner.name, "promote.promoted": decision.promote,
             "promote.reason": reason, "promote.version": version}
@@ -78,8 +80,8 @@ def promote_version(tracker: Tracker, cfg: ExperimentConfig, version: str, force
     Raises:
         LookupError: no such version. TrackingError: the registry failed (nothing moved).
     """
-    challenger = tracker.model_version(cfg.name, version)
-    current = tracker.alias_version(cfg.name, CHAMPION)
+    challenger = registry.model_version(tracker.tracking_uri, cfg.name, version)
+    current = registry.alias_version(tracker.tracking_uri, cfg.name, CHAMPION)
     name = f"v{challenger.version}"
     if current is not None and current.version == challenger.version:
         return Decision(Candidate(name, {}), False, f"{name} is already {CHAMPION}"), "already"
@@ -95,9 +97,10 @@ def promote_version(tracker: Tracker, cfg: ExperimentConfig, version: str, force
         if note:
             decision = Decision(decision.winner, decision.promote, f"{decision.reason} ({note})")
     if decision.promote:
-        tracker.move_champion(cfg.name, challenger.version)
+        registry.move_champion(tracker.tracking_uri, cfg.name, challenger.version)
     outcome = "champion" if decision.promote else "challenger_lost"
-    tracker.set_version_tags(cfg.name, challenger.version, _decision_tags(outcome, decision.reason, "gptforge promote"))
+    registry.set_version_tags(tracker.tracking_uri, cfg.name, challenger.version,
+                              _decision_tags(outcome, decision.reason, "gptforge promote"))
     return decision, "promoted" if decision.promote else "kept"
 
 
@@ -107,26 +110,22 @@ def rollback(tracker: Tracker, cfg: ExperimentConfig) -> tuple[str, str]:
     Raises:
         LookupError: there is no `previous` (or no champion) to roll back to.
     """
-    previous = tracker.alias_version(cfg.name, PREVIOUS)
-    current = tracker.alias_version(cfg.name, CHAMPION)
+    previous = registry.alias_version(tracker.tracking_uri, cfg.name, PREVIOUS)
+    current = registry.alias_version(tracker.tracking_uri, cfg.name, CHAMPION)
     if previous is None or current is None:
         raise LookupError(f"nothing to roll back to: {cfg.name} has no {PREVIOUS!r} version "
                           f"(the alias is set when a champion is replaced)")
-    tracker.move_champion(cfg.name, previous.version)  # the old champion becomes `previous`
+    registry.move_champion(tracker.tracking_uri, cfg.name, previous.version)  # the old champion becomes `previous`
     reason = f"rolled back from v{current.version}"
-    tracker.set_version_tags(cfg.name, previous.version, _decision_tags("rollback", reason, "gptforge promote --rollback"))
+    registry.set_version_tags(tracker.tracking_uri, cfg.name, previous.version,
+                              _decision_tags("rollback", reason, "gptforge promote --rollback"))
     return previous.version, current.version
 
 
 def _incumbent(tracker: Tracker, model_name: str, fingerprint: str) -> tuple[Candidate | None, str]:
-    current = tracker.alias_version(model_name, CHAMPION)
+    current = registry.alias_version(tracker.tracking_uri, model_name, CHAMPION)
     if current is None:
         return None, ""
     if current.tags.get("data.fingerprint") != fingerprint:
         return None, f"champion v{current.version} was trained on other data, so it is not compared"
     return Candidate(f"v{current.version}", tracker.run_metrics(current.run_id)), ""
-
-
-def comparison(reports: list[EvalReport]) -> list[dict]:
-    """One row per candidate with every metric, for the evaluate run's candidates.json."""
-    return [{"variant": r.variant, **r.metrics} for r in reports]

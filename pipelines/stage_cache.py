@@ -1,22 +1,23 @@
 """Stage cache keys: which finished stage output a new run may reuse instead of recomputing.
 
 A stage's key is a sha256 over
-- its code version: the source of the modules that compute it (so editing the
-  training loop invalidates pretrain and finetune, editing evaluate.py nothing here),
+- its code version: the source of every project module (components, pipelines) that its
+  entry modules import, directly or through each other,
 - its config section (without `cache` itself, which only says whether to look),
 - the keys of its inputs, and for prepare_data the fingerprint of the data sources.
 Equal keys mean equal inputs, so the output recorded under a key can be reused while
 its files are still there and complete. The lookup itself is an MLflow search
-(`Tracker.cached_output`); this module only computes keys and checks files.
+(`pipelines.run_queries.cached_outputs`); this module only computes keys and checks files.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
-import importlib.util
 import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 from components import checkpoint as ckpt
 from components.artifacts import Checkpoint, TokenizedData
@@ -24,14 +25,19 @@ from components.config import ExperimentConfig
 
 CACHED_STAGES = ("prepare_data", "pretrain", "finetune")  # the later stages take seconds: they always run
 
-# The modules whose code decides a stage's output. pipelines.stages and pipelines.ray_runtime wire the
-# components (the training loop per worker lives in ray_runtime), so they count too.
-_CODE = {
-    "prepare_data": ("components.data", "components.artifacts", "pipelines.stages"),
-    "pretrain": ("components.train", "components.model", "components.parallel", "components.checkpoint",
-                 "components.artifacts", "pipelines.ray_runtime", "pipelines.stages"),
+# The modules a stage's code starts from; `code_modules` follows their imports from there. The
+# closure is taken from the imports found in the source (`ast`), at module and at function level
+# since the code imports lazily inside functions, rather than from a hand-kept list, which misses
+# the next module someone adds. It is per module, not per function: pipelines.stages wires every
+# stage, so an edit to anything it imports (evaluate, quantize, the tracking modules) also counts
+# as a code change for the cached stages. Recomputing is the safe side of that.
+_ENTRIES = {
+    "prepare_data": ("components.data", "pipelines.stages"),
+    "pretrain": ("pipelines.stages", "pipelines.ray_runtime", "components.recipe"),
+    "finetune": ("pipelines.stages", "pipelines.ray_runtime", "components.recipe"),
 }
-_CODE["finetune"] = (*_CODE["pretrain"], "components.finetune")
+_PACKAGES = ("components", "pipelines")  # the project's own code; the installed libraries are not hashed
+_ROOT = Path(__file__).resolve().parents[1]  # the folder holding components/ and pipelines/
 
 # The finetune keys that the data stage reads (it also builds the SFT pairs).
 _SFT_DATA_KEYS = ("source", "max_bytes", "max_pairs", "heldout_fraction")
@@ -72,13 +78,70 @@ def cache_enabled(stage: str, cfg: ExperimentConfig) -> bool:
 
 
 @lru_cache(maxsize=None)
-def code_version(stage: str) -> str:
-    """sha256 over the source files of the modules that compute `stage`."""
+def code_version(stage: str, read_source: Callable[[Path], bytes] = Path.read_bytes) -> str:
+    """sha256 over the source of every module in `code_modules(stage)`.
+
+    `read_source` reads a module's file (tests pass an edited copy); the key is computed
+    once per process for the files on disk.
+    """
     h = hashlib.sha256()
-    for name in _CODE[stage]:
-        spec = importlib.util.find_spec(name)
-        h.update(name.encode() + b"\0" + Path(spec.origin).read_bytes() + b"\0")
+    for name, source in _closure(stage, read_source).items():
+        h.update(name.encode() + b"\0" + source + b"\0")
     return h.hexdigest()
+
+
+def code_modules(stage: str, read_source: Callable[[Path], bytes] = Path.read_bytes) -> tuple[str, ...]:
+    """The project modules whose source decides `stage`'s output, sorted by name."""
+    return tuple(_closure(stage, read_source))
+
+
+def _closure(stage: str, read_source: Callable[[Path], bytes]) -> dict[str, bytes]:
+    """Module name -> source, for `stage`'s entry modules and every project module they import."""
+    sources: dict[str, bytes] = {}
+    todo = list(_ENTRIES[stage])
+    while todo:
+        name = todo.pop()
+        if name in sources:
+            continue
+        path = _module_file(name)
+        if path is None:  # `from components.config import ExperimentConfig` names a class, not a module
+            assert name not in _ENTRIES[stage], f"entry module {name} of stage {stage} not found under {_ROOT}"
+            continue
+        sources[name] = read_source(path)
+        tree = ast.parse(sources[name], filename=str(path))
+        todo.extend(n for n in _imported(tree, name, path.name == "__init__.py") if n.split(".")[0] in _PACKAGES)
+    return dict(sorted(sources.items()))
+
+
+def _module_file(name: str) -> Path | None:
+    base = _ROOT.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imported(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+    """Every module name an import anywhere in `tree` may load, with the packages above it.
+
+    `from a.b import c` may load `a.b.c` (a submodule) or only read the name `c` from `a.b`;
+    both candidates are returned and `_module_file` keeps those that exist.
+    """
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: `from . import x` in package a.b means a.b.x
+                package = module if is_package else module.rpartition(".")[0]
+                for _ in range(node.level - 1):
+                    package = package.rpartition(".")[0]
+                base = f"{package}.{base}" if base else package
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    # Importing a.b.c runs a/__init__.py and a/b/__init__.py first.
+    return {".".join(name.split(".")[:i]) for name in names for i in range(1, name.count(".") + 2)}
 
 
 def output_complete(record) -> bool:

@@ -1,9 +1,15 @@
-"""Every MLflow call of gptforge: runs, params, metrics, artifacts, the registry, aliases.
+"""MLflow runs of gptforge: the experiment, the run tree, and logging to a run.
 
-The driver creates the database, the experiment and every run (NOTES.md: three
-processes creating a fresh SQLite store at once fail). Ray tasks and rank 0 of
-Ray Train get a `RunLogger`, a picklable handle (tracking URI + run id) that
-logs with explicit run ids and never touches MLflow's global "active run".
+Every MLflow call of gptforge goes through this module and the two beside it:
+`pipelines/run_queries.py` (what `--resume` and the stage cache look up) and
+`pipelines/registry.py` (model versions and their aliases).
+
+The driver creates the database, the experiment and every run before any Ray task
+or worker touches them: processes that create a fresh SQLite store at the same time
+fail in its schema migrations, while once it exists several processes can log to it
+at once (docs/ray-and-mlflow.md). Ray tasks and rank 0 of Ray Train get a `RunLogger`, a
+picklable handle (tracking URI + run id) that logs with explicit run ids and never
+touches MLflow's global "active run".
 """
 from __future__ import annotations
 
@@ -14,6 +20,10 @@ import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from components.config import ExperimentConfig
 
 PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG = "gptforge.stage"
@@ -25,18 +35,6 @@ CACHED_FROM_TAG = "gptforge.cached_from"  # on a stage run that reused an output
 # here); "custom_model_development" opens it on its runs, where the candidates are compared.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
-CHAMPION = "champion"
-PREVIOUS = "previous"
-# Model version tag: sha256 of the version's checksums.json, recorded at registration.
-# The registry (the tracking database) pins what the artifact store must hold.
-CHECKSUMS_TAG = "checksums.sha256"
-
-# MLflow logs database migrations at INFO and draws progress bars for artifact
-# downloads; neither helps someone watching a pipeline run.
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-# Against a server, MLflow prints a "View run ... at" link for every run it ends;
-# gptforge prints the parent run's link once instead.
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 class TrackingError(RuntimeError):
@@ -62,20 +60,20 @@ def redact(text: str) -> str:
     return _SECRET_QUERY.sub(r"\g<key>***", _USERINFO.sub(userinfo, str(text)))
 
 
-def _is_not_found(error) -> bool:
-    """An MlflowException that means "this model, version or alias does not exist"."""
+def is_not_found(error) -> bool:
+    """An MlflowException that means "this model, version, alias or run does not exist"."""
     return getattr(error, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
 
 
 @contextlib.contextmanager
-def _registry_call(tracking_uri: str, what: str):
+def tracking_call(tracking_uri: str, what: str):
     """Turn any error but "does not exist" into a TrackingError naming the server (redacted)."""
     try:
         yield
     except LookupError:
         raise
     except Exception as error:  # noqa: BLE001 - MlflowException, or requests/SQLAlchemy errors beneath it
-        if _is_not_found(error):
+        if is_not_found(error):
             raise
         raise TrackingError(
             f"the MLflow tracking server {redact(tracking_uri)} failed while {what}: "
@@ -89,10 +87,25 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0][:800]
 
 
-def _client(tracking_uri: str):
+def configure_mlflow() -> None:
+    """Quiet MLflow for someone watching a pipeline run; call before MLflow logs, ends a run or downloads.
+
+    MLflow reads these variables when it acts, so setting them here, in the process that
+    calls it (the driver, a Ray task or worker), is early enough.
+    """
+    # Database migrations are logged at INFO, and artifact downloads draw progress bars.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Against a server, MLflow prints a "View run ... at" link for every run it ends;
+    # gptforge prints the parent run's link once instead.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+def mlflow_client(tracking_uri: str):
+    """An MlflowClient for the tracking store and registry at `tracking_uri`."""
     from mlflow import MlflowClient
 
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    configure_mlflow()
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
@@ -114,33 +127,33 @@ class RunLogger:
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        _client(self.tracking_uri).log_batch(self.run_id, metrics=batch)
+        mlflow_client(self.tracking_uri).log_batch(self.run_id, metrics=batch)
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
 
         # MLflow caps a param value at 6000 characters; a list of variants is far below it.
         batch = [Param(k, str(v)) for k, v in params.items()]
-        client = _client(self.tracking_uri)
+        client = mlflow_client(self.tracking_uri)
         for start in range(0, len(batch), 100):  # log_batch takes at most 100 params per call
             client.log_batch(self.run_id, params=batch[start : start + 100])
 
     def set_tags(self, tags: dict) -> None:
         from mlflow.entities import RunTag
 
-        _client(self.tracking_uri).log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        mlflow_client(self.tracking_uri).log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
-        _client(self.tracking_uri).log_artifacts(self.run_id, local_dir, artifact_path)
+        mlflow_client(self.tracking_uri).log_artifacts(self.run_id, local_dir, artifact_path)
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        _client(self.tracking_uri).log_artifact(self.run_id, local_path, artifact_path)
+        mlflow_client(self.tracking_uri).log_artifact(self.run_id, local_path, artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        _client(self.tracking_uri).log_text(self.run_id, text, artifact_file)
+        mlflow_client(self.tracking_uri).log_text(self.run_id, text, artifact_file)
 
     def log_dict(self, data, artifact_file: str) -> None:
-        _client(self.tracking_uri).log_dict(self.run_id, data, artifact_file)
+        mlflow_client(self.tracking_uri).log_dict(self.run_id, data, artifact_file)
 
     def record_output(self, record_json: str) -> None:
         """Keep the stage's output record (`components.artifacts.to_json`) on its run for --resume."""
@@ -148,7 +161,7 @@ class RunLogger:
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         """Every (step, value) logged for `key`, in step order."""
-        history = _client(self.tracking_uri).get_metric_history(self.run_id, key)
+        history = mlflow_client(self.tracking_uri).get_metric_history(self.run_id, key)
         return sorted((m.step, m.value) for m in history)
 
     def latest_metrics(self) -> dict:
@@ -157,7 +170,7 @@ class RunLogger:
 
     def snapshot(self) -> tuple[dict, dict]:
         """(metrics, tags) of the run as they are now; the CLI shows progress from them."""
-        data = _client(self.tracking_uri).get_run(self.run_id).data
+        data = mlflow_client(self.tracking_uri).get_run(self.run_id).data
         return dict(data.metrics), dict(data.tags)
 
 
@@ -195,7 +208,7 @@ class MetricsBuffer:
             return
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for metrics, step in pending for k, v in metrics.items()]
-        client = _client(self.logger.tracking_uri)
+        client = mlflow_client(self.logger.tracking_uri)
         for start in range(0, len(batch), 1000):  # log_batch takes at most 1000 metrics per call
             client.log_batch(self.logger.run_id, metrics=batch[start : start + 1000])
 
@@ -212,41 +225,15 @@ class MetricsBuffer:
                 logging.getLogger(__name__).warning("could not log metrics to MLflow; retrying", exc_info=True)
 
 
-@dataclass(frozen=True)
-class StageRun:
-    run_id: str
-    status: str  # FINISHED, RUNNING (its driver was killed), KILLED, FAILED
-    output: str | None  # the recorded output (JSON) of a finished stage
-
-
-@dataclass(frozen=True)
-class InterruptedRun:
-    """A pipeline run that did not finish: what `gptforge run --resume` continues."""
-
-    run_id: str
-    experiment_yaml: str  # the resolved config it ran with
-    stages: dict  # stage name -> StageRun (the newest run of each stage)
-    running: tuple = ()  # ids of child runs still marked RUNNING (their driver was killed)
-
-    def finished_output(self, stage: str) -> str | None:
-        run = self.stages.get(stage)
-        return run.output if run is not None and run.status == "FINISHED" else None
-
-    def unfinished_run(self, stage: str) -> str | None:
-        """The run of `stage` that was interrupted, to continue rather than start again."""
-        run = self.stages.get(stage)
-        return run.run_id if run is not None and run.status != "FINISHED" else None
-
-
 class Tracker:
-    """The driver's side: experiment set-up, the run tree, and the model registry."""
+    """The driver's side: the experiment and its run tree."""
 
     def __init__(self, tracking_uri: str, experiment_name: str, artifact_location: str | None = None):
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self._open: list[str] = []  # ids of runs created here and not yet ended, oldest first
-        with _registry_call(tracking_uri, f"opening experiment {experiment_name!r}"):
-            self.client = _client(tracking_uri)
+        with tracking_call(tracking_uri, f"opening experiment {experiment_name!r}"):
+            self.client = mlflow_client(tracking_uri)
             experiment = self.client.get_experiment_by_name(experiment_name)
             if experiment is None:
                 # An explicit location keeps artifacts beside the SQLite file instead of ./mlruns
@@ -261,6 +248,15 @@ class Tracker:
                 if EXPERIMENT_KIND_TAG not in experiment.tags:  # experiments made before the tag existed
                     self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
+    @classmethod
+    def for_experiment(cls, cfg: ExperimentConfig) -> Tracker:
+        """The tracker of experiment `cfg`: its store (`resolve_tracking_uri`), named `cfg.name`.
+
+        Artifacts of a SQLite store go to `workdir/mlartifacts`.
+        """
+        workdir = Path(cfg.workdir).resolve()
+        return cls(resolve_tracking_uri(cfg.workdir), cfg.name, artifact_location=str(workdir / "mlartifacts"))
+
     def open_run(self, name: str, parent: RunLogger | None = None, stage: str | None = None,
                  params: dict | None = None) -> RunLogger:
         """Create a run, with `params` logged, that stays open until `close_run` (or an enclosing `run` fails)."""
@@ -272,7 +268,7 @@ class Tracker:
         commit = _git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
-        with _registry_call(self.tracking_uri, f"creating run {name!r}"):
+        with tracking_call(self.tracking_uri, f"creating run {name!r}"):
             run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
         self._open.append(run.info.run_id)
         logger = RunLogger(self.tracking_uri, run.info.run_id)
@@ -283,7 +279,7 @@ class Tracker:
     def close_run(self, logger: RunLogger, status: str = "FINISHED") -> None:
         if logger.run_id in self._open:
             self._open.remove(logger.run_id)
-            with _registry_call(self.tracking_uri, f"ending run {logger.run_id}"):
+            with tracking_call(self.tracking_uri, f"ending run {logger.run_id}"):
                 self.client.set_terminated(logger.run_id, status)
 
     def reopen_run(self, run_id: str) -> RunLogger:
@@ -317,57 +313,6 @@ class Tracker:
             raise
         self.close_run(logger)
 
-    def interrupted_pipeline(self, run_id: str | None = None) -> InterruptedRun:
-        """The pipeline run to resume: `run_id`, or the newest one of this experiment that did not finish.
-
-        Raises:
-            LookupError: no such run, or it finished (nothing to resume).
-        """
-        from mlflow.exceptions import MlflowException
-
-        if run_id is None:
-            runs = list_runs(self.tracking_uri, self.experiment_name, max_results=1000)
-            unfinished = [r for r in runs if r.info.status != "FINISHED"]
-            if not unfinished:
-                raise LookupError(f"no interrupted run of experiment {self.experiment_name!r} in "
-                                  f"{redact(self.tracking_uri)} to resume; start one with `gptforge run`")
-            parent = unfinished[0]
-        else:
-            try:
-                with _registry_call(self.tracking_uri, f"reading run {run_id}"):
-                    parent = self.client.get_run(run_id)
-            except MlflowException:  # only "does not exist" gets past _registry_call
-                raise LookupError(f"no run {run_id} in {redact(self.tracking_uri)}") from None
-            if parent.data.tags.get(PARENT_TAG) or parent.info.experiment_id != self.experiment_id:
-                raise LookupError(f"run {run_id} is not a pipeline run of experiment {self.experiment_name!r}")
-            if parent.info.status == "FINISHED":
-                raise LookupError(f"run {run_id} finished; there is nothing to resume")
-        children = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'", max_results=1000)
-        stages = {}
-        running = tuple(c.info.run_id for c in children if c.info.status == "RUNNING")
-        for child in sorted(children, key=lambda r: r.info.start_time):  # the newest run of a stage wins
-            stage = child.data.tags.get(STAGE_TAG)
-            if stage:
-                stages[stage] = StageRun(child.info.run_id, child.info.status, child.data.tags.get(OUTPUT_TAG))
-        yaml_text = self.client.download_artifacts(parent.info.run_id, "experiment.yaml")
-        return InterruptedRun(parent.info.run_id, Path(yaml_text).read_text(), stages, running)
-
-    def cached_outputs(self, stage: str, key: str) -> list[StageRun]:
-        """Finished runs of `stage` in this experiment recorded under cache `key`, newest first.
-
-        `StageRun.run_id` is the run that computed the output (a run that itself reused
-        it points there with CACHED_FROM_TAG).
-        """
-        with _registry_call(self.tracking_uri, f"looking up cached {stage} outputs"):
-            runs = self.client.search_runs(
-                [self.experiment_id],
-                filter_string=(f"tags.`{STAGE_TAG}` = '{stage}' and tags.`{CACHE_KEY_TAG}` = '{key}' "
-                               f"and attributes.status = 'FINISHED'"),
-                order_by=["attributes.start_time DESC"], max_results=20)
-        return [StageRun(r.data.tags.get(CACHED_FROM_TAG, r.info.run_id), r.info.status, r.data.tags[OUTPUT_TAG])
-                for r in runs if OUTPUT_TAG in r.data.tags]
-
     def end_runs(self, run_ids, status: str) -> None:
         """Mark runs that no process will continue (status KILLED, FAILED, ...)."""
         for run_id in run_ids:
@@ -379,122 +324,13 @@ class Tracker:
             return None
         return redact(f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}")
 
-    # ---------------------------------------------------------------- registry
-
-    def register(self, model_name: str, run_id: str, artifact_path: str, tags: dict) -> str:
-        """Register the folder `artifact_path` of `run_id` as a new version; returns the version.
-
-        Raises:
-            TrackingError: the registry failed (anything but "the model does not exist yet").
-        """
-        from mlflow.exceptions import MlflowException
-
-        with _registry_call(self.tracking_uri, f"registering a version of {model_name!r}"):
-            try:
-                self.client.get_registered_model(model_name)
-            except MlflowException as error:
-                if not _is_not_found(error):
-                    raise
-                self.client.create_registered_model(model_name, description="gptforge champion/challenger line")
-            version = self.client.create_model_version(
-                model_name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id,
-                tags={k: str(v) for k, v in tags.items()},
-            )
-        return version.version
-
-    def alias_version(self, model_name: str, alias: str):
-        """The model version an alias points at, or None when the model or alias does not exist.
-
-        Raises:
-            TrackingError: the registry failed; that is not the same as "no champion yet".
-        """
-        try:
-            return find_alias(self.tracking_uri, model_name, alias)
-        except LookupError:
-            return None
-
-    def move_champion(self, model_name: str, version: str) -> None:
-        """Point `champion` at `version`; the old champion becomes `previous` (for rollback)."""
-        old = self.alias_version(model_name, CHAMPION)
-        with _registry_call(self.tracking_uri, f"moving the {CHAMPION!r} alias of {model_name!r}"):
-            if old is not None and old.version != version:
-                self.client.set_registered_model_alias(model_name, PREVIOUS, old.version)
-            self.client.set_registered_model_alias(model_name, CHAMPION, version)
-
-    def model_version(self, model_name: str, version: str):
-        """A registered version. Raises LookupError when the model or version does not exist."""
-        from mlflow.exceptions import MlflowException
-
-        with _registry_call(self.tracking_uri, f"reading {model_name} v{version}"):
-            try:
-                return self.client.get_model_version(model_name, str(version))
-            except MlflowException as error:
-                if _is_not_found(error):
-                    raise LookupError(f"no version {version} of registered model {model_name!r} in "
-                                      f"{redact(self.tracking_uri)}") from None
-                raise
-
-    def set_version_tags(self, model_name: str, version: str, tags: dict) -> None:
-        """Tags on a registered version (the promotion decisions that concern it)."""
-        with _registry_call(self.tracking_uri, f"tagging {model_name} v{version}"):
-            for key, value in tags.items():
-                self.client.set_model_version_tag(model_name, str(version), key, str(value))
-
     def run_tags(self, run_id: str) -> dict:
-        with _registry_call(self.tracking_uri, f"reading run {run_id}"):
+        with tracking_call(self.tracking_uri, f"reading run {run_id}"):
             return dict(self.client.get_run(run_id).data.tags)
 
     def run_metrics(self, run_id: str) -> dict:
-        with _registry_call(self.tracking_uri, f"reading run {run_id}"):
+        with tracking_call(self.tracking_uri, f"reading run {run_id}"):
             return dict(self.client.get_run(run_id).data.metrics)
-
-
-def find_alias(tracking_uri: str, model_name: str, alias: str = CHAMPION):
-    """The model version `alias` points at.
-
-    Raises:
-        LookupError: the model or alias does not exist (nothing promoted yet).
-        TrackingError: any other failure (server unreachable, 5xx, a broken store).
-    """
-    from mlflow.exceptions import MlflowException
-
-    missing = LookupError(
-        f"no model version with alias {alias!r} for registered model {model_name!r} in {redact(tracking_uri)}; "
-        f"run `gptforge run` first (or check MLFLOW_TRACKING_URI and the experiment name)")
-    # Not get_model_version_by_alias: a missing alias and a bad request share its error code,
-    # while a missing model has its own (RESOURCE_DOES_NOT_EXIST) and the aliases are listed.
-    with _registry_call(tracking_uri, f"looking up {model_name}@{alias}"):
-        client = _client(tracking_uri)
-        try:
-            model = client.get_registered_model(model_name)
-        except MlflowException as error:
-            if _is_not_found(error):
-                raise missing from None
-            raise
-        if alias not in model.aliases:
-            raise missing
-        return client.get_model_version(model_name, model.aliases[alias])
-
-
-def download_version(tracking_uri: str, version, dst_dir: str) -> str:
-    """Download the files of a model version (from `find_alias`) under `dst_dir`; returns their folder."""
-    import mlflow.artifacts
-
-    with _registry_call(tracking_uri, f"downloading {version.source}"):
-        return mlflow.artifacts.download_artifacts(artifact_uri=version.source, tracking_uri=tracking_uri,
-                                                   dst_path=dst_dir)
-
-
-def list_runs(tracking_uri: str, experiment_name: str, max_results: int = 20) -> list:
-    """Recent top-level pipeline runs of an experiment, newest first."""
-    with _registry_call(tracking_uri, f"listing the runs of {experiment_name!r}"):
-        client = _client(tracking_uri)
-        experiment = client.get_experiment_by_name(experiment_name)
-        if experiment is None:
-            return []
-        runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"],
-                                  max_results=1000)
-    return [r for r in runs if PARENT_TAG not in r.data.tags][:max_results]
 
 
 def _git_commit() -> str | None:

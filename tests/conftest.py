@@ -38,15 +38,15 @@ def make_candidate(folder: Path, variant: str = "fp32", seed: int = 0) -> str:
 
     Returns the sha256 of its checksums.json (what promotion pins in the registry).
     """
-    from components.data import train_tokenizer
     from components.files import write_checksums
     from components.model import GPT, GPTConfig, save_model
     from components.quantize import quantize_model
+    from components.tokenizer import TOKENIZER_FILE, train_tokenizer
 
     torch.manual_seed(seed)
     src = folder.with_name(folder.name + "-fp32-src")
     save_model(GPT(GPTConfig(block_size=32, vocab_size=300, n_layer=2, n_head=2, n_embd=16)), str(src))
-    train_tokenizer(["def add(a, b):\n    return a + b\n"] * 20, vocab_size=300).save(str(src / "tokenizer.json"))
+    train_tokenizer(["def add(a, b):\n    return a + b\n"] * 20, vocab_size=300).save(str(src / TOKENIZER_FILE))
     quantize_model(str(src), variant, str(folder))
     return write_checksums(folder)
 

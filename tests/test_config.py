@@ -107,6 +107,8 @@ BAD_VALUES = {
     "pretrain.warmup_steps": [-1],
     "pretrain.log_every": [0],
     "finetune.lr": [".nan", -1],
+    "finetune.num_workers": [0],  # a default the fine-tuning section changes keeps its rule
+    "finetune.checkpoint_every": [0],
     "finetune.min_lr": [-1],
     "finetune.grad_clip": [-1],
     "finetune.seed": [-5],
@@ -211,13 +213,11 @@ def test_bad_training_and_model_values_name_the_key(override, expected):
 
 
 def test_fsdp_with_fp16_is_refused_and_accumulation_is_derived():
-    from components.config import grad_accum_steps
-
     with pytest.raises(ConfigError, match="pretrain.precision: fp16 is not supported with strategy fsdp"):
         load_config(TINY_EXPERIMENT, ["pretrain.strategy=fsdp", "pretrain.precision=fp16"])
     cfg = load_config(TINY_EXPERIMENT, ["pretrain.tokens_per_step=16384"])  # 2 workers x 16 rows x 128 = 4096
-    assert grad_accum_steps(cfg.pretrain, cfg.data.block_size) == 4
-    assert grad_accum_steps(load_config(TINY_EXPERIMENT).pretrain, 128) == 1
+    assert cfg.pretrain.grad_accum_steps(cfg.data.block_size) == 4
+    assert load_config(TINY_EXPERIMENT).pretrain.grad_accum_steps(128) == 1
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -244,12 +244,10 @@ def test_invalid_tensor_parallel_layouts_name_the_key(overrides, expected):
 
 
 def test_a_valid_tensor_parallel_layout_loads_and_shares_its_rows():
-    from components.config import data_parallel_workers, grad_accum_steps
-
     cfg = load_config(TINY_EXPERIMENT, ["pretrain.strategy=fsdp+tp", "pretrain.num_workers=4", "pretrain.tp_degree=2",
                                         "pretrain.tokens_per_step=8192"])  # 2 groups x 16 rows x 128 = 4096
-    assert data_parallel_workers(cfg.pretrain) == 2
-    assert grad_accum_steps(cfg.pretrain, cfg.data.block_size) == 2
+    assert cfg.pretrain.data_parallel_workers() == 2
+    assert cfg.pretrain.grad_accum_steps(cfg.data.block_size) == 2
     cfg = load_config(TINY_EXPERIMENT, ["finetune.strategy=tp", "finetune.num_workers=2", "finetune.tp_degree=2",
                                         "finetune.method=full"])
     assert cfg.finetune.tp_degree == 2
@@ -276,3 +274,121 @@ def test_candidate_settings_are_checked_together():
         assert fragment in str(e.value)
     cfg = load_config(None, ["quantize.variants=[fp32,int8_weight_only,int4_weight_only]", "evaluate.device=cuda"])
     assert cfg.quantize.variants == ["fp32", "int8_weight_only", "int4_weight_only"]
+
+
+# ------------------------------------------------ rules declared on fields, derived values
+
+def test_every_rule_declared_on_a_field_is_enforced_by_the_checker():
+    """A throwaway section with one field per kind of rule: the checker reads them from the fields alone."""
+    from dataclasses import dataclass
+
+    from components.field_rules import (at_least_1, check_fields, checked, each, fraction, must_be, non_negative,
+                                        one_of, positive, reported_by)
+
+    @dataclass(frozen=True)
+    class Inner:
+        share: float = checked(0.5, fraction)
+
+    @dataclass(frozen=True)
+    class Section:
+        count: int = checked(1, positive)
+        offset: int = checked(0, non_negative)
+        size: int = checked(1, at_least_1)
+        optional: int | None = checked(None, positive)
+        mode: str = checked("a", one_of("a", "b"))
+        lazy_mode: str = checked("a", one_of(lambda: ("a",)))
+        items: list[str] = checked(["a"], each(one_of("a", "b")))
+        even: int = checked(2, must_be(lambda v: v % 2 == 0, "must be even"))
+        word: str = checked("ok", reported_by(lambda v: None if v.isalpha() else f"{v!r} is not a word"))
+        rate: float = checked(1.0)  # no rule: only the finite check
+        inner: Inner = Inner()
+
+    assert check_fields(Section()) == []
+    bad = Section(count=0, offset=-1, size=0, optional=0, mode="c", lazy_mode="b", items=["a", "x", "y"], even=3,
+                  word="no way", rate=float("nan"), inner=Inner(share=1.0))
+    assert check_fields(bad, "s.") == [
+        "s.count: must be positive, got 0",
+        "s.offset: must not be negative, got -1",
+        "s.size: must be at least 1, got 0",
+        "s.optional: must be positive, got 0",
+        "s.mode: 'c' is not one of a, b",
+        "s.lazy_mode: 'b' is not one of a",
+        "s.items: 'x' is not one of a, b",
+        "s.items: 'y' is not one of a, b",
+        "s.even: must be even, got 3",
+        "s.word: 'no way' is not a word",
+        "s.rate: must be a finite number, got nan",
+        "s.inner.share: must be between 0 and 1 (exclusive), got 1.0",
+    ]
+    assert Section().items is not Section().items  # a list default is copied per instance
+
+
+def test_every_number_and_choice_in_the_config_declares_a_rule():
+    """A numeric key added later without a rule fails here, not in a run."""
+    import dataclasses
+    import typing
+
+    from components.field_rules import rules_of
+
+    def sections(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from sections(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}", hints[f.name], f
+
+    unruled = [key for key, hint, f in sections(ExperimentConfig)
+               if hint in (int, float, int | None) and not rules_of(f)]
+    assert unruled == []
+    for key in ("pretrain.strategy", "finetune.precision", "finetune.method", "model.preset", "evaluate.device",
+                "promote.mode", "promote.tie_breaker_mode", "quantize.variants", "name"):
+        section, _, name = key.rpartition(".")
+        cls = type(getattr(ExperimentConfig(), section)) if section else ExperimentConfig
+        assert rules_of({f.name: f for f in dataclasses.fields(cls)}[name]), key
+
+
+def test_the_vocab_minimum_is_the_tokenizers():
+    from components.tokenizer import MIN_VOCAB_SIZE
+
+    assert load_config(None, [f"tokenizer.vocab_size={MIN_VOCAB_SIZE}"]).tokenizer.vocab_size == MIN_VOCAB_SIZE
+    with pytest.raises(ConfigError, match=rf"tokenizer.vocab_size: must be at least {MIN_VOCAB_SIZE} "):
+        load_config(None, [f"tokenizer.vocab_size={MIN_VOCAB_SIZE - 1}"])
+
+
+def test_quantize_variants_are_the_quantize_modules():
+    from components.quantize import VARIANTS
+
+    cfg = load_config(None, [f"quantize.variants=[{','.join(VARIANTS)}]"])
+    assert tuple(cfg.quantize.variants) == VARIANTS
+
+
+def test_training_sections_derive_workers_and_accumulation():
+    from components.config import PretrainConfig
+
+    ddp = PretrainConfig(num_workers=4, batch_size=8, tokens_per_step=4 * 8 * 64 * 3)
+    assert ddp.data_parallel_workers() == 4
+    assert ddp.micro_step_tokens(64) == 4 * 8 * 64
+    assert ddp.grad_accum_steps(64) == 3
+    assert PretrainConfig(num_workers=4, batch_size=8).grad_accum_steps(64) == 1  # tokens_per_step 0: one micro-step
+    tp = PretrainConfig(num_workers=4, tp_degree=2, strategy="tp", batch_size=8, tokens_per_step=2 * 8 * 64 * 2)
+    assert tp.data_parallel_workers() == 2 and tp.grad_accum_steps(64) == 2
+    assert PretrainConfig(num_workers=4, tp_degree=2, strategy="ddp").data_parallel_workers() == 4
+
+
+def test_model_section_derives_its_shape_and_padded_vocab():
+    from components.config import ModelConfig
+    from components.model import PRESETS
+
+    assert ModelConfig().shape() == PRESETS["tiny"]
+    assert ModelConfig(preset="mini", n_layer=2).shape() == {**PRESETS["mini"], "n_layer": 2}
+    assert ModelConfig(preset="gpt5").shape() is None and ModelConfig(n_head=0).shape() is None
+    assert ModelConfig().padded_vocab(1000) == 1000
+    assert ModelConfig(pad_vocab_to=64).padded_vocab(1000) == 1024
+    assert ModelConfig(pad_vocab_to=64).padded_vocab(1024) == 1024
+
+
+def test_finetune_section_says_whether_it_uses_lora():
+    from components.config import FinetuneConfig
+
+    assert FinetuneConfig().uses_lora and not FinetuneConfig(method="full").uses_lora

@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from mlflow import MlflowClient
 
 from components import comparison
-from components import data as data_lib
-from components.artifacts import EvalReport, QuantizedModel
-from components.config import load_config
+from components.artifacts import EvalReport, QuantizedModel, TokenizedData
+from components.config import EvaluateConfig, load_config
 from components.evaluate import (
     CANDIDATE_METRICS,
     DELTA_METRICS,
@@ -23,8 +22,11 @@ from components.evaluate import (
     mean_loss,
 )
 from components.model import GPT, GPTConfig, save_model
+from components.packing import pack_rows
 from components.quantize import RUNS_ON, VARIANTS, load_variant, quantize_model, stored_bytes
-from pipelines import stages
+from components.sft import Pair, tokenize_pairs
+from components.tokenizer import train_tokenizer
+from pipelines import candidates
 from pipelines.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, Tracker
 
 CPU_VARIANTS = [v for v in VARIANTS if "cpu" in RUNS_ON[v]]
@@ -36,13 +38,13 @@ TEXT = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(200)]
 def files(tmp_path_factory):
     """A trained tokenizer, packed validation rows and prompt/completion rows, as the data stage writes them."""
     root = tmp_path_factory.mktemp("data")
-    tokenizer = data_lib.train_tokenizer(TEXT, vocab_size=300)
+    tokenizer = train_tokenizer(TEXT, vocab_size=300)
     tokenizer.save(str(root / "tokenizer.json"))
     ids = [e.ids for e in tokenizer.encode_batch(TEXT, add_special_tokens=False)]
-    rows = data_lib.pack_rows(ids, BLOCK)[:40]
+    rows = pack_rows(ids, BLOCK)[:40]
     pq.write_table(pa.table({"tokens": rows.tolist()}), root / "val.parquet")
-    pairs = [data_lib.Pair(f"def g{i}(x):\n", f"    return x + {i}\n", str(i)) for i in range(12)]
-    tokens, mask = data_lib.tokenize_pairs(pairs, tokenizer, BLOCK)
+    pairs = [Pair(f"def g{i}(x):\n", f"    return x + {i}\n", str(i)) for i in range(12)]
+    tokens, mask = tokenize_pairs(pairs, tokenizer, BLOCK)
     pq.write_table(pa.table({"tokens": tokens.tolist(), "mask": mask.tolist()}), root / "heldout.parquet")
     torch.manual_seed(0)
     config = GPTConfig(block_size=BLOCK, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_embd=32)
@@ -51,14 +53,17 @@ def files(tmp_path_factory):
     return root
 
 
-def _evaluate(files, folder, variant, **kwargs):
-    model = load_variant(str(folder))
-    return evaluate(
-        model, variant=variant, val_uri=str(files / "val.parquet"), sft_heldout_uri=str(files / "heldout.parquet"),
-        tokenizer_uri=str(files / "tokenizer.json"), size_bytes=(folder / "model.safetensors").stat().st_size,
-        disk_bytes=stored_bytes(str(folder)), max_batches=0, batch_size=16, gen_tokens=6, num_samples=2,
-        prompts=["def f3(x):\n", "return"], **kwargs,
-    )
+def _data(files) -> TokenizedData:
+    """The data stage's record of the fixture's files (only what evaluation reads is real)."""
+    return TokenizedData(root=str(files), train_uri="", val_uri=str(files / "val.parquet"), sft_train_uri="",
+                         sft_heldout_uri=str(files / "heldout.parquet"), tokenizer_uri=str(files / "tokenizer.json"),
+                         manifest_uri="", fingerprint="", vocab_size=300, block_size=BLOCK)
+
+
+def _evaluate(files, folder, variant):
+    cfg = EvaluateConfig(max_batches=0, batch_size=16, gen_tokens=6, num_samples=2, prompts=["def f3(x):\n", "return"])
+    return evaluate(load_variant(str(folder)), cfg, _data(files), variant=variant,
+                    size_bytes=(folder / "model.safetensors").stat().st_size, disk_bytes=stored_bytes(str(folder)))
 
 
 def test_perplexity_is_exp_of_the_mean_loss_computed_independently(files):
@@ -174,11 +179,11 @@ def test_a_variant_that_cannot_run_here_is_skipped_with_its_reason_logged(files,
         int4 = tracker.open_run("candidate-int4_weight_only", parent, stage="candidate")
         fp32 = tracker.open_run("candidate-fp32", parent, stage="candidate")
         # int4 cannot be built without CUDA: nothing written, the reason on its run
-        built = stages.quantize(_checkpoint(files), "int4_weight_only", str(tmp_path / "int4"), int4)
+        built = candidates.quantize(_checkpoint(files), "int4_weight_only", str(tmp_path / "int4"), int4)
         assert "CUDA" in built.skipped and not (tmp_path / "int4").exists()
-        assert stages.evaluate(built, None, cfg, int4).skipped == built.skipped
+        assert candidates.evaluate(built, None, cfg, int4).skipped == built.skipped
         # fp32 is built, but evaluate.device=cuda cannot be honoured here
-        report = stages.evaluate(QuantizedModel("fp32", str(files / "fp32-src"), 0), None, cfg, fp32)
+        report = candidates.evaluate(QuantizedModel("fp32", str(files / "fp32-src"), 0), None, cfg, fp32)
         assert "no CUDA GPU" in report.skipped and report.metrics == {}
         for run in (int4, fp32):
             tracker.close_run(run)
@@ -195,7 +200,7 @@ def test_every_candidate_skipped_is_an_error_naming_them(tmp_path):
 
     reports = [EvalReport("int4_weight_only", {}, skipped="needs CUDA")]
     with pytest.raises(ConfigError, match="int4_weight_only: needs CUDA"):
-        stages.compare(reports, {}, str(tmp_path), None, None)
+        candidates.compare(reports, {}, str(tmp_path), None, None)
 
 
 def _checkpoint(files):
@@ -209,15 +214,12 @@ def _checkpoint(files):
 def test_evaluation_runs_on_the_gpu(files, tmp_path, variant):
     quantize_model(str(files / "fp32-src"), variant, str(tmp_path / variant))
     model = load_variant(str(tmp_path / variant), "cuda")
-    report = evaluate(
-        model, variant=variant, val_uri=str(files / "val.parquet"), sft_heldout_uri=str(files / "heldout.parquet"),
-        tokenizer_uri=str(files / "tokenizer.json"), size_bytes=1, disk_bytes=stored_bytes(str(tmp_path / variant)),
-        max_batches=0, gen_tokens=6, num_samples=1, prompts=["def f3(x):\n"],
-    )
+    cfg = EvaluateConfig(max_batches=0, gen_tokens=6, num_samples=1, prompts=["def f3(x):\n"])
+    report = evaluate(model, cfg, _data(files), variant=variant, size_bytes=1,
+                      disk_bytes=stored_bytes(str(tmp_path / variant)))
     m = report.metrics
     assert m["eval/on_cuda"] == 1.0 and m["eval/tokens_per_s"] > 0
     assert m["eval/peak_mem_bytes"] >= m["model/linear_bytes"]  # the weights live on the GPU
-    cpu = evaluate(load_variant(str(files / "fp32-src")), variant="fp32", val_uri=str(files / "val.parquet"),
-                   sft_heldout_uri=str(files / "heldout.parquet"), tokenizer_uri=str(files / "tokenizer.json"),
-                   size_bytes=1, max_batches=0, gen_tokens=6, num_samples=1).metrics
+    cpu_cfg = EvaluateConfig(max_batches=0, gen_tokens=6, num_samples=1, prompts=[])
+    cpu = evaluate(load_variant(str(files / "fp32-src")), cpu_cfg, _data(files), variant="fp32", size_bytes=1).metrics
     assert m["eval/val_ppl"] == pytest.approx(cpu["eval/val_ppl"], rel=0.02)  # same data, same metric, other device

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from components.batching import Batcher, Overloaded, Work
-from components.data import train_tokenizer
+from components.config import ServeConfig
 from components.generation import Row, Sampling, TokenText, _safe_length, batch_fits, generate_batch
 from components.model import GPT, GPTConfig
-
-EOT = 0
+from components.tokenizer import EOT_ID, train_tokenizer
 
 
 @pytest.fixture
@@ -39,7 +38,7 @@ def _run(tiny, prompts, sampling, seed=None):
     deltas = [[] for _ in prompts]
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     rows = [Row(tokenizer.encode(p).ids, p, sampling, deltas[i].append, gen) for i, p in enumerate(prompts)]
-    generate_batch(model, text, rows, EOT)
+    generate_batch(model, text, rows, EOT_ID)
     return [("".join(d.text for d in ds), ds[-1].finish_reason, ds) for ds in deltas]
 
 
@@ -136,7 +135,8 @@ def test_the_batcher_runs_concurrent_work_together_and_refuses_a_full_queue():
         batches.append((model, [len(w.rows) for w in works]))
         release.wait(5)  # the first batch runs until the test lets it go
 
-    batcher = Batcher(run, max_batch_rows=4, wait_s=0.2, max_queued_rows=5, fits=lambda m, rows: True)
+    cfg = ServeConfig(max_batch_size=4, batch_wait_timeout_s=0.2, max_queued_rows=5)
+    batcher = Batcher(run, cfg, fits=lambda m, rows: True)
     try:
         failed = []
         batcher.submit(Work([1, 1], "m1", failed.append))
@@ -170,7 +170,8 @@ def test_a_failing_batch_fails_its_requests_and_the_loop_goes_on():
         if model == "bad":
             raise ValueError("boom")
 
-    batcher = Batcher(run, max_batch_rows=4, wait_s=0.0, max_queued_rows=8, fits=lambda m, rows: True)
+    cfg = ServeConfig(max_batch_size=4, batch_wait_timeout_s=0.0, max_queued_rows=8)
+    batcher = Batcher(run, cfg, fits=lambda m, rows: True)
     try:
         failed = []
         batcher.submit(Work([1], "bad", failed.append))
@@ -190,7 +191,7 @@ def test_healing_turns_the_readme_example_from_empty_into_code(one_thread):
     torch.manual_seed(0)
     doc = "def add(a, b):\n    return a + b\n"
     tokenizer = train_tokenizer([doc] * 50, vocab_size=300)
-    ids = torch.tensor((tokenizer.encode(doc).ids + [EOT]) * 40)
+    ids = torch.tensor((tokenizer.encode(doc).ids + [EOT_ID]) * 40)
     model = GPT(GPTConfig(block_size=32, vocab_size=300, n_layer=2, n_head=2, n_embd=32))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(80):  # about a second of training on one thread
@@ -203,7 +204,7 @@ def test_healing_turns_the_readme_example_from_empty_into_code(one_thread):
     model.eval()
     prompt = "def add(a, b):\n"
     prompt_ids = tokenizer.encode(prompt).ids
-    plain = model.generate(torch.tensor([prompt_ids]), 8, temperature=0, eos_id=EOT)[0, len(prompt_ids):]
-    assert plain[0] == EOT  # without healing: end-of-text at once, an empty completion
+    plain = model.generate(torch.tensor([prompt_ids]), 8, temperature=0, eos_id=EOT_ID)[0, len(prompt_ids):]
+    assert plain[0] == EOT_ID  # without healing: end-of-text at once, an empty completion
     text, reason, _ = _run((model, tokenizer, TokenText(tokenizer, 300)), [prompt], Sampling(max_tokens=8, temperature=0))[0]
     assert text.startswith("    return a + b"), text

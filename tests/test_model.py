@@ -10,11 +10,9 @@ from components.model import (
     GPT,
     PRESETS,
     GPTConfig,
-    bytes_by_dtype,
     config_from_preset,
     flops_per_token,
     load_model,
-    parameter_counts,
     save_model,
 )
 
@@ -95,42 +93,6 @@ def test_generate_stops_at_eos(model):
         assert model.generate(idx, 5, temperature=0, eos_id=eos).shape == (2, 4)
     out = model.generate(idx, 5, temperature=0, eos_id=eos)
     assert (out[0, 3:] == eos).all()  # row 0 finished and is padded with eos
-
-
-def test_parameter_counts(model):
-    counts = parameter_counts(model)
-    assert counts["total"] == sum(p.numel() for p in model.parameters())  # parameters() dedupes the tie
-    assert counts["trainable"] == counts["total"]
-    assert counts["module/lm_head"] == 0
-    assert counts["module/wte"] == 64 * 16 and counts["module/wpe"] == 16 * 16
-    assert counts["embedding"] == 64 * 16 + 16 * 16
-    assert counts["embedding"] + counts["non_embedding"] == counts["total"]
-    module_keys = [k for k in counts if k.startswith("module/")]
-    assert set(module_keys) == {"module/wte", "module/wpe", "module/h", "module/ln_f", "module/lm_head"}
-    assert sum(counts[k] for k in module_keys) == counts["total"]
-    assert counts["non_embedding"] == flops_per_token(TINY) // 6 - 2 * TINY.n_layer * TINY.n_embd * TINY.block_size
-
-
-def test_parameter_counts_with_frozen_base(model):
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.lm_head.weight.requires_grad_(True)
-    counts = parameter_counts(model)
-    assert counts["trainable"] == 64 * 16
-    assert counts["total"] == sum(p.numel() for p in model.parameters())
-
-
-def test_bytes_by_dtype(model):
-    assert bytes_by_dtype(model) == {"float32": 4 * parameter_counts(model)["total"]}
-
-
-def test_gpt2_small_has_124m_params():
-    cfg = config_from_preset("gpt2", vocab_size=50257, block_size=1024)
-    with torch.device("meta"):  # shapes only: no memory, no init cost
-        model = GPT(cfg)
-    counts = parameter_counts(model)
-    assert counts["total"] == 124_439_808
-    assert counts["non_embedding"] == 85_056_000
 
 
 def test_flops_per_token_gpt2():

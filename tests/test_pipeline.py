@@ -11,7 +11,8 @@ from mlflow import MlflowClient
 
 from components.config import load_config
 from components.metrics import CANDIDATE_METRICS
-from pipelines.tracking import CHECKSUMS_TAG, STAGE_TAG
+from pipelines.registry import CHECKSUMS_TAG
+from pipelines.tracking import STAGE_TAG
 from tests.conftest import FAST_OVERRIDES, TINY_EXPERIMENT, cli_command, cli_env, free_port, gptforge
 
 pytestmark = pytest.mark.integration
@@ -149,13 +150,14 @@ def test_a_corpus_smaller_than_one_step_is_a_data_error(tmp_path):
 def endpoint(pipeline):
     """The champion served by Ray Serve from the run's registry, as `gptforge serve` does."""
     from pipelines import ray_runtime, serving
+    from pipelines.model_loading import RegistryLoader
 
     cfg = pipeline["cfg"]
     serve_cfg = type(cfg.serve)(port=free_port())
     ray_runtime.init_ray(cfg.ray_num_cpus)
     try:
-        loader = serving.RegistryLoader(str(pipeline["client"].tracking_uri), cfg.name,
-                                        str(pipeline["workdir"] / "serving"))
+        loader = RegistryLoader(str(pipeline["client"].tracking_uri), cfg.name,
+                                str(pipeline["workdir"] / "serving"))
         yield serving.deploy(loader, serve_cfg)
     finally:
         serving.shutdown()

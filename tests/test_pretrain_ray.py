@@ -3,6 +3,7 @@
 These call `pipelines.ray_runtime.fit` directly (no data stage) on a small learnable
 data set, so each takes tens of seconds on 2 cores.
 """
+import dataclasses
 import math
 import os
 import signal
@@ -15,7 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
+from components.config import FinetuneConfig, PretrainConfig
 from components.model import GPTConfig
+from components.recipe import TrainPlan
 from pipelines import ray_runtime
 from pipelines.tracking import Tracker
 
@@ -49,13 +52,18 @@ def setup(tmp_path, ray_cluster):
     }
 
 
-def _spec(setup, logger, strategy="ddp", max_steps=20, checkpoint_every=10, **loop):
-    loop = dict(max_steps=max_steps, lr=1e-2, min_lr=1e-3, warmup_steps=2, weight_decay=0.0, grad_clip=1.0,
-                log_every=2, grad_accum=1, eval_every=10, checkpoint_every=checkpoint_every, **loop)
-    model = GPTConfig(block_size=BLOCK, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32).to_dict()
-    return ray_runtime.TrainSpec(
-        name=f"test-{logger.run_id}", loop=loop, batch_size=8, seed=0, model_config=model, init_from=None,
-        lora=None, extra_files=(setup["tokenizer"],), logger=logger, strategy=strategy, precision="fp32")
+def _plan(setup, strategy="ddp", max_steps=20, checkpoint_every=10, **training) -> TrainPlan:
+    section = PretrainConfig(**{**dict(
+        max_steps=max_steps, lr=1e-2, min_lr=1e-3, warmup_steps=2, weight_decay=0.0, grad_clip=1.0, log_every=2,
+        eval_every=10, checkpoint_every=checkpoint_every, batch_size=8, seed=0, num_workers=2, max_failures=0,
+        strategy=strategy, precision="fp32"), **training})
+    model = GPTConfig(block_size=BLOCK, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32)
+    return TrainPlan(section, model, extra_files=(setup["tokenizer"],))
+
+
+def _fit(setup, plan: TrainPlan, logger, name: str | None = None):
+    return ray_runtime.fit(plan, name or f"test-{logger.run_id}", setup["train"], setup["val"],
+                           str(setup["tmp"] / "ray"), logger)
 
 
 def _history(setup, run_id, key):
@@ -67,8 +75,7 @@ def test_each_strategy_lowers_the_loss_and_writes_a_full_checkpoint(setup, strat
     from components.model import load_model
 
     with setup["tracker"].run(f"pretrain-{strategy}") as log:
-        result = ray_runtime.fit(_spec(setup, log, strategy), setup["train"], setup["val"],
-                                 ray_runtime.Workers(num_workers=2), str(setup["tmp"] / "ray"))
+        result = _fit(setup, _plan(setup, strategy), log)
     losses = [v for _, v in sorted(_history(setup, log.run_id, "train/loss"))]
     assert losses[-1] < losses[0] - 1.0, losses
     assert [s for s, _ in _history(setup, log.run_id, "val/loss")] == [10, 20]
@@ -93,7 +100,7 @@ def test_a_worker_killed_mid_run_is_replaced_and_training_continues(setup):
     newest checkpoint (at most one checkpoint interval lost), logging into the same MLflow run."""
     tracker, client = setup["tracker"], MlflowClient(setup["tracker"].tracking_uri)
     with tracker.run("pretrain-killed") as log:
-        spec = _spec(setup, log, max_steps=60, checkpoint_every=10)
+        plan = _plan(setup, max_steps=60, checkpoint_every=10, max_failures=1)
         killed = {}
 
         def kill_a_worker_after_step_25():
@@ -109,8 +116,7 @@ def test_a_worker_killed_mid_run_is_replaced_and_training_continues(setup):
 
         killer = threading.Thread(target=kill_a_worker_after_step_25)
         killer.start()
-        result = ray_runtime.fit(spec, setup["train"], setup["val"],
-                                 ray_runtime.Workers(num_workers=2, max_failures=1), str(setup["tmp"] / "ray"))
+        result = _fit(setup, plan, log)
         killer.join()
     assert "step" in killed, "the worker was never killed"
     run = client.get_run(log.run_id)
@@ -138,11 +144,12 @@ def test_lora_fine_tuning_under_fsdp_saves_a_merged_plain_model(setup):
     base = GPT(GPTConfig(block_size=BLOCK, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32))
     save_model(base, str(setup["tmp"] / "base"))
     with setup["tracker"].run("finetune-fsdp-lora") as log:
-        spec = _spec(setup, log, "fsdp", max_steps=10, checkpoint_every=5)
-        spec = ray_runtime.TrainSpec(**{**spec.__dict__, "init_from": str(setup["tmp"] / "base"),
-                                        "lora": {"rank": 4, "alpha": 8.0}})
-        result = ray_runtime.fit(spec, setup["train"], setup["val"], ray_runtime.Workers(num_workers=2),
-                                 str(setup["tmp"] / "ray"))
+        pretrained = _plan(setup, "fsdp", max_steps=10, checkpoint_every=5)
+        section = FinetuneConfig(**{**dataclasses.asdict(pretrained.training), "method": "lora", "lora_rank": 4,
+                                    "lora_alpha": 8.0})
+        plan = TrainPlan(section, pretrained.model, init_from=str(setup["tmp"] / "base"),
+                         extra_files=pretrained.extra_files)
+        result = _fit(setup, plan, log)
     losses = [v for _, v in sorted(_history(setup, log.run_id, "train/loss"))]
     assert losses[-1] < losses[0]
     tuned = load_model(result.checkpoint)  # a plain GPT: the adapters are merged into its weights

@@ -3,7 +3,9 @@ import pytest
 
 from components.config import PromoteConfig as Policy
 from components.promote import Candidate, decide
-from pipelines.tracking import CHAMPION, PREVIOUS, Tracker
+from pipelines import registry
+from pipelines.registry import CHAMPION, PREVIOUS
+from pipelines.tracking import Tracker
 
 
 def c(name, ppl, size):
@@ -41,7 +43,8 @@ def test_missing_metric_names_candidate_and_key():
 
 
 def test_champion_and_previous_aliases(tmp_path):
-    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "aliases", artifact_location=str(tmp_path / "art"))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri, "aliases", artifact_location=str(tmp_path / "art"))
     versions = []
     for i in range(2):
         with tracker.run(f"candidate-{i}") as run:
@@ -49,10 +52,10 @@ def test_champion_and_previous_aliases(tmp_path):
             folder.mkdir()
             (folder / "weights.txt").write_text(str(i))
             run.log_artifacts(str(folder), "model")
-        versions.append(tracker.register("aliases", run.run_id, "model", {"run_id": run.run_id}))
-        tracker.move_champion("aliases", versions[-1])
-    assert tracker.alias_version("aliases", CHAMPION).version == versions[1]
-    assert tracker.alias_version("aliases", PREVIOUS).version == versions[0]
+        versions.append(registry.register(uri, "aliases", run.run_id, "model", {"run_id": run.run_id}))
+        registry.move_champion(uri, "aliases", versions[-1])
+    assert registry.alias_version(uri, "aliases", CHAMPION).version == versions[1]
+    assert registry.alias_version(uri, "aliases", PREVIOUS).version == versions[0]
 
 
 def test_failed_stage_leaves_no_run_running(tmp_path):

@@ -5,7 +5,8 @@ import safetensors.torch
 import torch
 
 from components.artifacts import QuantizedModel
-from components.model import GPT, GPTConfig, linear_bytes, load_model, parameter_counts, save_model
+from components.accounting import linear_bytes, parameter_counts
+from components.model import GPT, GPTConfig, load_model, save_model
 from components.quantize import (
     RUNS_ON,
     VARIANTS,

@@ -9,8 +9,9 @@ from components.artifacts import EvalReport, TokenizedData
 from components.config import load_config
 from components.files import CHECKSUMS_FILE, IntegrityError, sha256_file
 from pipelines import promotion
-from pipelines.serving import RegistryLoader
-from pipelines.tracking import CHAMPION, CHECKSUMS_TAG, Tracker, find_alias
+from pipelines.model_loading import RegistryLoader
+from pipelines.registry import CHAMPION, CHECKSUMS_TAG, alias_version, find_alias, move_champion, register
+from pipelines.tracking import Tracker
 from tests.conftest import make_candidate
 
 pytestmark = pytest.mark.integration
@@ -101,11 +102,11 @@ def test_a_version_registered_without_a_pin_is_not_served(tmp_path):
     tracker = Tracker(uri, cfg.name, artifact_location=str(tmp_path / "artifacts"))
     with pytest.raises(RuntimeError, match=CHECKSUMS_TAG):
         promote_candidates(tracker, cfg, tmp_path, {"fp32": 10.0}, tag=False)
-    assert tracker.alias_version(cfg.name, CHAMPION) is None  # nothing registered, nothing moved
+    assert alias_version(uri, cfg.name, CHAMPION) is None  # nothing registered, nothing moved
 
     with tracker.run("candidate") as run:  # registered by hand, the old way
         make_candidate(tmp_path / "hand", "fp32")
         run.log_artifacts(str(tmp_path / "hand"), "model")
-    tracker.move_champion(cfg.name, tracker.register(cfg.name, run.run_id, "model", {}))
+    move_champion(uri, cfg.name, register(uri, cfg.name, run.run_id, "model", {}))
     with pytest.raises(IntegrityError, match=f"no {CHECKSUMS_TAG} tag"):
         RegistryLoader(uri, cfg.name, str(tmp_path / "serving"))()

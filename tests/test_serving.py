@@ -6,7 +6,8 @@ import time
 import pytest
 
 from components.config import ServeConfig
-from pipelines import ray_runtime, serving
+from pipelines import http_app, ray_runtime, serving
+from pipelines.model_loading import FolderLoader
 from tests.conftest import free_port, make_candidate
 
 pytestmark = pytest.mark.integration
@@ -58,7 +59,7 @@ def test_a_deploy_whose_replica_fails_leaves_no_serve_application(ray_local, can
     (tampered / "extra.bin").write_bytes(b"x")
     port = free_port()
     with pytest.raises(RuntimeError, match="Deploying application gptforge failed"):
-        serving.deploy(serving.FolderLoader(str(tampered), "tiny:v7", pin), ServeConfig(port=port), timeout_s=300)
+        serving.deploy(FolderLoader(str(tampered), "tiny:v7", pin), ServeConfig(port=port), timeout_s=300)
     assert not _serve_application_running() and _port_free(port)
 
 
@@ -80,14 +81,14 @@ def test_two_replicas_behind_haproxy_share_the_requests(ray_local, candidate):
 
     folder, pin = candidate
     cfg = ServeConfig(port=free_port(), num_replicas=2, num_cpus=0.5, max_batch_size=4, poll_interval_s=0)
-    url = serving.deploy(serving.FolderLoader(str(folder), "tiny:v1", pin), cfg, timeout_s=300)
+    url = serving.deploy(FolderLoader(str(folder), "tiny:v1", pin), cfg, timeout_s=300)
     try:
         def complete(i):
             request = urllib.request.Request(
                 f"{url}/v1/completions", method="POST", headers={"Content-Type": "application/json"},
                 data=json.dumps({"prompt": f"x = {i}", "max_tokens": 8}).encode())
             with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, response.headers[serving.REPLICA_HEADER], response.headers[serving.VERSION_HEADER]
+                return response.status, response.headers[http_app.REPLICA_HEADER], response.headers[http_app.VERSION_HEADER]
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(complete, range(48)))

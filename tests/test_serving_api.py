@@ -20,7 +20,11 @@ import pytest
 from components.config import ServeConfig, load_config
 from components.model import GPT, GPTConfig, save_model
 from pipelines import promotion, ray_runtime, serving
-from pipelines.tracking import CHAMPION, CHECKSUMS_TAG, Tracker, find_alias
+from pipelines.http_app import VERSION_HEADER
+from pipelines.model_loading import RegistryLoader
+from pipelines import registry
+from pipelines.registry import CHAMPION, CHECKSUMS_TAG, find_alias
+from pipelines.tracking import Tracker
 from tests.conftest import free_port, gptforge
 
 pytestmark = pytest.mark.integration
@@ -34,24 +38,24 @@ def _register(tracker, tmp_path, ppl: float, seed: int, champion: bool) -> str:
     """A candidate run as the pipeline makes one (files, checksums pin, metrics), registered as a version."""
     import torch
 
-    from components.data import train_tokenizer
     from components.files import write_checksums
     from components.quantize import quantize_model
+    from components.tokenizer import TOKENIZER_FILE, train_tokenizer
 
     torch.manual_seed(seed)
     src, folder = tmp_path / f"src-{seed}", tmp_path / f"candidate-{seed}"
     save_model(GPT(SHAPE), str(src))
-    train_tokenizer(["def add(a, b):\n    return a + b\n"] * 20, vocab_size=300).save(str(src / "tokenizer.json"))
+    train_tokenizer(["def add(a, b):\n    return a + b\n"] * 20, vocab_size=300).save(str(src / TOKENIZER_FILE))
     quantize_model(str(src), "fp32", str(folder))
     pin = write_checksums(folder)
     with tracker.run(f"candidate-{seed}") as run:
         run.set_tags({CHECKSUMS_TAG: pin, "data.fingerprint": "fp"})
         run.log_metrics({"eval/val_ppl": ppl, "model/size_bytes": 1.0})
         run.log_artifacts(str(folder), promotion.MODEL_ARTIFACT)
-    version = tracker.register(NAME, run.run_id, promotion.MODEL_ARTIFACT,
-                               {CHECKSUMS_TAG: pin, "data.fingerprint": "fp", "run_id": run.run_id})
+    version = registry.register(tracker.tracking_uri, NAME, run.run_id, promotion.MODEL_ARTIFACT,
+                                {CHECKSUMS_TAG: pin, "data.fingerprint": "fp", "run_id": run.run_id})
     if champion:
-        tracker.move_champion(NAME, version)
+        registry.move_champion(tracker.tracking_uri, NAME, version)
     return version
 
 
@@ -63,7 +67,7 @@ def endpoint(tmp_path_factory):
     v1 = _register(tracker, tmp, ppl=10.0, seed=1, champion=True)
     cfg = ServeConfig(port=free_port(), max_tokens_cap=100, max_batch_size=8, max_choices=4, max_queued_rows=8,
                       batch_wait_timeout_s=0.01, poll_interval_s=0.5, max_body_bytes=8192, num_cpus=1)
-    loader = serving.RegistryLoader(uri, NAME, str(tmp / "serving"))
+    loader = RegistryLoader(uri, NAME, str(tmp / "serving"))
     ray_runtime.init_ray(2)
     try:
         url = serving.deploy(loader, cfg, timeout_s=300)
@@ -112,7 +116,7 @@ def test_the_openai_client_completes_and_streams(endpoint):
         f"{endpoint['url']}/v1/completions", method="POST", headers={"Content-Type": "application/json"},
         data=json.dumps({"prompt": prompt, "max_tokens": 4, "stream": True}).encode()), timeout=60)
     assert raw.headers["content-type"].startswith("text/event-stream")
-    assert raw.headers[serving.VERSION_HEADER] == f"{NAME}:v{endpoint['v1']}"
+    assert raw.headers[VERSION_HEADER] == f"{NAME}:v{endpoint['v1']}"
     assert raw.read().decode().rstrip().endswith("data: [DONE]")
 
     import openai
@@ -127,7 +131,7 @@ def test_every_field_is_honoured(endpoint):
     prompt = "def add(a, b):\n"
     base = {"prompt": prompt, "max_tokens": 40, "temperature": 0}
     status, full, headers = _post(url, base)
-    assert status == 200 and headers[serving.VERSION_HEADER] == full["model"]
+    assert status == 200 and headers[VERSION_HEADER] == full["model"]
     text = full["choices"][0]["text"]
     assert full["choices"][0]["finish_reason"] == "length" and len(text) > 6, text
 
@@ -179,7 +183,7 @@ def test_a_completion_says_where_its_time_went_in_the_replica(endpoint):
 def test_models_lists_the_served_version(endpoint):
     with urllib.request.urlopen(f"{endpoint['url']}/v1/models", timeout=30) as response:
         body = json.loads(response.read())
-        assert response.headers[serving.VERSION_HEADER] == f"{NAME}:v{endpoint['v1']}"
+        assert response.headers[VERSION_HEADER] == f"{NAME}:v{endpoint['v1']}"
     (entry,) = body["data"]
     assert entry["id"] == f"{NAME}:v{endpoint['v1']}"
     version = find_alias(endpoint["uri"], NAME)
@@ -272,7 +276,7 @@ def test_a_challenger_that_loses_leaves_the_champion_alone(endpoint):
     decision, outcome = promotion.promote_version(tracker, cfg, worse)
     assert outcome == "kept" and not decision.promote
     assert str(find_alias(endpoint["uri"], NAME, CHAMPION).version) == str(endpoint["v1"])
-    tags = tracker.model_version(NAME, worse).tags
+    tags = registry.model_version(endpoint["uri"], NAME, worse).tags
     assert tags["promote.decision"] == "challenger_lost" and "is better" in tags["promote.reason"]
     endpoint["worse"] = worse
 
@@ -288,7 +292,7 @@ def _steady_stream(url, stop: threading.Event, seen: list, failures: list):
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 payload = response.read().decode()
-                version = response.headers[serving.VERSION_HEADER]
+                version = response.headers[VERSION_HEADER]
             if body["stream"]:
                 events = [line[6:] for line in payload.splitlines() if line.startswith("data: ")]
                 assert events[-1] == "[DONE]" and json.loads(events[0])["model"] == version
@@ -329,7 +333,7 @@ def test_promote_switches_the_running_endpoint_under_load_and_rollback_switches_
     order = [v for i, v in enumerate(seen) if i == 0 or seen[i - 1] != v]
     assert order[:3] == [f"{NAME}:v{endpoint['v1']}", f"{NAME}:v{better}", f"{NAME}:v{endpoint['v1']}"], order
     assert str(find_alias(endpoint["uri"], NAME, "previous").version) == str(better)
-    assert tracker.model_version(NAME, endpoint["v1"]).tags["promote.decision"] == "rollback"
+    assert registry.model_version(endpoint["uri"], NAME, endpoint["v1"]).tags["promote.decision"] == "rollback"
 
 
 def _wait_for_version(seen: list, version: str, start: int = 0, timeout_s: float = 60) -> None:

@@ -6,12 +6,13 @@ import socket
 import pytest
 
 from components.completions import (
-    CompletionRequest, Limits, RequestError, check_context, check_model, parse_request, sampling_of,
+    CompletionRequest, RequestError, check_context, check_model, parse_request, sampling_of,
 )
+from components.config import ServeConfig
 from components.sampling import MAX_SEED
 from pipelines.serving import ServeError, _check_port_free, deployment_options
 
-LIMITS = Limits(max_body_bytes=4096, max_prompt_chars=100, max_tokens_cap=16, max_choices=4)
+LIMITS = ServeConfig(max_body_bytes=4096, max_prompt_chars=100, max_tokens_cap=16, max_choices=4)
 
 
 def _parse(**fields):
@@ -123,8 +124,6 @@ def test_random_garbage_is_always_a_4xx():
 
 
 def test_deployment_options_follow_the_yaml():
-    from components.config import ServeConfig
-
     fixed = deployment_options(ServeConfig(num_replicas=2, max_batch_size=32, max_ongoing_requests=8))
     assert fixed["num_replicas"] == 2 and fixed["max_ongoing_requests"] == 32  # never below the batch size
     scaled = deployment_options(ServeConfig(num_replicas=1, max_replicas=3, num_gpus=1))

@@ -29,11 +29,12 @@ def _readme_example_returns_text(workdir):
 
     from components.config import ServeConfig
     from pipelines import ray_runtime, serving
+    from pipelines.model_loading import RegistryLoader
     from tests.conftest import free_port
 
     ray_runtime.init_ray(2)
     try:
-        loader = serving.RegistryLoader(f"sqlite:///{workdir}/mlflow.db", "tiny", str(workdir / "serving"))
+        loader = RegistryLoader(f"sqlite:///{workdir}/mlflow.db", "tiny", str(workdir / "serving"))
         url = serving.deploy(loader, ServeConfig(port=free_port()), timeout_s=300)
         body = {"prompt": "def add(a, b):\n", "max_tokens": 32, "temperature": 0}  # as in the README
         request = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(), method="POST",
@@ -68,25 +69,26 @@ def test_pipeline_trains_on_one_gpu(tmp_path):
 def test_bf16_compiled_loop_on_the_gpu_reports_mfu_and_memory():
     import torch
 
-    from components import parallel
+    from components import devices, parallel
     from components.model import GPT, GPTConfig, flops_per_token
-    from components.train import Hooks, LoopConfig, repeat, train
+    from components.config import TrainingConfig
+    from components.train import Hooks, repeat, train
 
     device = torch.device("cuda", 0)
-    parallel.configure_device(device)
+    devices.configure_device(device)
     cfg = GPTConfig(block_size=256, vocab_size=1024, n_layer=4, n_head=4, n_embd=256)
     rows = (torch.randint(0, 1024, (64, 1)) + torch.arange(257)) % 1024  # learnable: counts upward
     batches = repeat(lambda epoch: ({"tokens": rows[i:i + 16]} for i in range(0, 64, 16)))
-    precision = parallel.resolve_precision("auto", device)
+    precision = devices.resolve_precision("auto", device)
     assert precision.name == "bf16"
     torch.manual_seed(0)
     model = parallel.parallelize(GPT(cfg), "ddp", device, precision, compile=True)
     logs = []
-    train(model, batches, LoopConfig(max_steps=60, lr=3e-3, min_lr=3e-4, warmup_steps=5, weight_decay=0.1,
-                                     grad_clip=1.0, log_every=20),
+    train(model, batches, TrainingConfig(max_steps=60, lr=3e-3, min_lr=3e-4, warmup_steps=5, weight_decay=0.1,
+                                         grad_clip=1.0, log_every=20, eval_every=0, checkpoint_every=0),
           Hooks(log=lambda m, s: logs.append(m)), device, precision, flops_per_token=flops_per_token(cfg),
-          peak_flops=parallel.peak_flops(device))
+          peak_flops=devices.peak_flops(device))
     assert logs[-1]["train/loss"] < logs[0]["train/loss"] - 1.0
     assert logs[-1]["train/peak_memory_bytes"] > 0
-    if parallel.peak_flops(device):  # a GPU in the peak table
+    if devices.peak_flops(device):  # a GPU in the peak table
         assert 0 < logs[-1]["train/mfu"] < 1

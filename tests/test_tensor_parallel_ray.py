@@ -8,7 +8,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from components.config import PretrainConfig
 from components.model import GPT, GPTConfig, load_model
+from components.recipe import TrainPlan
 from pipelines import ray_runtime
 from pipelines.tracking import Tracker
 
@@ -30,13 +32,14 @@ def setup(tmp_path, ray_cluster):
     }
 
 
-def _spec(setup, logger, strategy, tp_degree=1, max_steps=16, name=None):
-    loop = dict(max_steps=max_steps, lr=1e-2, min_lr=1e-3, warmup_steps=2, weight_decay=0.0, grad_clip=1.0,
-                log_every=1, grad_accum=1, eval_every=8, checkpoint_every=8)
-    return ray_runtime.TrainSpec(
-        name=name or f"test-{logger.run_id}", loop=loop, batch_size=8, seed=0, model_config=MODEL.to_dict(),
-        init_from=None, lora=None, extra_files=(setup["tokenizer"],), logger=logger, strategy=strategy,
-        tp_degree=tp_degree, precision="fp32")
+def _fit(setup, logger, strategy, tp_degree=1, num_workers=2, max_steps=16, name=None):
+    section = PretrainConfig(max_steps=max_steps, lr=1e-2, min_lr=1e-3, warmup_steps=2, weight_decay=0.0,
+                             grad_clip=1.0, log_every=1, eval_every=8, checkpoint_every=8, batch_size=8, seed=0,
+                             num_workers=num_workers, max_failures=0, strategy=strategy, tp_degree=tp_degree,
+                             precision="fp32")
+    plan = TrainPlan(section, MODEL, extra_files=(setup["tokenizer"],))
+    return ray_runtime.fit(plan, name or f"test-{logger.run_id}", setup["train"], setup["val"],
+                           str(setup["tmp"] / "ray"), logger)
 
 
 def _history(setup, run_id, key):
@@ -48,8 +51,7 @@ def test_tp_on_two_workers_tracks_ddp_and_logs_each_workers_share(setup):
     runs = {}
     for strategy, tp, workers in (("tp", 2, 2), ("ddp", 1, 1)):
         with setup["tracker"].run(f"pretrain-{strategy}") as log:
-            result = ray_runtime.fit(_spec(setup, log, strategy, tp), setup["train"], setup["val"],
-                                     ray_runtime.Workers(num_workers=workers), str(setup["tmp"] / "ray"))
+            result = _fit(setup, log, strategy, tp, num_workers=workers)
         runs[strategy] = (log.run_id, result)
     tp_losses = _history(setup, runs["tp"][0], "train/loss")
     ddp_losses = _history(setup, runs["ddp"][0], "train/loss")
@@ -81,10 +83,8 @@ def test_a_run_continues_under_another_strategy(setup, first, then):
     """The same Ray Train run name continues from its newest checkpoint, whatever strategy wrote it."""
     name = f"switch-{first}-{then}".replace("+", "")
     with setup["tracker"].run(f"{first}-then-{then}") as log:
-        ray_runtime.fit(_spec(setup, log, first, 1 if first == "ddp" else 2, max_steps=8, name=name),
-                        setup["train"], setup["val"], ray_runtime.Workers(num_workers=2), str(setup["tmp"] / "ray"))
-        result = ray_runtime.fit(_spec(setup, log, then, 2, max_steps=16, name=name), setup["train"], setup["val"],
-                                 ray_runtime.Workers(num_workers=2), str(setup["tmp"] / "ray"))
+        _fit(setup, log, first, 1 if first == "ddp" else 2, max_steps=8, name=name)
+        result = _fit(setup, log, then, 2, max_steps=16, name=name)
     assert result.metrics["step"] == 16
     assert _history(setup, log.run_id, "train/resumed_from_step") == [8]
     losses = _history(setup, log.run_id, "train/loss")

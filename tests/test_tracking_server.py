@@ -9,7 +9,8 @@ import pytest
 from mlflow import MlflowClient
 
 from components.config import load_config
-from pipelines.tracking import CHAMPION, Tracker, TrackingError, download_version, find_alias, redact
+from pipelines.registry import CHAMPION, download_version, find_alias
+from pipelines.tracking import Tracker, TrackingError, redact
 from tests.conftest import FAST_OVERRIDES, TINY_EXPERIMENT, free_port, gptforge
 from tests.test_registry import promote_candidates
 

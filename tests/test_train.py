@@ -1,4 +1,5 @@
 """The shared training loop and LoRA, in one plain process (no Ray)."""
+import dataclasses
 import math
 
 import numpy as np
@@ -6,8 +7,10 @@ import pytest
 import torch
 
 from components.finetune import LoRALinear, apply_lora, merge_lora
-from components.model import GPT, GPTConfig, parameter_counts
-from components.train import IGNORE_INDEX, Hooks, LoopConfig, lr_at, repeat, to_inputs_and_targets, train
+from components.accounting import parameter_counts
+from components.model import GPT, IGNORE_INDEX, GPTConfig
+from components.config import TrainingConfig
+from components.train import Hooks, lr_at, repeat, to_inputs_and_targets, train
 
 
 def _batches(vocab=64, block=16, batch=8, seed=0):
@@ -18,9 +21,14 @@ def _batches(vocab=64, block=16, batch=8, seed=0):
     return repeat(lambda epoch: ({"tokens": rows[i:i + batch]} for i in range(0, len(rows), batch)))
 
 
+def _training(**settings) -> TrainingConfig:
+    """A training section that neither validates nor checkpoints unless asked (the loop's hooks decide)."""
+    return TrainingConfig(**{"eval_every": 0, "checkpoint_every": 0, **settings})
+
+
 def _loop(steps=40):
-    return LoopConfig(max_steps=steps, lr=1e-2, min_lr=1e-3, warmup_steps=5, weight_decay=0.0, grad_clip=1.0,
-                      log_every=10)
+    return _training(max_steps=steps, lr=1e-2, min_lr=1e-3, warmup_steps=5, weight_decay=0.0, grad_clip=1.0,
+                     log_every=10)
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
@@ -99,10 +107,10 @@ def test_accumulating_four_quarter_batches_equals_one_full_batch():
     cfg = dict(max_steps=3, lr=1e-2, min_lr=1e-3, warmup_steps=0, weight_decay=0.1, grad_clip=1.0, log_every=1)
     whole, accumulated = _tiny_model(), _tiny_model()
     losses = {"whole": [], "acc": []}
-    train(whole, _fixed_batches(rows, mask, 8), LoopConfig(**cfg),
+    train(whole, _fixed_batches(rows, mask, 8), _training(**cfg),
           Hooks(log=lambda m, s: losses["whole"].append(m["train/loss"])))
-    train(accumulated, _fixed_batches(rows, mask, 2), LoopConfig(**cfg, grad_accum=4),
-          Hooks(log=lambda m, s: losses["acc"].append(m["train/loss"])))
+    train(accumulated, _fixed_batches(rows, mask, 2), _training(**cfg),
+          Hooks(log=lambda m, s: losses["acc"].append(m["train/loss"])), grad_accum=4)
     # Only the float summation order differs. Adam divides by sqrt(v), which magnifies the
     # rounding of near-zero gradients, so the weights agree to 0.5% of one step (lr 1e-2), not to 1e-7;
     # a wrong weighting of the micro-batches (e.g. a plain mean of their means) is off by far more.
@@ -113,7 +121,7 @@ def test_accumulating_four_quarter_batches_equals_one_full_batch():
 
 @pytest.mark.parametrize("name", ["bf16", "fp16"])
 def test_low_precision_autocast_on_cpu_lowers_the_loss(name):
-    from components.parallel import resolve_precision
+    from components.devices import resolve_precision
 
     model = _tiny_model()
     logs = []
@@ -131,7 +139,7 @@ def test_validation_loss_is_logged_every_eval_every_steps():
     rows, _ = _rows()
     logs = []
     validate = lambda: validation_loss(model, ({"tokens": rows[i:i + 8]} for i in range(0, 32, 8)), 2)
-    train(model, _batches(), LoopConfig(**{**_loop(20).__dict__, "eval_every": 10, "log_every": 5}),
+    train(model, _batches(), dataclasses.replace(_loop(20), eval_every=10, log_every=5),
           Hooks(log=lambda m, s: logs.append(m), validate=validate))
     assert [m["train/step"] for m in logs if "val/loss" in m] == [10, 20]
     assert all(math.isfinite(m["val/loss"]) for m in logs if "val/loss" in m)
@@ -145,8 +153,8 @@ def test_resuming_from_a_checkpoint_continues_exactly(tmp_path):
 
     rows, mask = _rows(n=24)  # 3 batches an epoch: the checkpoint at step 4 falls inside epoch 1
     make_epoch = lambda epoch: ({"tokens": rows[i:i + 8], "mask": mask[i:i + 8]} for i in range(0, 24, 8))
-    cfg = LoopConfig(max_steps=8, lr=1e-2, min_lr=1e-3, warmup_steps=2, weight_decay=0.1, grad_clip=1.0,
-                     log_every=1, checkpoint_every=4)
+    cfg = _training(max_steps=8, lr=1e-2, min_lr=1e-3, warmup_steps=2, weight_decay=0.1, grad_clip=1.0,
+                    log_every=1, checkpoint_every=4)
     model_cfg = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
 
     def run(model, batches, optimizer=None, start_step=0):
@@ -191,7 +199,8 @@ def test_an_incomplete_checkpoint_folder_is_not_used(tmp_path):
 @pytest.mark.slow
 def test_compiled_model_trains_like_the_eager_one():
     """torch.compile on the CPU (slow: the first steps compile for tens of seconds)."""
-    from components.parallel import FP32, parallelize
+    from components.devices import FP32
+    from components.parallel import parallelize
 
     eager, compiled = _tiny_model(), parallelize(_tiny_model(), "ddp", torch.device("cpu"), FP32, compile=True)
     logs = {"eager": [], "compiled": []}

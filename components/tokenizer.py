@@ -1,0 +1,42 @@
+"""The byte-level BPE tokenizer every gptforge model is trained with, and the facts other code relies on."""
+from __future__ import annotations
+
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+EOT = "<|endoftext|>"  # ends every document and every completion; generation stops on it
+EOT_ID = 0  # EOT's id in every tokenizer `train_tokenizer` returns: it is the first special token
+TOKENIZER_FILE = "tokenizer.json"  # the tokenizer's name in the data folder and in every model folder
+# The trainer's floor: the 256 byte tokens plus EOT. At 257 the tokenizer has no merges but still
+# encodes any text and decodes it back exactly; a smaller vocab_size is not refused by the trainer,
+# it silently yields 257 tokens, so the vocabulary would not be the one the setting asked for.
+MIN_VOCAB_SIZE = 257
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE tokenizer (GPT-2 style) on `texts`.
+
+    Every byte is in the initial alphabet, so any text encodes without unknown
+    tokens and decodes back exactly.
+
+    Args:
+        texts: training texts; the same texts give the same tokenizer.
+        vocab_size: target vocabulary size including the 256 bytes and EOT
+            (at least MIN_VOCAB_SIZE).
+
+    Returns:
+        A tokenizer with `EOT` at `EOT_ID`.
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],  # the first special token gets id 0
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    assert tokenizer.token_to_id(EOT) == EOT_ID, f"{EOT} must be id {EOT_ID}"
+    return tokenizer

@@ -1,0 +1,276 @@
+"""The HTTP side of the endpoint: an OpenAI-compatible completions API on FastAPI.
+
+Endpoints: `POST /v1/completions` (OpenAI's fields, streaming as server-sent
+events; `components/completions.py` says which fields do what), `GET /v1/models`,
+`GET /healthz`. Every request is validated; bad input gets a 4xx in OpenAI's
+error shape (`{"error": {"message", "type", "param", "code"}}`), never a 5xx.
+
+Inside a replica: requests are tokenized and queued; one thread runs them in
+batches on one KV cache (`components/batching.py`, `components/generation.py`).
+A full queue answers 503 with Retry-After at once. With a `RegistryLoader`, a
+thread polls the registry alias; when it moves (a pipeline run, `gptforge
+promote`, `--rollback`) the new version is loaded beside the old one and then
+swapped in with one assignment: queued and running requests finish on the model
+they were admitted with, new ones get the new one. Every answer names the model
+version that produced it (`model` and the `x-gptforge-model-version` header).
+
+`pipelines/serving.py` mounts `api` on the Ray Serve deployment, whose endpoint
+methods call `healthz`, `models` and `complete` here with the replica's `Engine`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from components import completions as api_shapes
+from components.completions import RequestError
+from components.config import ServeConfig
+from components.tokenizer import EOT_ID
+from pipelines.model_loading import FolderLoader, LoadedModel, RegistryLoader
+
+VERSION_HEADER = "x-gptforge-model-version"
+REPLICA_HEADER = "x-gptforge-replica"  # which replica answered (with several, HAProxy spreads the requests)
+
+api = FastAPI(title="gptforge", description="OpenAI-compatible completions from the gptforge champion")
+
+
+def _error_response(error: RequestError) -> JSONResponse:
+    return JSONResponse(status_code=error.status_code, content=error.body(), headers=error.headers)
+
+
+@api.exception_handler(RequestError)
+async def _request_error(request: Request, error: RequestError):
+    return _error_response(error)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, error: RequestValidationError):
+    problems = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in error.errors()]
+    return _error_response(RequestError(400, "; ".join(problems)))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, error: StarletteHTTPException):
+    # Unknown paths (404) and wrong methods (405), in the same shape.
+    return _error_response(RequestError(error.status_code, f"{request.method} {request.url.path}: {error.detail}",
+                                        headers=dict(error.headers or {})))
+
+
+@api.exception_handler(Exception)
+async def _bug(request: Request, error: Exception):
+    logging.getLogger(__name__).exception("unexpected error answering %s", request.url.path)
+    return _error_response(RequestError(500, f"internal error ({type(error).__name__}); see the replica's log",
+                                        error_type="server_error"))
+
+
+class _Reply:
+    """One request's side of the batch loop: deltas from the batch thread, read on the event loop.
+
+    A streamed request wakes the event loop for every delta; any other request only once per
+    choice, when it has finished (its deltas are gathered on the batch thread meanwhile), so
+    a plain completion costs the loop one wake-up, not one per token.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, choices: int, stream: bool):
+        self.loop, self.queue, self.open, self.stream = loop, asyncio.Queue(), choices, stream
+
+    def emitter(self, index: int):
+        if self.stream:
+            return lambda delta: self._put((index, [delta]))
+        gathered: list = []
+
+        def gather(delta):
+            gathered.append(delta)
+            if delta.finish_reason is not None:
+                self._put((index, gathered))
+        return gather
+
+    def fail(self, error: BaseException) -> None:
+        self._put((None, error))
+
+    def _put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop closed (the replica is stopping): nobody is waiting any more
+            pass
+
+    async def deltas(self):
+        """(choice index, Delta) until every choice has finished; raises what failed the batch."""
+        while self.open:
+            index, deltas = await self.queue.get()
+            if index is None:
+                raise deltas
+            for delta in deltas:
+                if delta.finish_reason is not None:
+                    self.open -= 1
+                yield index, delta
+
+
+class Engine:
+    """The replica's model, its batching loop, and the registry watcher that swaps models.
+
+    `cfg` is the experiment's `serve:` section: the request limits, the batching and the polling.
+    """
+
+    def __init__(self, loader, cfg: ServeConfig, device: str, replica: str):
+        from components.batching import Batcher
+        from components.generation import batch_fits
+
+        self.loader, self.cfg, self.device, self.replica = loader, cfg, device, replica
+        self.current: LoadedModel = loader(device) if _takes_device(loader) else loader()
+        self.created = int(time.time())
+        self.batcher = Batcher(self._run_batch, cfg,
+                               fits=lambda loaded, rows: batch_fits(rows, loaded.model.config.block_size))
+        self._stop = threading.Event()
+        if cfg.poll_interval_s and hasattr(loader, "current_version"):
+            threading.Thread(target=self._watch, args=(cfg.poll_interval_s,), name="gptforge-registry-watch",
+                             daemon=True).start()
+
+    def _run_batch(self, loaded: LoadedModel, works: list) -> None:
+        from components.generation import generate_batch
+
+        generate_batch(loaded.model, loaded.text, [row for w in works for row in w.rows], EOT_ID)
+
+    def _watch(self, interval_s: float) -> None:
+        """Follow the registry alias: load a new version beside the old one, then swap the reference."""
+        log = logging.getLogger(__name__)
+        while not self._stop.wait(interval_s):
+            try:
+                version = self.loader.current_version()
+                if version == self.current.version:
+                    continue
+                log.warning("the alias %s@%s moved to v%s; loading it", self.loader.model_name,
+                            self.loader.alias, version)
+                loaded = self.loader(self.device)
+                self.current = loaded  # one assignment: requests admitted before keep the old object
+                log.warning("now serving %s", loaded.model_id)
+            except Exception as error:  # noqa: BLE001 - keep serving the old model, try again next time
+                log.warning("could not switch models (still serving %s): %s", self.current.model_id, error)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.batcher.stop()
+
+
+def _takes_device(loader) -> bool:
+    return isinstance(loader, (FolderLoader, RegistryLoader))
+
+
+# ------------------------------------------------------------------ endpoints
+
+
+def healthz(engine: Engine) -> JSONResponse:
+    """`GET /healthz`: the model served and the completions queued."""
+    loaded = engine.current
+    return JSONResponse({"status": "ok", "model": loaded.model_id, "queued": engine.batcher.queued_rows()},
+                        headers={VERSION_HEADER: loaded.model_id})
+
+
+def models(engine: Engine) -> JSONResponse:
+    """`GET /v1/models`: the one model served, in OpenAI's list shape."""
+    loaded = engine.current
+    return JSONResponse({"object": "list", "data": [loaded.describe(engine.created)]},
+                        headers={VERSION_HEADER: loaded.model_id})
+
+
+async def complete(engine: Engine, request: Request):
+    """`POST /v1/completions`: validate, queue the rows, answer at once or as server-sent events."""
+    import torch
+
+    from components.batching import Overloaded, Work
+    from components.generation import Row
+
+    received = time.monotonic()
+    body = await _read_body(request, engine.cfg.max_body_bytes)
+    req = api_shapes.parse_request(body, engine.cfg)
+    loaded = engine.current  # this request runs on this model, even if another is swapped in meanwhile
+    api_shapes.check_model(req, loaded.model_id)
+    sampling = api_shapes.sampling_of(req)
+    prompts = req.prompts
+    ids = [loaded.tokenizer.encode(p).ids for p in prompts]
+    api_shapes.check_context([len(i) for i in ids], sampling.max_tokens, loaded.model.config.block_size,
+                             isinstance(req.prompt, str))
+    n = req.choices_per_prompt
+    reply = _Reply(asyncio.get_running_loop(), len(prompts) * n, bool(req.stream))
+    # One generator per request, drawn from in row order: a seed gives the same choices every time.
+    generator = torch.Generator().manual_seed(req.seed if req.seed is not None else
+                                              int.from_bytes(os.urandom(8), "little") >> 1)
+    rows = [Row(ids[p], prompts[p], sampling, reply.emitter(p * n + j), generator)
+            for p in range(len(prompts)) for j in range(n)]
+    work = Work(rows, loaded, reply.fail)
+    try:
+        engine.batcher.submit(work)
+    except Overloaded as error:
+        raise RequestError(503, str(error), code="overloaded", error_type="server_overloaded",
+                           headers={"Retry-After": str(error.retry_after_s)}) from None
+    cid = api_shapes.new_id()
+    prompt_tokens = sum(len(i) for i in ids)
+    headers = {VERSION_HEADER: loaded.model_id, REPLICA_HEADER: engine.replica}
+    want_logprobs = req.logprobs is not None
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_events(reply, cid, loaded.model_id, want_logprobs, include_usage, prompt_tokens),
+                                 media_type="text/event-stream", headers=headers)
+    choices: list[list] = [[] for _ in rows]
+    async for index, delta in reply.deltas():
+        choices[index].append(delta)
+    generated = time.monotonic()
+    content = api_shapes.completion_body(cid, loaded.model_id, choices, want_logprobs, prompt_tokens)
+    headers["Server-Timing"] = _server_timing(received, work, generated)
+    return JSONResponse(content, headers=headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it passes `limit` bytes: a huge upload is not read to the end."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"the request body has {declared} bytes, more than the limit of {limit} "
+                                f"(serve.max_body_bytes)", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"the request body is larger than the limit of {limit} bytes "
+                                    f"(serve.max_body_bytes)", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _server_timing(received: float, work, generated: float) -> str:
+    """Where a request's time went inside the replica (W3C Server-Timing, milliseconds).
+
+    admit: body read, validated, tokenized, queued; queue: waiting for its batch;
+    generate: its batch's work until its last token reached the event loop. What a client
+    measures beyond their sum is Serve's and HTTP's share (benchmarks/serving.py splits it so).
+    """
+    started = work.started_at if work.started_at is not None else generated
+    parts = {"admit": work.queued_at - received, "queue": started - work.queued_at, "generate": generated - started,
+             "replica": generated - received}
+    return ", ".join(f"{name};dur={1000 * max(0.0, value):.2f}" for name, value in parts.items())
+
+
+async def _events(reply: _Reply, cid: str, model_id: str, want_logprobs: bool, include_usage: bool,
+                  prompt_tokens: int):
+    """Server-sent events in OpenAI's chunk format, then `data: [DONE]`."""
+    completion_tokens = 0
+    try:
+        async for index, delta in reply.deltas():
+            completion_tokens += delta.completion_tokens
+            yield f"data: {json.dumps(api_shapes.chunk_body(cid, model_id, index, delta, want_logprobs))}\n\n"
+    except Exception as error:  # noqa: BLE001 - the status line is sent already: report in the stream
+        logging.getLogger(__name__).exception("a streamed completion failed")
+        yield f"data: {json.dumps(RequestError(500, f'internal error ({type(error).__name__})', error_type='server_error').body())}\n\n"
+    if include_usage:
+        chunk = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model_id,
+                 "choices": [], "usage": api_shapes.usage(prompt_tokens, completion_tokens)}
+        yield f"data: {json.dumps(chunk)}\n\n"
+    yield "data: [DONE]\n\n"
