@@ -3,8 +3,8 @@
 Every variant is built from one model folder and measured in the same process,
 round-robin (fp32, int8, ..., fp32, int8, ...), so machine noise hits them alike;
 the tables report ratios to the baseline measured in this run. Decoding uses the
-KV cache (`GPT.generate(use_cache=True)`); a second table shows what the cache
-changes as the context grows.
+KV cache (`components.generation.generate(use_cache=True)`); a second table shows
+what the cache changes as the context grows.
 
     # on trained weights: the fine-tuned model and validation split of a pipeline run
     .venv/bin/python benchmarks/quantization.py --run-dir .gptforge/runs/<run id>
@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere in the checkout
 
 from components.evaluate import mean_loss  # noqa: E402
+from components.generation import generate  # noqa: E402
 from components.accounting import parameter_counts  # noqa: E402
 from components.model import GPT, config_from_preset, load_model, save_model  # noqa: E402
 from components.quantize import VARIANTS, load_variant, quantize_model, stored_bytes  # noqa: E402
@@ -90,7 +91,7 @@ def main() -> None:
     def ms_per_token(model, batch, n, use_cache=True):
         sync()
         start = time.perf_counter()
-        model.generate(prompt[:batch], n, temperature=0.0, use_cache=use_cache)
+        generate(model, prompt[:batch], n, temperature=0.0, use_cache=use_cache)
         sync()
         return (time.perf_counter() - start) * 1000 / n
 

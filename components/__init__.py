@@ -1,1 +1,1 @@
-"""gptforge stages as plain Python: no Ray, no MLflow (see ../shared/DESIGN.md)."""
+"""gptforge stages as plain Python: no Ray, no MLflow (tests/test_layering.py checks it)."""

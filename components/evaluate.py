@@ -21,6 +21,7 @@ from torch import nn
 from components.accounting import bytes_by_dtype, linear_bytes, parameter_counts
 from components.artifacts import EvalReport, TokenizedData
 from components.config import EvaluateConfig
+from components.generation import generate
 from components.metrics import (  # noqa: F401 - the names every candidate logs, re-exported
     CANDIDATE_METRICS, DELTA_METRICS, DTYPES, QUALITY_METRICS, SIZE_METRICS, SPEED_METRICS)
 from components.model import IGNORE_INDEX
@@ -84,8 +85,8 @@ def evaluate(
     for tokens, mask in list(zip(heldout["tokens"], heldout["mask"]))[:cfg.num_samples]:
         prompt_ids = tokens[: int(np.argmax(mask))]
         idx = torch.tensor(prompt_ids, dtype=torch.long, device=device)[None, :]  # (1, P)
-        out = model.generate(idx, cfg.gen_tokens, temperature=cfg.temperature,
-                             top_k=50 if cfg.temperature > 0 else None, eos_id=EOT_ID)
+        out = generate(model, idx, cfg.gen_tokens, temperature=cfg.temperature,
+                       top_k=50 if cfg.temperature > 0 else None, eos_id=EOT_ID)
         samples.append({
             "prompt": tokenizer.decode(list(prompt_ids)),
             "generated": tokenizer.decode(out[0, idx.shape[1]:].tolist()),
@@ -95,7 +96,7 @@ def evaluate(
     for prompt in cfg.prompts:
         ids = tokenizer.encode(prompt, add_special_tokens=False).ids[-model.config.block_size :] or [EOT_ID]
         idx = torch.tensor(ids, dtype=torch.long, device=device)[None, :]  # (1, P)
-        out = model.generate(idx, cfg.gen_tokens, temperature=0.0, eos_id=EOT_ID)
+        out = generate(model, idx, cfg.gen_tokens, temperature=0.0, eos_id=EOT_ID)
         generations[prompt] = tokenizer.decode(out[0, idx.shape[1]:].tolist())
     missing = set(CANDIDATE_METRICS) - set(DELTA_METRICS) - set(metrics)
     assert not missing, f"evaluate() forgot {sorted(missing)}"
@@ -138,8 +139,8 @@ def generation_metrics(model: nn.Module, rows: np.ndarray, gen_tokens: int) -> d
     batch = torch.tensor(np.stack([np.asarray(r[:prompt_len]) for r in rows[:SPEED_PROMPTS]]),
                          dtype=torch.long, device=device)  # (N, P), N <= 8
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    model.generate(batch[:1], 2, temperature=0.0)  # warm-up: first-call allocations and kernel choice
-    model.generate(batch, 2, temperature=0.0)
+    generate(model, batch[:1], 2, temperature=0.0)  # warm-up: first-call allocations and kernel choice
+    generate(model, batch, 2, temperature=0.0)
 
     ttft, steps, total = [], [], 0.0
     stamps: list[float] = []
@@ -152,13 +153,13 @@ def generation_metrics(model: nn.Module, rows: np.ndarray, gen_tokens: int) -> d
         stamps.clear()
         sync()
         start = time.perf_counter()
-        model.generate(row[None, :], gen_tokens, temperature=0.0, on_token=stamp)
+        generate(model, row[None, :], gen_tokens, temperature=0.0, on_token=stamp)
         total += stamps[-1] - start
         ttft.append(stamps[0] - start)
         steps += [b - a for a, b in zip(stamps, stamps[1:])]
     sync()
     start = time.perf_counter()
-    peak = _peak_memory(model, lambda: model.generate(batch, gen_tokens, temperature=0.0))
+    peak = _peak_memory(model, lambda: generate(model, batch, gen_tokens, temperature=0.0))
     sync()
     batch_seconds = time.perf_counter() - start
     tokens_per_s = len(batch) * gen_tokens / total

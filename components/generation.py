@@ -1,10 +1,13 @@
-"""Batched text generation for the endpoint: several requests decoded together on one KV cache.
+"""Text generation on the KV cache: `generate` for evaluation and benchmarks, `generate_batch` for the endpoint.
 
 Pure PyTorch + tokenizers (no Ray, no HTTP), so it is tested in one process.
 
-A `Row` is one completion to produce (a prompt, its sampling settings, who to tell).
-`generate_batch` left-pads the rows' prompts into one (B, L) batch, runs one prefill
-and then one decode step per token for the whole batch, and samples each row with its
+`generate` extends a batch of equal-length prompts with one set of sampling settings
+(temperature, top_k) and returns the token ids.
+
+For the endpoint, a `Row` is one completion to produce (a prompt, its sampling settings,
+who to tell). `generate_batch` left-pads the rows' prompts into one (B, L) batch, runs one
+prefill and then one decode step per token for the whole batch, and samples each row with its
 own settings (temperature, top_k, top_p, seed). Each row reports `Delta`s through its
 `emit` callback as soon as text is safe to send: text that could still turn out to
 be the start of a stop sequence, or half of a UTF-8 character, is held back.
@@ -22,10 +25,82 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from components.model import GPT
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Extend each row of `idx` (B, T) by up to `max_new_tokens` tokens sampled from `model`.
+
+    With `use_cache`, the prompt is run once (prefill) and each later step feeds only the
+    newest token, reusing the keys and values of the earlier ones: a step costs O(context)
+    instead of O(context^2). Past `block_size` tokens the context is cropped to the last
+    `block_size`; every position then shifts, so the cache is rebuilt from the cropped
+    context at each step, exactly as without it. Both paths give the same tokens.
+
+    Args:
+        temperature: softmax temperature; 0 means greedy (argmax).
+        top_k: sample only among the k most likely tokens.
+        eos_id: once a row has produced it, that row is padded with eos_id; generation
+            stops early when every row has.
+        generator: torch.Generator for reproducible sampling.
+        use_cache: decode incrementally with a KVCache (False recomputes the whole context
+            at every step; kept as the reference the cache is tested against).
+        on_token: called with each new (B, 1) token tensor as soon as it is chosen
+            (evaluation times the steps with it; streaming can send it).
+
+    Returns:
+        (B, T + n) long tensor, n <= max_new_tokens. Call `model.eval()` first for dropout.
+    """
+    block_size = model.config.block_size
+    finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)  # (B,)
+    cache = None
+    for _ in range(max_new_tokens):
+        if not use_cache:
+            logits, _ = model(idx[:, -block_size:])  # (B, <=block_size, vocab_size)
+        elif cache is None or cache.length >= block_size:
+            cache = model.new_cache(idx.size(0), idx.device)  # prefill (again, once the context is full)
+            logits, _ = model(idx[:, -block_size:], cache=cache)
+        else:
+            logits, _ = model(idx[:, -1:], cache=cache)  # (B, 1, vocab_size): the newest token only
+        logits = logits[:, -1, :].float()  # (B, vocab_size): last position only
+        if temperature == 0:
+            idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k)
+                logits[logits < v[:, [-1]]] = -float("inf")
+            probs = F.softmax(logits, dim=-1)  # (B, vocab_size)
+            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+        if eos_id is not None:
+            idx_next = idx_next.masked_fill(finished.unsqueeze(1), eos_id)
+            finished |= idx_next.squeeze(1) == eos_id
+        if on_token is not None:
+            on_token(idx_next)
+        idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
+        if eos_id is not None and bool(finished.all()):
+            break
+    return idx
+
+
+# ----------------------------------------------------------------------------- the endpoint's batches
 
 
 @dataclass(frozen=True)

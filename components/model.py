@@ -3,7 +3,8 @@
 Module names match the Hugging Face GPT-2 checkpoint keys (`transformer.h.0.attn.c_attn`
 and so on), so GPT-2 weights map across without a translation table (HF stores the
 Linear weights as Conv1D, i.e. transposed). Weights are stored as safetensors plus a
-`config.json`; nothing here pickles.
+`config.json`; nothing here pickles. Decoding lives beside it: the KV cache in
+components/kv_cache.py, the samplers in components/generation.py.
 """
 from __future__ import annotations
 
@@ -11,14 +12,13 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
-from typing import Callable
-
 import safetensors.torch
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 from components.files import atomic_write, write_json_atomic
+from components.kv_cache import KVCache
 
 IGNORE_INDEX = -100  # targets with this value carry no loss (prompt tokens, padding)
 WEIGHTS_FILE = "model.safetensors"
@@ -112,55 +112,6 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
-
-
-class KVCache:
-    """Keys and values of the tokens already seen, per layer, for incremental decoding.
-
-    Preallocated to `block_size` positions so that a decode step writes one column in
-    place instead of concatenating (and copying) the whole history. `length` counts the
-    positions filled; `GPT.forward` advances it after every layer has written.
-
-    `pad` (B,) batches prompts of different lengths: row b starts with pad[b] padding
-    positions (left padding), which no query attends to and which do not count as
-    positions, so each row computes exactly what it would alone.
-    """
-
-    def __init__(self, config: GPTConfig, batch_size: int, device: torch.device | str, dtype: torch.dtype,
-                 pad: torch.Tensor | None = None):
-        hs = config.n_embd // config.n_head
-        shape = (batch_size, config.n_head, config.block_size, hs)  # (B, nh, block_size, hs)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.length = 0
-        self.pad = None if pad is None else pad.to(device=device, dtype=torch.long)  # (B,)
-
-    def positions(self, T: int) -> torch.Tensor:
-        """Position ids of the next T tokens: (T,), or (B, T) counted from each row's first real token."""
-        pos = torch.arange(self.length, self.length + T, dtype=torch.long, device=self.k[0].device)  # (T,)
-        if self.pad is None:
-            return pos
-        return (pos[None, :] - self.pad[:, None]).clamp(min=0)  # (B, T)
-
-    def padding_mask(self, T: int) -> torch.Tensor:
-        """(B, 1, T, length + T) bool: causal, and no real query sees a padding key.
-
-        A padding query sees itself only: a row of SDPA with every key masked gives NaN,
-        and a NaN value would poison later rows through `0 * NaN` even where masked.
-        """
-        past, device = self.length, self.k[0].device
-        causal = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)  # (T, past+T)
-        keys = torch.arange(past + T, device=device)  # (past+T,)
-        real_key = keys[None, :] >= self.pad[:, None]  # (B, past+T)
-        itself = keys[None, :] == (past + torch.arange(T, device=device))[:, None]  # (T, past+T)
-        return (causal[None] & (real_key[:, None, :] | itself[None]))[:, None]  # (B, 1, T, past+T)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store `k`, `v` (B, nh, T, hs) after the cached positions; return all keys and values so far."""
-        end = self.length + k.size(2)
-        self.k[layer][:, :, self.length : end] = k
-        self.v[layer][:, :, self.length : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, length + T, hs) each
 
 
 class CausalSelfAttention(nn.Module):
@@ -273,7 +224,7 @@ class GPT(nn.Module):
             idx: (B, T) long token ids, T <= block_size.
             targets: (B, T) long ids of the next token; IGNORE_INDEX marks positions the loss skips
                 (padding, prompt tokens in finetuning).
-            cache: keys and values of earlier positions (see `generate`); `idx` continues them,
+            cache: keys and values of earlier positions (`new_cache`); `idx` continues them,
                 at positions cache.length .. cache.length + T - 1, and the cache grows by T.
 
         Returns:
@@ -314,97 +265,6 @@ class GPT(nn.Module):
         """
         ref = self.transformer.wpe.weight  # never quantized: its dtype is the activations' dtype
         return KVCache(self.config, batch_size, device or ref.device, ref.dtype, pad)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        eos_id: int | None = None,
-        generator: torch.Generator | None = None,
-        use_cache: bool = True,
-        on_token: Callable[[torch.Tensor], None] | None = None,
-    ) -> torch.Tensor:
-        """Extend each row of `idx` (B, T) by up to `max_new_tokens` sampled tokens.
-
-        With `use_cache`, the prompt is run once (prefill) and each later step feeds only the
-        newest token, reusing the keys and values of the earlier ones: a step costs O(context)
-        instead of O(context^2). Past `block_size` tokens the context is cropped to the last
-        `block_size`; every position then shifts, so the cache is rebuilt from the cropped
-        context at each step, exactly as without it. Both paths give the same tokens.
-
-        Args:
-            temperature: softmax temperature; 0 means greedy (argmax).
-            top_k: sample only among the k most likely tokens.
-            eos_id: once a row has produced it, that row is padded with eos_id; generation
-                stops early when every row has.
-            generator: torch.Generator for reproducible sampling.
-            use_cache: decode incrementally with a KVCache (False recomputes the whole context
-                at every step; kept as the reference the cache is tested against).
-            on_token: called with each new (B, 1) token tensor as soon as it is chosen
-                (evaluation times the steps with it; streaming can send it).
-
-        Returns:
-            (B, T + n) long tensor, n <= max_new_tokens. Call `model.eval()` first for dropout.
-        """
-        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)  # (B,)
-        cache = None
-        for _ in range(max_new_tokens):
-            if not use_cache:
-                logits, _ = self(idx[:, -self.config.block_size :])  # (B, <=block_size, vocab_size)
-            elif cache is None or cache.length >= self.config.block_size:
-                cache = self.new_cache(idx.size(0), idx.device)  # prefill (again, once the context is full)
-                logits, _ = self(idx[:, -self.config.block_size :], cache=cache)
-            else:
-                logits, _ = self(idx[:, -1:], cache=cache)  # (B, 1, vocab_size): the newest token only
-            logits = logits[:, -1, :].float()  # (B, vocab_size): last position only
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k)
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                probs = F.softmax(logits, dim=-1)  # (B, vocab_size)
-                idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-            if eos_id is not None:
-                idx_next = idx_next.masked_fill(finished.unsqueeze(1), eos_id)
-                finished |= idx_next.squeeze(1) == eos_id
-            if on_token is not None:
-                on_token(idx_next)
-            idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
-            if eos_id is not None and bool(finished.all()):
-                break
-        return idx
-
-
-# ----------------------------------------------------------------------------- training cost
-
-
-def flops_per_token(cfg: GPTConfig, n_params_non_embedding: int | None = None) -> int:
-    """Training FLOPs per token (forward + backward), PaLM paper (Chowdhery et al. 2022), appendix B.
-
-    6 * N + 12 * n_layer * n_embd * block_size, where N is the non-embedding parameter count
-    and the second term is the attention score/value matmuls at full context length.
-
-    Args:
-        cfg: model shape.
-        n_params_non_embedding: N; computed from `cfg` when None (equal to
-            `components.accounting.parameter_counts(GPT(cfg))["non_embedding"]`).
-    """
-    if n_params_non_embedding is None:
-        C, b = cfg.n_embd, int(cfg.bias)
-        per_layer = (
-            2 * (C + b * C)  # ln_1, ln_2
-            + 3 * C * C + b * 3 * C  # attn.c_attn
-            + C * C + b * C  # attn.c_proj
-            + 4 * C * C + b * 4 * C  # mlp.c_fc
-            + 4 * C * C + b * C  # mlp.c_proj
-        )
-        n_params_non_embedding = cfg.n_layer * per_layer + (C + b * C)  # + ln_f
-    return 6 * n_params_non_embedding + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
 # ----------------------------------------------------------------------------- storage
@@ -451,3 +311,30 @@ def load_model(folder: str, map_location: str = "cpu") -> GPT:
     model = GPT(GPTConfig.from_dict(raw))
     safetensors.torch.load_model(model, weights, strict=True, device="cpu")
     return model.to(map_location).eval()
+
+
+# ----------------------------------------------------------------------------- training cost
+
+
+def flops_per_token(cfg: GPTConfig, n_params_non_embedding: int | None = None) -> int:
+    """Training FLOPs per token (forward + backward), PaLM paper (Chowdhery et al. 2022), appendix B.
+
+    6 * N + 12 * n_layer * n_embd * block_size, where N is the non-embedding parameter count
+    and the second term is the attention score/value matmuls at full context length.
+
+    Args:
+        cfg: model shape.
+        n_params_non_embedding: N; computed from `cfg` when None (equal to
+            `components.accounting.parameter_counts(GPT(cfg))["non_embedding"]`).
+    """
+    if n_params_non_embedding is None:
+        C, b = cfg.n_embd, int(cfg.bias)
+        per_layer = (
+            2 * (C + b * C)  # ln_1, ln_2
+            + 3 * C * C + b * 3 * C  # attn.c_attn
+            + C * C + b * C  # attn.c_proj
+            + 4 * C * C + b * 4 * C  # mlp.c_fc
+            + 4 * C * C + b * C  # mlp.c_proj
+        )
+        n_params_non_embedding = cfg.n_layer * per_layer + (C + b * C)  # + ln_f
+    return 6 * n_params_non_embedding + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size

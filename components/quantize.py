@@ -146,7 +146,7 @@ def apply_int8_dynamic(model: GPT) -> GPT:
     Only the blocks are quantized: lm_head shares its weight with the token embedding,
     and quantizing it would either untie them (storing the matrix twice) or force int8
     embeddings; both embeddings and lm_head stay fp32. The model keeps its GPT class, so
-    `.config` and `.generate` still work.
+    `.config` and `.new_cache` (what generation uses) still work.
     """
     with warnings.catch_warnings():
         # torch.ao.quantization is deprecated in favour of torchao (see module docstring),
@@ -301,7 +301,7 @@ def load_variant(folder: str, device: str = "cpu") -> nn.Module:
     """Load a folder written by `quantize_model` (or `save_model`: treated as fp32), in eval mode.
 
     The result is a GPT (int8/int4: with quantized Linears in its blocks), so it has
-    `.config` and `.generate`. A quantized model gives exactly the logits of the model that
+    `.config` and `.new_cache`. A quantized model gives exactly the logits of the model that
     was quantized in memory before saving.
 
     Args:

@@ -1,4 +1,4 @@
-"""What the sampler (`GPT.generate`) accepts; the experiment file and the endpoint check the same limits."""
+"""What the samplers (components/generation.py) accept; the experiment file and the endpoint check the same limits."""
 from __future__ import annotations
 
 import math

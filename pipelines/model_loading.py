@@ -22,7 +22,7 @@ from pipelines.serving import ServeError
 
 @dataclass
 class LoadedModel:
-    model: object  # a GPT or a quantized GPT: has .generate and .config
+    model: object  # a GPT or a quantized GPT: has .new_cache and .config
     tokenizer: object  # tokenizers.Tokenizer
     model_id: str  # what /v1/models and responses call it, e.g. "tiny:v3"
     version: str | None = None  # the registry version, when it came from the registry

@@ -5,7 +5,7 @@ and changes of the data sources' fingerprint. Every trigger is a row of a small
 SQLite history in the experiment's workdir. A slot is claimed in that table
 (`INSERT OR IGNORE` on experiment, kind, slot) *before* its job is submitted, so a
 restarted scheduler, or a second one on the same workdir, never fires a slot twice
-(NOTES.md: APScheduler's job store double-fired there). The newest slot missed while
+(APScheduler's job store, tried first, fired a slot twice when two schedulers shared it). The newest slot missed while
 the scheduler was down is run once or skipped, as `missed` says. A trigger while a
 job of the experiment is still pending or running is skipped and recorded.
 """

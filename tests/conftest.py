@@ -1,75 +1,21 @@
-"""Shared fixtures: a tiny GPT, free ports, and running the real `gptforge` CLI."""
+"""Shared fixtures: a tiny GPT, a module-wide local Ray, and a real `mlflow server`.
+
+Plain helpers (paths, CLI runners, candidate folders) live in tests/helpers.py.
+"""
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from tests.helpers import MlflowServer
 
 # Ray starts a fresh local instance when a Ray API is called without ray.init. In a test
 # process that shuts Ray down between modules, a stray call from a background thread would
 # start one behind the tests' back, and its later death ends pytest with status 1 and no
 # summary. Every test here initialises Ray explicitly; set before anything imports ray.
 os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
-
-REPO = Path(__file__).resolve().parent.parent
-TINY_EXPERIMENT = REPO / "experiments" / "tiny.yaml"
-
-# Small enough for a 2-core CI machine, big enough that every stage does real work.
-FAST_OVERRIDES = [
-    "data.max_bytes=400000",
-    "tokenizer.vocab_size=1024",
-    "pretrain.max_steps=30",
-    "pretrain.log_every=5",
-    "finetune.max_pairs=600",
-    "finetune.max_steps=10",
-    "finetune.log_every=5",
-    "evaluate.max_batches=4",
-    "evaluate.gen_tokens=8",
-]
-
-
-def make_candidate(folder: Path, variant: str = "fp32", seed: int = 0) -> str:
-    """A real candidate folder as the quantize stage writes it (tiny GPT, trained tokenizer, checksums.json).
-
-    Returns the sha256 of its checksums.json (what promotion pins in the registry).
-    """
-    from components.files import write_checksums
-    from components.model import GPT, GPTConfig, save_model
-    from components.quantize import quantize_model
-    from components.tokenizer import TOKENIZER_FILE, train_tokenizer
-
-    torch.manual_seed(seed)
-    src = folder.with_name(folder.name + "-fp32-src")
-    save_model(GPT(GPTConfig(block_size=32, vocab_size=300, n_layer=2, n_head=2, n_embd=16)), str(src))
-    train_tokenizer(["def add(a, b):\n    return a + b\n"] * 20, vocab_size=300).save(str(src / TOKENIZER_FILE))
-    quantize_model(str(src), variant, str(folder))
-    return write_checksums(folder)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cli_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipelines.cli", *args]
-
-
-def cli_env(extra: dict | None = None) -> dict:
-    """The environment for a CLI run: MLflow on its default local store and an embedded Ray, unless `extra` says otherwise."""
-    return {**{k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}, **(extra or {})}
-
-
-def gptforge(*args: str, cwd: Path, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the CLI in a fresh process and wait for it."""
-    return subprocess.run(cli_command(*args), cwd=cwd, env=cli_env(env), capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -82,47 +28,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 with a SQLite backend (`db`) and proxied artifacts."""
+@pytest.fixture(scope="session")  # a frozen dataclass: safe to share, and module-scoped fixtures can use it
+def tiny_config():
+    """The smallest GPT shape the tests use: 2 layers, 2 heads, 16-wide, a 64-token vocabulary and context 16."""
+    from components.model import GPTConfig
 
-    def __init__(self, tmp_path: Path):
-        import time
-        import urllib.request
+    return GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16)
 
-        self.db = tmp_path / "server.db"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp_path / "mlflow-server.log"
-        self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.db}",
-             "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        deadline = time.monotonic() + 180  # slow on a loaded 2-core machine
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
-                    break
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"mlflow server did not start: {self.log_path.read_text()}")
-                time.sleep(0.5)
 
-    def stop(self) -> None:
-        """Stop the server (and its workers); safe to call twice."""
-        import signal
+@pytest.fixture
+def tiny_model(tiny_config):
+    """A GPT of `tiny_config` with seed-0 weights, so every test gets the same numbers."""
+    from components.model import GPT
 
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)  # the server runs uvicorn/gunicorn workers in its group
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self._log.close()
+    torch.manual_seed(0)
+    return GPT(tiny_config)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray with 4 CPUs for the whole module, shut down after its last test."""
+    from pipelines import ray_runtime  # imported here so that modules without Ray never load it
+
+    ray_runtime.init_ray(num_cpus=4)
+    yield
+    ray_runtime.shutdown_ray()
 
 
 @pytest.fixture

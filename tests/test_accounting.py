@@ -2,13 +2,11 @@
 import torch
 
 from components.accounting import bytes_by_dtype, parameter_counts, summarize_shares
-from components.model import GPT, GPTConfig, config_from_preset, flops_per_token
-
-TINY = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16)
+from components.model import GPT, config_from_preset, flops_per_token
 
 
-def test_parameter_counts():
-    model = GPT(TINY)
+def test_parameter_counts(tiny_model):
+    model, cfg = tiny_model, tiny_model.config
     counts = parameter_counts(model)
     assert counts["total"] == sum(p.numel() for p in model.parameters())  # parameters() dedupes the tie
     assert counts["trainable"] == counts["total"]
@@ -19,11 +17,11 @@ def test_parameter_counts():
     module_keys = [k for k in counts if k.startswith("module/")]
     assert set(module_keys) == {"module/wte", "module/wpe", "module/h", "module/ln_f", "module/lm_head"}
     assert sum(counts[k] for k in module_keys) == counts["total"]
-    assert counts["non_embedding"] == flops_per_token(TINY) // 6 - 2 * TINY.n_layer * TINY.n_embd * TINY.block_size
+    assert counts["non_embedding"] == flops_per_token(cfg) // 6 - 2 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
-def test_parameter_counts_with_frozen_base():
-    model = GPT(TINY)
+def test_parameter_counts_with_frozen_base(tiny_model):
+    model = tiny_model
     for p in model.parameters():
         p.requires_grad_(False)
     model.lm_head.weight.requires_grad_(True)
@@ -32,8 +30,8 @@ def test_parameter_counts_with_frozen_base():
     assert counts["total"] == sum(p.numel() for p in model.parameters())
 
 
-def test_bytes_by_dtype():
-    model = GPT(TINY)
+def test_bytes_by_dtype(tiny_model):
+    model = tiny_model
     assert bytes_by_dtype(model) == {"float32": 4 * parameter_counts(model)["total"]}
 
 

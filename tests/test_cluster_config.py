@@ -7,7 +7,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 CLUSTER = REPO / "ray_cluster.yaml"
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from components.config import ConfigError, ExperimentConfig, flatten, load_config, to_yaml
-from tests.conftest import REPO, TINY_EXPERIMENT, gptforge
+from tests.helpers import REPO, TINY_EXPERIMENT, gptforge
 
 
 def test_defaults_without_a_file():
@@ -192,7 +192,7 @@ def test_cli_refuses_a_bad_value_before_starting_anything(tmp_path, override, ke
     assert not workdir.exists()  # no MLflow store, no Ray storage: nothing started
 
 
-# ------------------------------------------------ training and model keys (issue 5): fail before Ray starts
+# ------------------------------------------------ training and model keys: fail before Ray starts
 
 @pytest.mark.parametrize("override, expected", [
     ("pretrain.strategy=zero3", "pretrain.strategy: 'zero3' is not one of ddp, fsdp"),

@@ -21,6 +21,7 @@ from components.evaluate import (
     generation_metrics,
     mean_loss,
 )
+from components.generation import generate
 from components.model import GPT, GPTConfig, save_model
 from components.packing import pack_rows
 from components.quantize import RUNS_ON, VARIANTS, load_variant, quantize_model, stored_bytes
@@ -120,18 +121,17 @@ def test_every_cpu_variant_reports_every_metric_and_deltas_against_fp32(files, t
     assert by_variant["int8_weight_only"]["model/disk_bytes_int8"] > 0
 
 
-def test_generation_speed_uses_the_same_prompts_and_token_count(files):
+def test_generation_speed_uses_the_same_prompts_and_token_count(files, monkeypatch):
     model = load_variant(str(files / "fp32-src"))
     rows = np.array(pq.read_table(files / "val.parquet").column("tokens").to_pylist())
     seen = []
-    original = model.generate
 
-    def counting_generate(idx, n, **kwargs):
-        out = original(idx, n, **kwargs)
+    def counting_generate(model, idx, n, **kwargs):
+        out = generate(model, idx, n, **kwargs)
         seen.append((idx.shape, out.shape[1] - idx.shape[1]))
         return out
 
-    model.generate = counting_generate
+    monkeypatch.setattr("components.evaluate.generate", counting_generate)
     generation_metrics(model, rows, gen_tokens=5)
     timed = seen[2:]  # after the two warm-ups
     assert timed == [((1, 27), 5)] * 8 + [((8, 27), 5)]  # prompts of block 32 - 5 new tokens

@@ -1,4 +1,5 @@
-"""Batched generation for the endpoint, in one process: padding, sampling settings, stop, logprobs, healing."""
+"""Generation in one process: `generate` (cropping, eos, the KV cache against none) and the endpoint's
+batches (padding, sampling settings, stop, logprobs, healing)."""
 import threading
 import time
 
@@ -7,7 +8,7 @@ import torch
 
 from components.batching import Batcher, Overloaded, Work
 from components.config import ServeConfig
-from components.generation import Row, Sampling, TokenText, _safe_length, batch_fits, generate_batch
+from components.generation import Row, Sampling, TokenText, _safe_length, batch_fits, generate, generate_batch
 from components.model import GPT, GPTConfig
 from components.tokenizer import EOT_ID, train_tokenizer
 
@@ -32,6 +33,13 @@ def tiny():
     return model, tokenizer, TokenText(tokenizer, 300)
 
 
+@pytest.fixture
+def short_model() -> GPT:
+    """block_size 16: a few new tokens run past the context."""
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16)).eval()
+
+
 def _run(tiny, prompts, sampling, seed=None):
     """Generate `prompts` in one batch; returns [(text, finish_reason, deltas)] per prompt."""
     model, tokenizer, text = tiny
@@ -40,6 +48,57 @@ def _run(tiny, prompts, sampling, seed=None):
     rows = [Row(tokenizer.encode(p).ids, p, sampling, deltas[i].append, gen) for i, p in enumerate(prompts)]
     generate_batch(model, text, rows, EOT_ID)
     return [("".join(d.text for d in ds), ds[-1].finish_reason, ds) for ds in deltas]
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def test_generate(short_model):
+    idx = torch.randint(0, 64, (2, 3))
+    out = generate(short_model, idx, 5, temperature=0)
+    assert out.shape == (2, 8) and torch.equal(out[:, :3], idx)
+    assert torch.equal(out, generate(short_model, idx, 5, temperature=0))  # greedy is deterministic
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a = generate(short_model, idx, 5, temperature=1.0, top_k=5, generator=g1)
+    assert torch.equal(a, generate(short_model, idx, 5, temperature=1.0, top_k=5, generator=g2))
+    # longer than block_size: the context is cropped
+    assert generate(short_model, idx, 20, temperature=0).shape == (2, 23)
+
+
+def test_generate_stops_at_eos(short_model):
+    idx = torch.randint(0, 64, (2, 3))
+    greedy = generate(short_model, idx, 1, temperature=0)[:, -1]
+    eos = int(greedy[0])
+    if int(greedy[1]) == eos:  # both rows stop after one step
+        assert generate(short_model, idx, 5, temperature=0, eos_id=eos).shape == (2, 4)
+    out = generate(short_model, idx, 5, temperature=0, eos_id=eos)
+    assert (out[0, 3:] == eos).all()  # row 0 finished and is padded with eos
+
+
+@pytest.mark.parametrize("prompt_len, new_tokens", [(1, 10), (5, 11), (3, 30)])  # 30: runs past block_size 16
+def test_greedy_generation_with_and_without_cache_is_equal(short_model, prompt_len, new_tokens):
+    idx = torch.randint(0, 64, (3, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    cached = generate(short_model, idx, new_tokens, temperature=0, use_cache=True)
+    uncached = generate(short_model, idx, new_tokens, temperature=0, use_cache=False)
+    assert cached.shape == (3, prompt_len + new_tokens)
+    assert torch.equal(cached, uncached)
+
+
+def test_sampling_with_and_without_cache_is_equal(short_model):
+    idx = torch.randint(0, 64, (2, 4), generator=torch.Generator().manual_seed(3))
+    runs = [generate(short_model, idx, 12, temperature=1.0, top_k=8, use_cache=c,
+                     generator=torch.Generator().manual_seed(7)) for c in (True, False)]
+    assert torch.equal(*runs)
+
+
+def test_on_token_sees_every_new_token(short_model):
+    idx = torch.randint(0, 64, (2, 3))
+    seen = []
+    out = generate(short_model, idx, 6, temperature=0, on_token=seen.append)
+    assert torch.equal(torch.cat(seen, dim=1), out[:, 3:])
+
+
+# ----------------------------------------------------------------------------- the endpoint's batches
 
 
 def test_left_padded_rows_compute_what_each_row_computes_alone(tiny):
@@ -204,7 +263,7 @@ def test_healing_turns_the_readme_example_from_empty_into_code(one_thread):
     model.eval()
     prompt = "def add(a, b):\n"
     prompt_ids = tokenizer.encode(prompt).ids
-    plain = model.generate(torch.tensor([prompt_ids]), 8, temperature=0, eos_id=EOT_ID)[0, len(prompt_ids):]
+    plain = generate(model, torch.tensor([prompt_ids]), 8, temperature=0, eos_id=EOT_ID)[0, len(prompt_ids):]
     assert plain[0] == EOT_ID  # without healing: end-of-text at once, an empty completion
     text, reason, _ = _run((model, tokenizer, TokenText(tokenizer, 300)), [prompt], Sampling(max_tokens=8, temperature=0))[0]
     assert text.startswith("    return a + b"), text

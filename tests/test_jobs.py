@@ -23,7 +23,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipelines.tracking import CACHED_FROM_TAG, PARENT_TAG, STAGE_TAG
-from tests.conftest import FAST_OVERRIDES, REPO, TINY_EXPERIMENT, cli_command, cli_env, free_port, gptforge
+from tests.helpers import FAST_OVERRIDES, REPO, TINY_EXPERIMENT, cli_command, cli_env, free_port, gptforge
 
 pytestmark = pytest.mark.integration
 

@@ -73,28 +73,6 @@ def test_golden_loss():
     assert final.item() == pytest.approx(1.6235, abs=0.1)  # measured on torch 2.13 CPU
 
 
-def test_generate(model):
-    idx = torch.randint(0, 64, (2, 3))
-    out = model.generate(idx, 5, temperature=0)
-    assert out.shape == (2, 8) and torch.equal(out[:, :3], idx)
-    assert torch.equal(out, model.generate(idx, 5, temperature=0))  # greedy is deterministic
-    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    a = model.generate(idx, 5, temperature=1.0, top_k=5, generator=g1)
-    assert torch.equal(a, model.generate(idx, 5, temperature=1.0, top_k=5, generator=g2))
-    # longer than block_size: the context is cropped
-    assert model.generate(idx, 20, temperature=0).shape == (2, 23)
-
-
-def test_generate_stops_at_eos(model):
-    idx = torch.randint(0, 64, (2, 3))
-    greedy = model.generate(idx, 1, temperature=0)[:, -1]
-    eos = int(greedy[0])
-    if int(greedy[1]) == eos:  # both rows stop after one step
-        assert model.generate(idx, 5, temperature=0, eos_id=eos).shape == (2, 4)
-    out = model.generate(idx, 5, temperature=0, eos_id=eos)
-    assert (out[0, 3:] == eos).all()  # row 0 finished and is padded with eos
-
-
 def test_flops_per_token_gpt2():
     cfg = config_from_preset("gpt2", vocab_size=50257, block_size=1024)
     L, C, T = 12, 768, 1024
@@ -147,22 +125,6 @@ def test_config_from_preset_errors():
 # ----------------------------------------------------------------------------- KV cache
 
 
-@pytest.mark.parametrize("prompt_len, new_tokens", [(1, 10), (5, 11), (3, 30)])  # 30: runs past block_size 16
-def test_greedy_generation_with_and_without_cache_is_equal(model, prompt_len, new_tokens):
-    idx = torch.randint(0, 64, (3, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
-    cached = model.generate(idx, new_tokens, temperature=0, use_cache=True)
-    uncached = model.generate(idx, new_tokens, temperature=0, use_cache=False)
-    assert cached.shape == (3, prompt_len + new_tokens)
-    assert torch.equal(cached, uncached)
-
-
-def test_sampling_with_and_without_cache_is_equal(model):
-    idx = torch.randint(0, 64, (2, 4), generator=torch.Generator().manual_seed(3))
-    runs = [model.generate(idx, 12, temperature=1.0, top_k=8, use_cache=c, generator=torch.Generator().manual_seed(7))
-            for c in (True, False)]
-    assert torch.equal(*runs)
-
-
 def test_cached_logits_match_full_forward(model):
     """Prefill a prefix, then feed the rest one token and then several at a time: same logits as one pass."""
     idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -173,10 +135,3 @@ def test_cached_logits_match_full_forward(model):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="block_size"):
         model(idx[:, :5], cache=cache)  # 12 + 5 > 16
-
-
-def test_on_token_sees_every_new_token(model):
-    idx = torch.randint(0, 64, (2, 3))
-    seen = []
-    out = model.generate(idx, 6, temperature=0, on_token=seen.append)
-    assert torch.equal(torch.cat(seen, dim=1), out[:, 3:])

@@ -13,7 +13,7 @@ from components.config import load_config
 from components.metrics import CANDIDATE_METRICS
 from pipelines.registry import CHECKSUMS_TAG
 from pipelines.tracking import STAGE_TAG
-from tests.conftest import FAST_OVERRIDES, TINY_EXPERIMENT, cli_command, cli_env, free_port, gptforge
+from tests.helpers import FAST_OVERRIDES, TINY_EXPERIMENT, cli_command, cli_env, free_port, gptforge
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,6 @@ import signal
 import threading
 import time
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
@@ -21,24 +18,9 @@ from components.model import GPTConfig
 from components.recipe import TrainPlan
 from pipelines import ray_runtime
 from pipelines.tracking import Tracker
+from tests.helpers import BLOCK, VOCAB, write_rows
 
 pytestmark = pytest.mark.integration
-
-VOCAB, BLOCK = 64, 16
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray_runtime.init_ray(num_cpus=4)
-    yield
-    ray_runtime.shutdown_ray()
-
-
-def _write_rows(path, n, seed):
-    rng = np.random.default_rng(seed)
-    rows = (rng.integers(0, VOCAB, size=(n, 1)) + np.arange(BLOCK + 1)) % VOCAB  # count upward: learnable
-    pq.write_table(pa.table({"tokens": pa.array(rows.astype(np.int32).tolist(), pa.list_(pa.int32()))}), path)
-    return str(path)
 
 
 @pytest.fixture
@@ -48,7 +30,7 @@ def setup(tmp_path, ray_cluster):
     tokenizer.write_text("{}")  # copied into checkpoints as it is; these tests never tokenize
     return {
         "tmp": tmp_path, "tracker": tracker, "tokenizer": str(tokenizer),
-        "train": _write_rows(tmp_path / "train.parquet", 512, 0), "val": _write_rows(tmp_path / "val.parquet", 64, 1),
+        "train": write_rows(tmp_path / "train.parquet", 512, 0), "val": write_rows(tmp_path / "val.parquet", 64, 1),
     }
 
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -6,7 +7,8 @@ import torch
 
 from components.artifacts import QuantizedModel
 from components.accounting import linear_bytes, parameter_counts
-from components.model import GPT, GPTConfig, load_model, save_model
+from components.generation import generate
+from components.model import GPT, load_model, save_model
 from components.quantize import (
     RUNS_ON,
     VARIANTS,
@@ -19,7 +21,6 @@ from components.quantize import (
     stored_bytes,
 )
 
-TINY = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16)
 CPU_VARIANTS = [v for v in VARIANTS if "cpu" in RUNS_ON[v]]
 CUDA_VARIANTS = [v for v in VARIANTS if "cuda" in RUNS_ON[v]]
 # max |logit difference| to fp32 allowed per variant (the tiny model's logits are about +-1):
@@ -37,10 +38,10 @@ STORED_DTYPES = {
 
 
 @pytest.fixture(scope="module")
-def src(tmp_path_factory):
+def src(tmp_path_factory, tiny_config):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("src")
-    save_model(GPT(TINY), str(folder))
+    save_model(GPT(tiny_config), str(folder))
     (folder / "tokenizer.json").write_text('{"model": {}}')
     return folder
 
@@ -51,14 +52,14 @@ def idx():
 
 
 @pytest.mark.parametrize("variant", CPU_VARIANTS)
-def test_round_trip(variant, src, idx, tmp_path):
+def test_round_trip(variant, src, idx, tmp_path, tiny_config):
     result = quantize_model(str(src), variant, str(tmp_path))
     assert result == QuantizedModel(variant, str(tmp_path), (tmp_path / "model.safetensors").stat().st_size)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     assert json.loads((tmp_path / "config.json").read_text())["quantization"] == variant
 
     model = load_variant(str(tmp_path))
-    assert model.config == TINY and not model.training
+    assert model.config == tiny_config and not model.training
     ref = load_model(str(src))(idx)[0]
     logits = model(idx)[0].float()
     assert torch.isfinite(logits).all()
@@ -66,9 +67,9 @@ def test_round_trip(variant, src, idx, tmp_path):
     assert parameter_counts(model)["total"] == parameter_counts(load_model(str(src)))["total"]
     assert model.transformer.wte.weight is model.lm_head.weight  # still tied
 
-    out = model.generate(idx[:, :4], 6, temperature=0.8, top_k=10, generator=torch.Generator().manual_seed(0))
+    out = generate(model, idx[:, :4], 6, temperature=0.8, top_k=10, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 10) and out.dtype == torch.long
-    greedy = [model.generate(idx[:, :4], 14, temperature=0, use_cache=c) for c in (True, False)]
+    greedy = [generate(model, idx[:, :4], 14, temperature=0, use_cache=c) for c in (True, False)]
     assert torch.equal(*greedy)  # the KV cache changes nothing, quantized or not
 
 
@@ -116,9 +117,9 @@ def test_int8_dynamic_only_quantizes_blocks(src, tmp_path):
     assert isinstance(model.transformer.h[0].attn.c_attn, torch.ao.nn.quantized.dynamic.Linear)
 
 
-def test_saved_sizes_reflect_the_quantization(tmp_path):
+def test_saved_sizes_reflect_the_quantization(tmp_path, tiny_config):
     torch.manual_seed(0)
-    save_model(GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=2, n_head=2, n_embd=128)), str(tmp_path / "src"))
+    save_model(GPT(dataclasses.replace(tiny_config, vocab_size=256, n_embd=128)), str(tmp_path / "src"))
     built = {v: quantize_model(str(tmp_path / "src"), v, str(tmp_path / v)) for v in CPU_VARIANTS}
     disk = {v: stored_bytes(str(tmp_path / v)) for v in CPU_VARIANTS}
     for v in CPU_VARIANTS:
@@ -164,14 +165,14 @@ def test_pick_device():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", CUDA_VARIANTS)
-def test_round_trip_on_cuda(variant, idx, tmp_path):
+def test_round_trip_on_cuda(variant, idx, tmp_path, tiny_config):
     torch.manual_seed(0)  # 128 wide: int4's groups of 128 and its tile packing need whole tiles
-    save_model(GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=128)), str(tmp_path / "src"))
+    save_model(GPT(dataclasses.replace(tiny_config, n_embd=128)), str(tmp_path / "src"))
     quantize_model(str(tmp_path / "src"), variant, str(tmp_path / variant), device="cuda")
     model = load_variant(str(tmp_path / variant), "cuda")
     ref = load_model(str(tmp_path / "src"))(idx)[0]
     logits = model(idx.cuda())[0].float().cpu()
     assert torch.isfinite(logits).all()
     assert (logits - ref).abs().max().item() <= TOLERANCE[variant]
-    greedy = [model.generate(idx[:, :4].cuda(), 10, temperature=0, use_cache=c) for c in (True, False)]
+    greedy = [generate(model, idx[:, :4].cuda(), 10, temperature=0, use_cache=c) for c in (True, False)]
     assert torch.equal(*greedy)

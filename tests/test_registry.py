@@ -5,40 +5,15 @@ import shutil
 import pytest
 from mlflow import MlflowClient
 
-from components.artifacts import EvalReport, TokenizedData
 from components.config import load_config
 from components.files import CHECKSUMS_FILE, IntegrityError, sha256_file
 from pipelines import promotion
 from pipelines.model_loading import RegistryLoader
 from pipelines.registry import CHAMPION, CHECKSUMS_TAG, alias_version, find_alias, move_champion, register
 from pipelines.tracking import Tracker
-from tests.conftest import make_candidate
+from tests.helpers import make_candidate, promote_candidates
 
 pytestmark = pytest.mark.integration
-
-
-def _data(fingerprint="fp-1"):
-    return TokenizedData(root="", train_uri="", val_uri="", sft_train_uri="", sft_heldout_uri="", tokenizer_uri="",
-                         manifest_uri="", fingerprint=fingerprint, vocab_size=300, block_size=32)
-
-
-def promote_candidates(tracker, cfg, tmp_path, ppl_by_variant, tag=True, before_promote=lambda: None):
-    """Candidate runs as the pipeline makes them (real folders, tagged, uploaded), then the promote stage."""
-    reports, runs = [], {}
-    with tracker.run(f"{cfg.name}-pipeline") as parent:
-        for variant, ppl in ppl_by_variant.items():
-            folder = tmp_path / f"{parent.run_id}-{variant}"
-            run = tracker.open_run(f"candidate-{variant}", parent, stage="candidate")
-            pin = make_candidate(folder, variant)
-            if tag:
-                run.set_tags({CHECKSUMS_TAG: pin})
-            run.log_artifacts(str(folder), promotion.MODEL_ARTIFACT)
-            tracker.close_run(run)
-            runs[variant] = run
-            reports.append(EvalReport(variant, {"eval/val_ppl": ppl, "model/size_bytes": float(len(variant))}))
-        with tracker.run("promote", parent, stage="promote") as log:
-            before_promote()
-            return promotion.promote(tracker, cfg, reports, runs, _data(), log)
 
 
 @pytest.fixture

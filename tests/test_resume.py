@@ -8,7 +8,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipelines.tracking import STAGE_TAG
-from tests.conftest import FAST_OVERRIDES, TINY_EXPERIMENT, cli_command, cli_env, gptforge
+from tests.helpers import FAST_OVERRIDES, TINY_EXPERIMENT, cli_command, cli_env, gptforge
 
 pytestmark = pytest.mark.integration
 

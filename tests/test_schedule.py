@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 import pytest
 
 from pipelines.schedule import History, ScheduleError, check_cron
-from tests.conftest import TINY_EXPERIMENT, free_port, gptforge
+from tests.helpers import TINY_EXPERIMENT, free_port, gptforge
 
 
 def test_a_bad_cron_string_fails_at_once(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from components.config import ServeConfig
 from pipelines import http_app, ray_runtime, serving
 from pipelines.model_loading import FolderLoader
-from tests.conftest import free_port, make_candidate
+from tests.helpers import free_port, make_candidate
 
 pytestmark = pytest.mark.integration
 

@@ -25,7 +25,7 @@ from pipelines.model_loading import RegistryLoader
 from pipelines import registry
 from pipelines.registry import CHAMPION, CHECKSUMS_TAG, find_alias
 from pipelines.tracking import Tracker
-from tests.conftest import free_port, gptforge
+from tests.helpers import free_port, gptforge
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ Deselected by default (see pyproject.toml). Run with:
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import FAST_OVERRIDES, TINY_EXPERIMENT, gptforge
+from tests.helpers import FAST_OVERRIDES, TINY_EXPERIMENT, gptforge
 
 
 @pytest.mark.slow
@@ -30,7 +30,7 @@ def _readme_example_returns_text(workdir):
     from components.config import ServeConfig
     from pipelines import ray_runtime, serving
     from pipelines.model_loading import RegistryLoader
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     ray_runtime.init_ray(2)
     try:

@@ -9,7 +9,7 @@ from components.artifacts import Checkpoint
 from components.config import DataConfig, FinetuneConfig, TokenizerConfig, load_config
 from components.data import prepare_data, source_fingerprint
 from pipelines.stage_cache import CACHED_STAGES, code_modules, code_version, output_complete, stage_key
-from tests.conftest import TINY_EXPERIMENT
+from tests.helpers import TINY_EXPERIMENT
 
 
 def _keys(*overrides, fingerprint="fp"):

@@ -13,10 +13,9 @@ from components.model import GPT, GPTConfig, load_model
 from components.recipe import TrainPlan
 from pipelines import ray_runtime
 from pipelines.tracking import Tracker
+from tests.helpers import BLOCK, VOCAB, write_rows
 
 pytestmark = pytest.mark.integration
-
-from tests.test_pretrain_ray import BLOCK, VOCAB, _write_rows, ray_cluster  # noqa: F401 - ray_cluster is a fixture
 
 MODEL = GPTConfig(block_size=BLOCK, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32)
 
@@ -28,7 +27,7 @@ def setup(tmp_path, ray_cluster):
     return {
         "tmp": tmp_path, "tokenizer": str(tokenizer),
         "tracker": Tracker(f"sqlite:///{tmp_path}/mlflow.db", "tp-tests", artifact_location=str(tmp_path / "art")),
-        "train": _write_rows(tmp_path / "train.parquet", 512, 0), "val": _write_rows(tmp_path / "val.parquet", 64, 1),
+        "train": write_rows(tmp_path / "train.parquet", 512, 0), "val": write_rows(tmp_path / "val.parquet", 64, 1),
     }
 
 

@@ -11,8 +11,7 @@ from mlflow import MlflowClient
 from components.config import load_config
 from pipelines.registry import CHAMPION, download_version, find_alias
 from pipelines.tracking import Tracker, TrackingError, redact
-from tests.conftest import FAST_OVERRIDES, TINY_EXPERIMENT, free_port, gptforge
-from tests.test_registry import promote_candidates
+from tests.helpers import FAST_OVERRIDES, TINY_EXPERIMENT, free_port, gptforge, promote_candidates
 
 pytestmark = pytest.mark.integration
 

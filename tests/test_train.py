@@ -8,9 +8,20 @@ import torch
 
 from components.finetune import LoRALinear, apply_lora, merge_lora
 from components.accounting import parameter_counts
-from components.model import GPT, IGNORE_INDEX, GPTConfig
+from components.model import GPT, IGNORE_INDEX
 from components.config import TrainingConfig
 from components.train import Hooks, lr_at, repeat, to_inputs_and_targets, train
+
+
+@pytest.fixture
+def config(tiny_config):
+    """The tiny shape at width 32: the golden loss, the LoRA counts and the loss drops below are measured on it."""
+    return dataclasses.replace(tiny_config, n_embd=32)
+
+
+def _tiny_model(config, seed=0):
+    torch.manual_seed(seed)
+    return GPT(config)
 
 
 def _batches(vocab=64, block=16, batch=8, seed=0):
@@ -45,10 +56,9 @@ def test_mask_turns_prompt_tokens_into_ignored_targets():
     assert y.tolist() == [[IGNORE_INDEX, 7, 8]]
 
 
-def test_seeded_golden_loss():
+def test_seeded_golden_loss(config):
     """A fixed seed gives the same loss curve: a change in the model, init or loop shows up here."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32))
+    model = _tiny_model(config)
     reports, saved = [], []
     final = train(model, _batches(), _loop(), Hooks(log=lambda m, step: reports.append(m),
                                                     checkpoint=lambda step, opt: saved.append(step)))
@@ -60,9 +70,8 @@ def test_seeded_golden_loss():
     assert last == pytest.approx(0.5444, abs=0.02)  # measured on torch 2.13 CPU (3.582 at step 10)
 
 
-def test_lora_trains_only_adapters_and_merges_exactly():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32))
+def test_lora_trains_only_adapters_and_merges_exactly(config):
+    model = _tiny_model(config)
     total = parameter_counts(model)["total"]
     apply_lora(model, rank=4, alpha=8)
     counts = parameter_counts(model)
@@ -82,12 +91,7 @@ def test_lora_trains_only_adapters_and_merges_exactly():
     assert parameter_counts(merged)["total"] == total
 
 
-# ------------------------------------------------------------ issue 5: the GPU-speed loop, on CPU
-
-def _tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32))
-
+# ------------------------------------------------------------ the GPU-speed loop, on CPU
 
 def _rows(n=32, vocab=64, block=16, seed=0):
     rng = np.random.default_rng(seed)
@@ -102,10 +106,10 @@ def _fixed_batches(rows, mask, batch):
                                  for i in range(0, len(rows), batch)))
 
 
-def test_accumulating_four_quarter_batches_equals_one_full_batch():
+def test_accumulating_four_quarter_batches_equals_one_full_batch(config):
     rows, mask = _rows()
     cfg = dict(max_steps=3, lr=1e-2, min_lr=1e-3, warmup_steps=0, weight_decay=0.1, grad_clip=1.0, log_every=1)
-    whole, accumulated = _tiny_model(), _tiny_model()
+    whole, accumulated = _tiny_model(config), _tiny_model(config)
     losses = {"whole": [], "acc": []}
     train(whole, _fixed_batches(rows, mask, 8), _training(**cfg),
           Hooks(log=lambda m, s: losses["whole"].append(m["train/loss"])))
@@ -120,10 +124,10 @@ def test_accumulating_four_quarter_batches_equals_one_full_batch():
 
 
 @pytest.mark.parametrize("name", ["bf16", "fp16"])
-def test_low_precision_autocast_on_cpu_lowers_the_loss(name):
+def test_low_precision_autocast_on_cpu_lowers_the_loss(name, config):
     from components.devices import resolve_precision
 
-    model = _tiny_model()
+    model = _tiny_model(config)
     logs = []
     train(model, _batches(), _loop(30), Hooks(log=lambda m, s: logs.append(m["train/loss"])),
           precision=resolve_precision(name, torch.device("cpu")))
@@ -132,10 +136,10 @@ def test_low_precision_autocast_on_cpu_lowers_the_loss(name):
     assert next(model.parameters()).dtype == torch.float32  # weights stay fp32 under autocast
 
 
-def test_validation_loss_is_logged_every_eval_every_steps():
+def test_validation_loss_is_logged_every_eval_every_steps(tiny_model):
     from components.train import validation_loss
 
-    model = _tiny_model()
+    model = tiny_model
     rows, _ = _rows()
     logs = []
     validate = lambda: validation_loss(model, ({"tokens": rows[i:i + 8]} for i in range(0, 32, 8)), 2)
@@ -146,7 +150,7 @@ def test_validation_loss_is_logged_every_eval_every_steps():
     assert model.training  # back in training mode after each validation
 
 
-def test_resuming_from_a_checkpoint_continues_exactly(tmp_path):
+def test_resuming_from_a_checkpoint_continues_exactly(tmp_path, config):
     """Model, optimizer, step, RNG and data position restored: the resumed run ends where the uninterrupted one does."""
     from components import checkpoint
     from components.train import Batches, make_optimizer
@@ -155,7 +159,7 @@ def test_resuming_from_a_checkpoint_continues_exactly(tmp_path):
     make_epoch = lambda epoch: ({"tokens": rows[i:i + 8], "mask": mask[i:i + 8]} for i in range(0, 24, 8))
     cfg = _training(max_steps=8, lr=1e-2, min_lr=1e-3, warmup_steps=2, weight_decay=0.1, grad_clip=1.0,
                     log_every=1, checkpoint_every=4)
-    model_cfg = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
+    model_cfg = dataclasses.replace(config, dropout=0.1)
 
     def run(model, batches, optimizer=None, start_step=0):
         def save(step, opt):
@@ -181,10 +185,10 @@ def test_resuming_from_a_checkpoint_continues_exactly(tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_an_incomplete_checkpoint_folder_is_not_used(tmp_path):
+def test_an_incomplete_checkpoint_folder_is_not_used(tmp_path, tiny_model):
     from components import checkpoint
 
-    model = _tiny_model()
+    model = tiny_model
     optimizer = torch.optim.AdamW(model.parameters())
     for step in (5, 10):
         checkpoint.save(str(tmp_path / f"c{step}"), model, optimizer, step, {"epoch": 0, "batch": step},
@@ -197,19 +201,20 @@ def test_an_incomplete_checkpoint_folder_is_not_used(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_model_trains_like_the_eager_one():
+def test_compiled_model_trains_like_the_eager_one(config):
     """torch.compile on the CPU (slow: the first steps compile for tens of seconds)."""
     from components.devices import FP32
     from components.parallel import parallelize
 
-    eager, compiled = _tiny_model(), parallelize(_tiny_model(), "ddp", torch.device("cpu"), FP32, compile=True)
+    eager = _tiny_model(config)
+    compiled = parallelize(_tiny_model(config), "ddp", torch.device("cpu"), FP32, compile=True)
     logs = {"eager": [], "compiled": []}
     for name, model in (("eager", eager), ("compiled", compiled)):
         train(model, _batches(), _loop(20), Hooks(log=lambda m, s, name=name: logs[name].append(m["train/loss"])))
     assert logs["compiled"] == pytest.approx(logs["eager"], rel=1e-3)
 
 
-def test_the_share_of_time_spent_waiting_for_data_is_logged():
+def test_the_share_of_time_spent_waiting_for_data_is_logged(config):
     import time
 
     def slow(batches, seconds):
@@ -219,7 +224,7 @@ def test_the_share_of_time_spent_waiting_for_data_is_logged():
 
     def waiting(batches):
         logs = []
-        train(_tiny_model(), batches, _loop(10), Hooks(log=lambda m, s: logs.append(m["train/data_wait_frac"])))
+        train(_tiny_model(config), batches, _loop(10), Hooks(log=lambda m, s: logs.append(m["train/data_wait_frac"])))
         return logs[-1]
 
     # The tiny step takes a few milliseconds: 50 ms per batch is most of the window.

@@ -1,0 +1,149 @@
+"""Plain helpers the tests share: repository paths, fast CLI overrides, running the real `gptforge` CLI,
+free ports, real candidate folders, a real `mlflow server`, and learnable token rows."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_EXPERIMENT = REPO / "experiments" / "tiny.yaml"
+
+# Small enough for a 2-core CI machine, big enough that every stage does real work.
+FAST_OVERRIDES = [
+    "data.max_bytes=400000",
+    "tokenizer.vocab_size=1024",
+    "pretrain.max_steps=30",
+    "pretrain.log_every=5",
+    "finetune.max_pairs=600",
+    "finetune.max_steps=10",
+    "finetune.log_every=5",
+    "evaluate.max_batches=4",
+    "evaluate.gen_tokens=8",
+]
+
+# The shape of the token rows `write_rows` makes: ids below VOCAB, BLOCK + 1 tokens a row.
+VOCAB, BLOCK = 64, 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipelines.cli", *args]
+
+
+def cli_env(extra: dict | None = None) -> dict:
+    """The environment for a CLI run: MLflow on its default local store and an embedded Ray, unless `extra` says otherwise."""
+    return {**{k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}, **(extra or {})}
+
+
+def gptforge(*args: str, cwd: Path, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI in a fresh process and wait for it."""
+    return subprocess.run(cli_command(*args), cwd=cwd, env=cli_env(env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def make_candidate(folder: Path, variant: str = "fp32", seed: int = 0) -> str:
+    """A real candidate folder as the quantize stage writes it (tiny GPT, trained tokenizer, checksums.json).
+
+    Returns the sha256 of its checksums.json (what promotion pins in the registry).
+    """
+    from components.files import write_checksums
+    from components.model import GPT, GPTConfig, save_model
+    from components.quantize import quantize_model
+    from components.tokenizer import TOKENIZER_FILE, train_tokenizer
+
+    torch.manual_seed(seed)
+    src = folder.with_name(folder.name + "-fp32-src")
+    save_model(GPT(GPTConfig(block_size=32, vocab_size=300, n_layer=2, n_head=2, n_embd=16)), str(src))
+    train_tokenizer(["def add(a, b):\n    return a + b\n"] * 20, vocab_size=300).save(str(src / TOKENIZER_FILE))
+    quantize_model(str(src), variant, str(folder))
+    return write_checksums(folder)
+
+
+def promote_candidates(tracker, cfg, tmp_path, ppl_by_variant, tag=True, before_promote=lambda: None):
+    """Candidate runs as the pipeline makes them (real folders, tagged, uploaded), then the promote stage."""
+    from components.artifacts import EvalReport, TokenizedData
+    from pipelines import promotion
+    from pipelines.registry import CHECKSUMS_TAG
+
+    data = TokenizedData(root="", train_uri="", val_uri="", sft_train_uri="", sft_heldout_uri="", tokenizer_uri="",
+                         manifest_uri="", fingerprint="fp-1", vocab_size=300, block_size=32)
+    reports, runs = [], {}
+    with tracker.run(f"{cfg.name}-pipeline") as parent:
+        for variant, ppl in ppl_by_variant.items():
+            folder = tmp_path / f"{parent.run_id}-{variant}"
+            run = tracker.open_run(f"candidate-{variant}", parent, stage="candidate")
+            pin = make_candidate(folder, variant)
+            if tag:
+                run.set_tags({CHECKSUMS_TAG: pin})
+            run.log_artifacts(str(folder), promotion.MODEL_ARTIFACT)
+            tracker.close_run(run)
+            runs[variant] = run
+            reports.append(EvalReport(variant, {"eval/val_ppl": ppl, "model/size_bytes": float(len(variant))}))
+        with tracker.run("promote", parent, stage="promote") as log:
+            before_promote()
+            return promotion.promote(tracker, cfg, reports, runs, data, log)
+
+
+def write_rows(path, n, seed):
+    """`n` token rows of BLOCK + 1 ids that count upward from a random start (learnable), as parquet at `path`."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    rows = (rng.integers(0, VOCAB, size=(n, 1)) + np.arange(BLOCK + 1)) % VOCAB
+    pq.write_table(pa.table({"tokens": pa.array(rows.astype(np.int32).tolist(), pa.list_(pa.int32()))}), path)
+    return str(path)
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 with a SQLite backend (`db`) and proxied artifacts."""
+
+    def __init__(self, tmp_path: Path):
+        import time
+        import urllib.request
+
+        self.db = tmp_path / "server.db"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp_path / "mlflow-server.log"
+        self._log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.db}",
+             "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + 180  # slow on a loaded 2-core machine
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
+                    break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"mlflow server did not start: {self.log_path.read_text()}")
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Stop the server (and its workers); safe to call twice."""
+        import signal
+
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # the server runs uvicorn/gunicorn workers in its group
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()
