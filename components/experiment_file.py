@@ -1,19 +1,188 @@
-"""From YAML to typed config dataclasses: dotted overrides, then a typed build that names every bad key.
+"""The experiment file: its top level, the checks across its sections, reading it and writing it back.
 
-`components/config.py` declares the sections and their rules; this module only knows how a
-mapping read from YAML becomes an instance of a (nested) dataclass. Problems are appended to
-an `errors` list, each starting with its dotted key, so the caller reports all of them at once.
+An experiment YAML has one section per stage (the dataclasses of components/config.py, each
+field with its own rules); every key has a default, so any section (or the whole file) may be
+left out. Overrides use the same dotted names as the file (`pretrain.max_steps=50`). Unknown
+keys and values of the wrong type are errors that name the key, and every problem is reported
+at once: while a mapping read from YAML becomes the typed dataclasses, each problem is appended
+to an `errors` list, starting with its dotted key.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import math
+import re
 import types
 import typing
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 
+from components.config import (TENSOR_PARALLEL, DataConfig, EvaluateConfig, FinetuneConfig, ModelConfig,
+                               PretrainConfig, PromoteConfig, QuantizeConfig, ServeConfig, TokenizerConfig,
+                               TrainingConfig)
+from components.field_rules import check_fields, checked, positive, reported_by
 
-def apply_override(raw: dict, item: str, errors: list[str]) -> None:
+class ConfigError(ValueError):
+    """The experiment file or an override is wrong; the message names every bad key."""
+
+
+def _registered_model_name(value: str) -> str | None:
+    # A name MLflow takes for a registered model (no '/' or ':') that is also a safe folder name (serving cache).
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", value):
+        return (f"{value!r} cannot name an MLflow registered model; use up to 100 letters, digits, "
+                f"'.', '_' or '-', starting with a letter or digit")
+    return None
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment file: its top-level keys and one field per section."""
+
+    name: str = checked("tiny", reported_by(_registered_model_name))
+    """MLflow experiment name and registered model name."""
+    workdir: str = ".gptforge"
+    """Local folder for the MLflow SQLite store, artifacts and Ray Train storage."""
+    ray_num_cpus: int = checked(4, positive)
+    """Logical CPUs of the embedded local Ray, more than the cores: Ray Data needs a free logical CPU
+    to read while the training workers hold one each, and with num_cpus equal to the cores a lazy
+    read would wait forever (docs/ray-and-mlflow.md)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+# ----------------------------------------------------------------------------- loading and checking
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read an experiment YAML (or only defaults when `path` is None) and apply overrides.
+
+    Args:
+        path: the experiment file.
+        overrides: `section.key=value` strings; values are parsed as YAML scalars/lists.
+
+    Raises:
+        ConfigError: listing every unknown key, wrong type and bad value, each by name.
+    """
+    raw: dict = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"experiment file not found: {path}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    errors: list[str] = []
+    for item in overrides:
+        _apply_override(raw, item, errors)
+    cfg = _build(ExperimentConfig, raw, "", errors)
+    if cfg is not None:
+        errors.extend(check_fields(cfg))
+        errors.extend(_cross_checks(cfg))
+    if errors:
+        raise ConfigError(f"invalid experiment ({where}):\n" + "\n".join(f"  - {e}" for e in errors))
+    return cfg
+
+
+def _cross_checks(cfg: ExperimentConfig) -> list[str]:
+    """The checks that read two fields or two sections, before Ray starts. Each skips operands
+    that their own field's rule already refused."""
+    errors = []
+    shape = cfg.model.shape()
+    if shape is not None and shape["n_embd"] % shape["n_head"]:
+        errors.append(f"model.n_head: {shape['n_head']} heads do not divide n_embd {shape['n_embd']} "
+                      f"(preset {cfg.model.preset!r} plus overrides); pick n_head dividing n_embd")
+    for section in ("pretrain", "finetune"):
+        t: TrainingConfig = getattr(cfg, section)
+        if math.isfinite(t.lr) and math.isfinite(t.min_lr) and t.min_lr > t.lr:
+            errors.append(f"{section}.min_lr: must not exceed {section}.lr ({t.lr}), got {t.min_lr}")
+        micro_tokens = t.micro_step_tokens(cfg.data.block_size)
+        if t.tokens_per_step > 0 and micro_tokens > 0 and t.tokens_per_step % micro_tokens:
+            errors.append(
+                f"{section}.tokens_per_step: {t.tokens_per_step} is not a multiple of one micro-step's tokens "
+                f"({t.data_parallel_workers()} data-parallel workers x {section}.batch_size {t.batch_size} x "
+                f"data.block_size {cfg.data.block_size} = {micro_tokens})")
+        if t.strategy != "ddp" and t.precision == "fp16":
+            errors.append(f"{section}.precision: fp16 is not supported with strategy {t.strategy} (its gradient "
+                          f"scaling is not wired for sharded gradients); use bf16")
+        if t.tp_degree <= 0:
+            continue
+        if t.strategy not in TENSOR_PARALLEL:
+            if t.tp_degree != 1:
+                errors.append(f"{section}.tp_degree: {t.tp_degree} only applies to strategy tp or fsdp+tp "
+                              f"({section}.strategy is {t.strategy!r}); set it to 1 or change the strategy")
+            continue
+        if t.tp_degree > t.num_workers:
+            errors.append(f"{section}.tp_degree: {t.tp_degree} tensor-parallel workers are more than "
+                          f"{section}.num_workers ({t.num_workers})")
+        elif t.num_workers % t.tp_degree:
+            errors.append(f"{section}.tp_degree: {t.tp_degree} does not divide {section}.num_workers "
+                          f"({t.num_workers}); the workers form groups of tp_degree")
+        if shape is not None and shape["n_head"] % t.tp_degree:
+            errors.append(f"{section}.tp_degree: {t.tp_degree} does not divide the model's {shape['n_head']} "
+                          f"attention heads (model.n_head); each worker computes whole heads")
+        if shape is not None and shape["n_embd"] % t.tp_degree:
+            errors.append(f"{section}.tp_degree: {t.tp_degree} does not divide the model's hidden size "
+                          f"{shape['n_embd']} (model.n_embd)")
+        if section == "finetune" and cfg.finetune.uses_lora:
+            errors.append("finetune.strategy: tp and fsdp+tp do not support finetune.method lora yet (the adapters "
+                          "wrap the Linears that tensor parallelism splits); use method full, or strategy ddp or fsdp")
+    s = cfg.serve
+    if s.max_replicas and s.max_replicas < s.num_replicas:
+        errors.append(f"serve.max_replicas: {s.max_replicas} is below serve.num_replicas "
+                      f"({s.num_replicas}); set it to 0 for a fixed number of replicas")
+    if s.max_choices > s.max_batch_size:
+        errors.append(f"serve.max_choices: {s.max_choices} is more than serve.max_batch_size "
+                      f"({s.max_batch_size}), so such a request could never run; lower it")
+    if s.max_choices > s.max_queued_rows:
+        errors.append(f"serve.max_choices: {s.max_choices} is more than serve.max_queued_rows "
+                      f"({s.max_queued_rows}), so such a request could never be queued; lower it")
+    return errors
+
+
+# ----------------------------------------------------------------------------- reading a config back
+
+def flatten(cfg) -> dict[str, object]:
+    """The config as `{"pretrain.max_steps": 200, ...}`: the names MLflow params are logged under."""
+    out: dict[str, object] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update({f"{f.name}.{k}": v for k, v in flatten(value).items()})
+        else:
+            out[f.name] = value
+    return out
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    """The resolved experiment as YAML; loading it back gives the same config."""
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+def config_hash(section) -> str:
+    """Short stable hash of a config (or one section), for lineage tags."""
+    payload = json.dumps(dataclasses.asdict(section), sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- from YAML to the dataclasses
+
+def _apply_override(raw: dict, item: str, errors: list[str]) -> None:
     """Set `section.key=value` (the value parsed as a YAML scalar or list) in the mapping read from the file."""
     key, sep, value = item.partition("=")
     if not sep or not key:
@@ -34,7 +203,7 @@ def apply_override(raw: dict, item: str, errors: list[str]) -> None:
         node[leaf] = value
 
 
-def build(cls, raw, prefix: str, errors: list[str]):
+def _build(cls, raw, prefix: str, errors: list[str]):
     """An instance of the dataclass `cls` from `raw`, its fields' defaults filling what `raw` leaves out.
 
     Unknown keys and values of the wrong type go to `errors` (named `prefix` + key); the instance
@@ -55,7 +224,7 @@ def build(cls, raw, prefix: str, errors: list[str]):
             continue
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            built = build(hint, raw[name] if raw[name] is not None else {}, f"{prefix}{name}.", errors)
+            built = _build(hint, raw[name] if raw[name] is not None else {}, f"{prefix}{name}.", errors)
             if built is not None:
                 kwargs[name] = built
             continue
@@ -110,7 +279,7 @@ def _coerce(value, hint):
         return None, f"expected a number, got {value!r}"
     if hint is str:
         return (value, None) if isinstance(value, str) else (None, f"expected a string, got {value!r}")
-    raise TypeError(f"unsupported config annotation {hint!r}")  # a bug in components/config.py, not user input
+    raise TypeError(f"unsupported config annotation {hint!r}")  # a bug in a config dataclass, not user input
 
 
 def _type_name(hint) -> str:

@@ -14,7 +14,7 @@ from components import comparison
 from components import evaluate as evaluate_lib
 from components import quantize as quantize_lib
 from components.artifacts import Checkpoint, EvalReport, QuantizedModel, TokenizedData
-from components.config import ConfigError, ExperimentConfig
+from components.experiment_file import ConfigError, ExperimentConfig
 from components.files import write_checksums
 from components.promote import Decision
 from pipelines import promotion, ray_runtime

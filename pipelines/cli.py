@@ -4,26 +4,28 @@ User errors (a bad experiment file, an empty corpus, nothing promoted yet, an
 unreachable tracking server, a champion whose files fail their check) print one
 message and exit 2 without a traceback; bugs keep their traceback. Whatever is
 printed goes through `redact`, so no tracking-URI password or token reaches it.
+The parser is here with the commands that work on this machine; the bodies of
+the commands that go through a Ray job server are in pipelines/cli_jobs.py.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from components.config import ConfigError, ExperimentConfig, load_config
+from components.experiment_file import ConfigError, ExperimentConfig, load_config
 from components.files import IntegrityError
 from components.sources import DataError
+from pipelines import cli_jobs
+from pipelines.cli_experiment import DEFAULT_EXPERIMENT, load_experiment
 from pipelines.jobs import JobError
 from pipelines.schedule import MISSED_POLICIES, ScheduleError
 from pipelines.serving import ServeError
 from pipelines.tracking import TrackingError, redact
 
-DEFAULT_EXPERIMENT = "experiments/tiny.yaml"
 USER_ERRORS = (ConfigError, DataError, LookupError, ServeError, TrackingError, IntegrityError, JobError,
                ScheduleError)
 
@@ -108,24 +110,24 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--follow", action="store_true", help="stream the job's output until it ends")
     submit.add_argument("--no-cache", action="store_true", help="recompute every stage (see `run --no-cache`)")
     submit.add_argument("--run-name", default=None, help="MLflow name of the pipeline run")
-    submit.set_defaults(handler=_submit)
+    submit.set_defaults(handler=cli_jobs.submit)
 
     jobs = sub.add_parser("jobs", help="list the Ray jobs of a cluster", description="List the cluster's Ray jobs, "
                           "newest first, with their status and the gptforge experiment they run.")
     _address_arg(jobs)
-    jobs.set_defaults(handler=_jobs)
+    jobs.set_defaults(handler=cli_jobs.list_jobs)
 
     logs = sub.add_parser("logs", help="print a Ray job's output", description="Print a Ray job's output so far; "
                           "with --follow, until it ends (exiting with its status).")
     logs.add_argument("job_id", metavar="ID")
     _address_arg(logs)
     logs.add_argument("--follow", action="store_true", help="keep printing until the job ends")
-    logs.set_defaults(handler=_logs)
+    logs.set_defaults(handler=cli_jobs.logs)
 
     stop = sub.add_parser("stop", help="stop a Ray job", description="Ask the cluster to stop a Ray job.")
     stop.add_argument("job_id", metavar="ID")
     _address_arg(stop)
-    stop.set_defaults(handler=_stop)
+    stop.set_defaults(handler=cli_jobs.stop)
 
     schedule = sub.add_parser(
         "schedule", help="retrain on a cron schedule and/or when the data changes, as Ray jobs",
@@ -146,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     schedule.add_argument("--missed", choices=MISSED_POLICIES, default="run_once",
                           help="a slot missed while the scheduler was down: run it once (default) or skip it")
     schedule.add_argument("--history", action="store_true", help="print the trigger history and exit")
-    schedule.set_defaults(handler=_schedule)
+    schedule.set_defaults(handler=cli_jobs.schedule)
 
     promote = sub.add_parser(
         "promote", help="make a registered version champion (if it beats the champion), or roll back",
@@ -186,20 +188,6 @@ def _address_arg(parser: argparse.ArgumentParser, tracking: bool = False) -> Non
                                  "head, the experiment's local store)")
 
 
-def _load(args) -> ExperimentConfig:
-    return load_config(*_experiment_and_overrides(args))
-
-
-def _experiment_and_overrides(args) -> tuple[str | None, list[str]]:
-    experiment, overrides = args.experiment, list(args.overrides)
-    if experiment is not None and "=" in experiment:  # `gptforge run pretrain.max_steps=5`
-        overrides.insert(0, experiment)
-        experiment = None
-    if experiment is None and Path(DEFAULT_EXPERIMENT).exists():
-        experiment = DEFAULT_EXPERIMENT
-    return experiment, overrides
-
-
 # --------------------------------------------------------------------- run
 
 
@@ -214,7 +202,7 @@ def _run(args) -> int:
     if args.resume is not None:
         cfg, resume = _interrupted_run(args)
     else:
-        cfg = _load(args)
+        cfg = load_experiment(args)
     _check_gpus(cfg)
     progress = Progress()
     started = time.perf_counter()
@@ -256,7 +244,7 @@ def _interrupted_run(args):
     if changed:
         raise ConfigError(f"--resume continues a run with the config it started with; drop {' '.join(changed)} "
                           f"(only workdir=... may be given) or start a new run")
-    cfg = _load(args)
+    cfg = load_experiment(args)
     resume = interrupted_pipeline(Tracker.for_experiment(cfg), None if run_id == "latest" else run_id)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         f.write(resume.experiment_yaml)
@@ -291,7 +279,7 @@ def _serve(args) -> int:
     from pipelines.progress import Progress
     from pipelines.tracking import resolve_tracking_uri
 
-    cfg = _load(args)
+    cfg = load_experiment(args)
     tracking_uri = resolve_tracking_uri(cfg.workdir)
     loader = RegistryLoader(tracking_uri, cfg.name, _serving_cache(cfg), args.alias)
     # Fail here, before Ray starts and with a plain message, when nothing was promoted yet, the
@@ -327,125 +315,6 @@ def _serve_forever(loader, cfg: ExperimentConfig, progress) -> None:
         serving.shutdown()
 
 
-# -------------------------------------------------------------------- jobs
-
-
-def _send_ray_token() -> None:
-    """`ray start` clusters of Ray 2.60 want a token, and Ray's job client sends one only under
-    RAY_AUTH_MODE=token, which Ray reads once, when first imported. The job commands start no
-    Ray of their own, so the whole process may say so; the library (pipelines/jobs.py) leaves
-    os.environ alone, as a Ray started later by the same process would inherit it."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-
-
-def _submit(args) -> int:
-    _send_ray_token()
-    from pipelines import jobs
-
-    cfg = _load(args)  # a bad experiment fails here, not minutes later on the cluster
-    address = jobs.resolve_address(args.address)
-    experiment, overrides, env = jobs.pipeline_job(*_experiment_and_overrides(args), cfg.workdir, address,
-                                                   args.tracking_uri)
-    job_id = jobs.submit(address, experiment, overrides, experiment_name=cfg.name, env=env,
-                         run_name=args.run_name, no_cache=args.no_cache)
-    print(f"submitted job {job_id} to {redact(address)}", flush=True)
-    if not args.follow:
-        print(f"follow it with: gptforge logs {job_id} --follow" + (f" --address {redact(address)}" if args.address else ""))
-        return 0
-    return _follow(job_id, address)
-
-
-def _follow(job_id: str, address: str) -> int:
-    from pipelines import jobs
-
-    try:
-        final = jobs.follow(job_id, address)
-    except KeyboardInterrupt:
-        print(f"\nstopped following; the job goes on (gptforge stop {job_id} ends it)", file=sys.stderr)
-        return 130
-    print(f"job {job_id}: {final}")
-    return 0 if final == "SUCCEEDED" else 1
-
-
-def _jobs(args) -> int:
-    _send_ray_token()
-    from pipelines import jobs
-
-    listed = jobs.list_jobs(args.address)
-    if not listed:
-        print(f"no jobs at {jobs.resolve_address(args.address)}")
-        return 0
-    print(f"{'job id':<36} {'status':<10} {'started':<20} {'experiment':<14} entrypoint")
-    for j in listed:
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.start_time)) if j.start_time else ""
-        print(f"{j.job_id:<36} {j.status:<10} {started:<20} {j.experiment:<14} {j.entrypoint[:60]}")
-    return 0
-
-
-def _logs(args) -> int:
-    _send_ray_token()
-    from pipelines import jobs
-
-    if args.follow:
-        return _follow(args.job_id, args.address)
-    sys.stdout.write(jobs.logs(args.job_id, args.address))
-    return 0
-
-
-def _stop(args) -> int:
-    _send_ray_token()
-    from pipelines import jobs
-
-    if jobs.stop(args.job_id, args.address):
-        print(f"job {args.job_id}: stop requested")
-    else:
-        print(f"job {args.job_id}: already ended ({jobs.status(args.job_id, args.address)})")
-    return 0
-
-
-# ---------------------------------------------------------------- schedule
-
-
-def _schedule(args) -> int:
-    _send_ray_token()
-    from pipelines import jobs, stages
-    from pipelines.schedule import History, JobTemplate, ScheduleError, Scheduler, check_cron
-
-    if args.cron:
-        check_cron(args.cron, args.timezone)  # before the experiment is loaded: a typo fails at once
-    cfg = _load(args)
-    workdir = Path(cfg.workdir).resolve()
-    history = History(workdir / "schedule.db")
-    if args.history:
-        return _print_history(history, cfg.name)
-    if not args.cron and not args.on_new_data:
-        raise ScheduleError("give --cron EXPR, --on-new-data, or both (or --history to see past triggers)")
-    address = jobs.resolve_address(args.address)
-    experiment, overrides, env = jobs.pipeline_job(*_experiment_and_overrides(args), cfg.workdir, address,
-                                                   args.tracking_uri)
-    template = JobTemplate(cfg.name, experiment, tuple(overrides), env, address)
-    fingerprint = (lambda: stages.source_fingerprint(cfg)) if args.on_new_data else None
-    scheduler = Scheduler(template, history, workdir / f"schedule-{cfg.name}.lock", cron=args.cron,
-                          tz_name=args.timezone, fingerprint=fingerprint, poll_s=args.poll, missed=args.missed,
-                          say=lambda m: print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {m}", flush=True))
-    jobs.client(address)  # an unreachable job server fails now, not at the first trigger
-    print(f"gptforge schedule: experiment {cfg.name!r} -> jobs at {redact(address)}; history in {history.path}", flush=True)
-    scheduler.run_forever()
-    return 0
-
-
-def _print_history(history, experiment: str) -> int:
-    rows = history.triggers(experiment)
-    if not rows:
-        print(f"no triggers of experiment {experiment!r} in {history.path}")
-        return 0
-    print(f"{'fired at (UTC)':<20} {'kind':<9} {'slot / fingerprint':<26} {'outcome':<10} {'job id':<44} "
-          f"{'job status':<10} detail")
-    for t in rows:
-        print(f"{t.fired_at[:19]:<20} {t.kind:<9} {t.slot[:25]:<26} {t.outcome:<10} {t.job_id or '':<44} "
-              f"{t.job_status or '':<10} {t.detail}")
-    return 0
-
 # ----------------------------------------------------------------- promote
 
 PROMOTION_LOST = 3
@@ -459,7 +328,7 @@ def _promote(args) -> int:
         raise ConfigError("--force goes with --version, not --rollback")
     if args.version is not None and not args.version.isdigit():
         raise ConfigError(f"--version: expected a registered version number, got {args.version!r}")
-    cfg = _load(args)
+    cfg = load_experiment(args)
     tracker = Tracker.for_experiment(cfg)
     if args.rollback:
         new, old = promotion.rollback(tracker, cfg)
@@ -483,7 +352,7 @@ def _runs(args) -> int:
     from pipelines.run_queries import list_runs
     from pipelines.tracking import resolve_tracking_uri
 
-    cfg = _load(args)
+    cfg = load_experiment(args)
     tracking_uri = resolve_tracking_uri(cfg.workdir)
     runs = list_runs(tracking_uri, cfg.name)
     if not runs:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from components.artifacts import from_json, to_json
-from components.config import ExperimentConfig, flatten, to_yaml
+from components.experiment_file import ExperimentConfig, flatten, to_yaml
 from pipelines import candidates, stage_cache, stages
 from pipelines.progress import Progress
 from pipelines.ray_runtime import run_task

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 
 from components.artifacts import EvalReport, TokenizedData
-from components.config import ExperimentConfig, config_hash
+from components.experiment_file import ExperimentConfig, config_hash
 from components.promote import Candidate, Decision, decide
 from pipelines import registry
 from pipelines.registry import CHAMPION, CHECKSUMS_TAG, PREVIOUS

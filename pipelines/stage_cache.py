@@ -21,7 +21,7 @@ from typing import Callable
 
 from components import checkpoint as ckpt
 from components.artifacts import Checkpoint, TokenizedData
-from components.config import ExperimentConfig
+from components.experiment_file import ExperimentConfig
 
 CACHED_STAGES = ("prepare_data", "pretrain", "finetune")  # the later stages take seconds: they always run
 
@@ -104,7 +104,7 @@ def _closure(stage: str, read_source: Callable[[Path], bytes]) -> dict[str, byte
         if name in sources:
             continue
         path = _module_file(name)
-        if path is None:  # `from components.config import ExperimentConfig` names a class, not a module
+        if path is None:  # `from components.experiment_file import ExperimentConfig` names a class, not a module
             assert name not in _ENTRIES[stage], f"entry module {name} of stage {stage} not found under {_ROOT}"
             continue
         sources[name] = read_source(path)

@@ -14,7 +14,7 @@ from components import accounting
 from components import data as data_lib
 from components import model as gpt
 from components.artifacts import Checkpoint, TokenizedData
-from components.config import ExperimentConfig
+from components.experiment_file import ExperimentConfig
 from components.recipe import TrainPlan
 from components.sources import DataError
 from components.tokenizer import TOKENIZER_FILE

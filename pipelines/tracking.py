@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from components.config import ExperimentConfig
+    from components.experiment_file import ExperimentConfig
 
 PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG = "gptforge.stage"

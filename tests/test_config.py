@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from components.config import ConfigError, ExperimentConfig, flatten, load_config, to_yaml
+from components.experiment_file import ConfigError, ExperimentConfig, flatten, load_config, to_yaml
 from tests.helpers import REPO, TINY_EXPERIMENT, gptforge
 
 

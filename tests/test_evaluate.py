@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from components import comparison
 from components.artifacts import EvalReport, QuantizedModel, TokenizedData
-from components.config import EvaluateConfig, load_config
+from components.config import EvaluateConfig
 from components.evaluate import (
     CANDIDATE_METRICS,
     DELTA_METRICS,
@@ -21,6 +21,7 @@ from components.evaluate import (
     generation_metrics,
     mean_loss,
 )
+from components.experiment_file import load_config
 from components.generation import generate
 from components.model import GPT, GPTConfig, save_model
 from components.packing import pack_rows
@@ -196,7 +197,7 @@ def test_a_variant_that_cannot_run_here_is_skipped_with_its_reason_logged(files,
 
 
 def test_every_candidate_skipped_is_an_error_naming_them(tmp_path):
-    from components.config import ConfigError
+    from components.experiment_file import ConfigError
 
     reports = [EvalReport("int4_weight_only", {}, skipped="needs CUDA")]
     with pytest.raises(ConfigError, match="int4_weight_only: needs CUDA"):

@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 from mlflow import MlflowClient
 
-from components.config import load_config
+from components.experiment_file import load_config
 from components.metrics import CANDIDATE_METRICS
 from pipelines.registry import CHECKSUMS_TAG
 from pipelines.tracking import STAGE_TAG

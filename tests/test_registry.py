@@ -5,7 +5,7 @@ import shutil
 import pytest
 from mlflow import MlflowClient
 
-from components.config import load_config
+from components.experiment_file import load_config
 from components.files import CHECKSUMS_FILE, IntegrityError, sha256_file
 from pipelines import promotion
 from pipelines.model_loading import RegistryLoader

@@ -17,7 +17,8 @@ import urllib.request
 
 import pytest
 
-from components.config import ServeConfig, load_config
+from components.config import ServeConfig
+from components.experiment_file import load_config
 from components.model import GPT, GPTConfig, save_model
 from pipelines import promotion, ray_runtime, serving
 from pipelines.http_app import VERSION_HEADER

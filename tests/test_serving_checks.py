@@ -132,7 +132,7 @@ def test_deployment_options_follow_the_yaml():
 
 
 def test_bad_serve_settings_name_their_keys():
-    from components.config import ConfigError, load_config
+    from components.experiment_file import ConfigError, load_config
 
     with pytest.raises(ConfigError) as info:
         load_config(None, ["serve.max_batch_size=0", "serve.batch_wait_timeout_s=-1", "serve.num_replicas=2",

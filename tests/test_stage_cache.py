@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 from components.artifacts import Checkpoint
-from components.config import DataConfig, FinetuneConfig, TokenizerConfig, load_config
+from components.config import DataConfig, FinetuneConfig, TokenizerConfig
 from components.data import prepare_data, source_fingerprint
+from components.experiment_file import load_config
 from pipelines.stage_cache import CACHED_STAGES, code_modules, code_version, output_complete, stage_key
 from tests.helpers import TINY_EXPERIMENT
 

@@ -8,7 +8,7 @@ import os
 import pytest
 from mlflow import MlflowClient
 
-from components.config import load_config
+from components.experiment_file import load_config
 from pipelines.registry import CHAMPION, download_version, find_alias
 from pipelines.tracking import Tracker, TrackingError, redact
 from tests.helpers import FAST_OVERRIDES, TINY_EXPERIMENT, free_port, gptforge, promote_candidates
