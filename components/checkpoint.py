@@ -33,9 +33,14 @@ MANIFEST_FILE = "checkpoint.json"
 ADAPTER_MARK = "lora_"  # parameter names of LoRA adapters (components/finetune.py)
 
 
+def as_trained(module: nn.Module) -> nn.Module:
+    """The export of a model stored as it is trained (no adapters to merge)."""
+    return module
+
+
 def save(folder: str | None, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
          data_position: dict, fresh_module: Callable[[], nn.Module],
-         export: Callable[[nn.Module], gpt.GPT] = lambda m: m, extra_files: tuple[str, ...] = ()) -> None:
+         export: Callable[[nn.Module], gpt.GPT] = as_trained, extra_files: tuple[str, ...] = ()) -> None:
     """Write a checkpoint of `model` (as `parallelize` returned it) at `step` into `folder`.
 
     Args:

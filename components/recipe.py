@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -46,7 +46,7 @@ class TrainPlan:
     def lora(self) -> FinetuneConfig | None:
         """The section when it trains LoRA adapters only, else None."""
         t = self.training
-        return t if isinstance(t, FinetuneConfig) and t.method == "lora" else None
+        return t if isinstance(t, FinetuneConfig) and t.uses_lora else None
 
     @property
     def grad_accum(self) -> int:
@@ -129,9 +129,8 @@ def run(plan: TrainPlan, feed: Feed, hooks: RunHooks, device: torch.device,
     def save(step: int, optimizer: torch.optim.Optimizer) -> None:
         folder = tempfile.mkdtemp(prefix=f"gptforge-step{step}-") if _rank() == 0 else None
         try:
-            export = finetune.merge_lora if plan.lora else (lambda m: m)
             ckpt.save(folder, model, optimizer, step, batches.position(), lambda: _build(plan, weights=False),
-                      export, plan.extra_files)
+                      finetune.merge_lora if plan.lora else ckpt.as_trained, plan.extra_files)
             hooks.report({**latest, "step": step}, folder)
         finally:
             if folder:
@@ -153,7 +152,6 @@ def _build(plan: TrainPlan, weights: bool = True) -> nn.Module:
     return model
 
 
-@dataclass
 class _RankData:
     """This rank's batches under the model's layout.
 
@@ -163,36 +161,22 @@ class _RankData:
     see the same rows by construction, not by a shared seed.
     """
 
-    model: nn.Module
-    feed: Feed
-    device: torch.device
-    seed: int
-    _layout: object = field(init=False)
-
-    def __post_init__(self) -> None:
-        self._layout = parallel.tensor_parallel_layout(self.model)
-
-    @property
-    def _sharing(self) -> bool:
-        return self._layout is not None and self._layout.tp_degree > 1
-
-    @property
-    def _reads(self) -> bool:
-        return not self._sharing or self._layout.mesh["tp"].get_local_rank() == 0
-
-    @property
-    def _data_rank(self) -> int:
-        return self._layout.mesh["dp"].get_local_rank() if self._layout is not None else _rank()
+    def __init__(self, model: nn.Module, feed: Feed, device: torch.device, seed: int):
+        self.feed, self.device, self.seed = feed, device, seed
+        self.layout = parallel.tensor_parallel_layout(model)
+        self.sharing = self.layout is not None and self.layout.tp_degree > 1
+        self.reads = not self.sharing or self.layout.mesh["tp"].get_local_rank() == 0
+        self.data_rank = self.layout.mesh["dp"].get_local_rank() if self.layout is not None else _rank()
 
     def _shared(self, batches: Iterable[dict] | None) -> Iterable[dict]:
-        return tensor_parallel.share_batches(batches, self._layout, self.device) if self._sharing else batches
+        return tensor_parallel.share_batches(batches, self.layout, self.device) if self.sharing else batches
 
     def train_epoch(self, epoch: int) -> Iterable[dict]:
-        seed = self.seed + epoch * 1000 + self._data_rank  # each data-parallel rank its own order
-        return self._shared(self.feed.train_epoch(epoch, seed) if self._reads else None)
+        seed = self.seed + epoch * 1000 + self.data_rank  # each data-parallel rank its own order
+        return self._shared(self.feed.train_epoch(epoch, seed) if self.reads else None)
 
     def validation(self) -> Iterable[dict]:
-        return self._shared(self._cycled_validation() if self._reads else None)
+        return self._shared(self._cycled_validation() if self.reads else None)
 
     def _cycled_validation(self) -> Iterator[dict]:
         while True:  # cycle: every rank runs the same number of forwards

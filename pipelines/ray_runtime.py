@@ -256,8 +256,12 @@ def _train_loop_per_worker(config: dict) -> None:
         logger.set_tags(tags)
 
     def log(values: dict, step: int | None) -> None:
-        if logger is not None:
-            metrics.log(values, step) if step is not None else logger.log_metrics(values)
+        if logger is None:
+            return
+        if step is None:
+            logger.log_metrics(values)  # not tied to a step (the parameter shares): no need to buffer
+        else:
+            metrics.log(values, step)
 
     def report(values: dict, folder: str | None) -> None:
         if metrics is not None:
