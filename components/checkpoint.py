@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from components import model as gpt
-from components import tensor_parallel
+from components import storage, tensor_parallel
 from components.files import write_json_atomic
 from components.parallel import tensor_parallel_layout, unwrap
 
@@ -81,14 +81,16 @@ def write_manifest(folder: str, step: int) -> None:
 
 
 def step_of(folder: str | Path) -> int | None:
-    """The step of a complete checkpoint folder, or None when it is incomplete or not a checkpoint."""
+    """The step of a complete checkpoint folder (local or on storage), or None when it is
+    incomplete, unreadable or not a checkpoint."""
+    location = str(folder)
     try:
-        manifest = json.loads((Path(folder) / MANIFEST_FILE).read_text())
-        for name, size in manifest["files"].items():
-            if (Path(folder) / name).stat().st_size != size:
-                return None
+        manifest = json.loads(storage.read_text(storage.join(location, MANIFEST_FILE)))
+        sizes = storage.file_sizes(location)
+        if any(sizes.get(name) != size for name, size in manifest["files"].items()):
+            return None
         return int(manifest["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
@@ -102,10 +104,10 @@ def newest(folders) -> tuple[str, int] | None:
     return best
 
 
-def find_under(root: str | Path) -> list[Path]:
-    """Every checkpoint folder below `root` (Ray Train's storage of one run), complete or not."""
-    root = Path(root)
-    return [p.parent for p in root.glob(f"**/{MANIFEST_FILE}")] if root.is_dir() else []
+def find_under(root: str | Path) -> list[str]:
+    """Every checkpoint folder below `root` (Ray Train's storage of one run, local or on
+    storage), complete or not."""
+    return [location.rpartition("/")[0] for location in storage.find_files(str(root), MANIFEST_FILE)]
 
 
 def load_weights(folder: str, model: nn.Module) -> None:

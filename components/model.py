@@ -283,9 +283,10 @@ def save_model(model: GPT, folder: str) -> None:
 
 
 def read_config(folder: str) -> GPTConfig:
-    """The GPTConfig of a model folder written by `save_model`."""
-    with open(os.path.join(folder, CONFIG_FILE)) as f:
-        return GPTConfig.from_dict(json.load(f))
+    """The GPTConfig of a model folder written by `save_model` (local or on storage)."""
+    from components import storage
+
+    return GPTConfig.from_dict(json.loads(storage.read_bytes(storage.join(folder, CONFIG_FILE))))
 
 
 def load_model(folder: str, map_location: str = "cpu") -> GPT:

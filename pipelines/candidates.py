@@ -8,9 +8,10 @@ only where the variant needs or can use one.
 """
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import replace
 
-from components import comparison
+from components import checkpoint as ckpt
+from components import comparison, storage
 from components import evaluate as evaluate_lib
 from components import quantize as quantize_lib
 from components.artifacts import Checkpoint, EvalReport, QuantizedModel, TokenizedData
@@ -26,13 +27,13 @@ CANDIDATE_ARTIFACTS = "candidates"  # folder of the parent run holding the compa
 
 
 def quantize_evaluate_promote(cfg: ExperimentConfig, tracker: Tracker, parent: RunLogger, finetuned: Checkpoint,
-                              data: TokenizedData, out_dir: str | Path, params: dict,
+                              data: TokenizedData, out_dir: str, params: dict,
                               progress: Progress) -> tuple[list[EvalReport], Decision, str]:
     """Driver: the candidates from the fine-tuned model, measured and compared; the winner registered.
 
     Args:
         parent: the pipeline's run; every run opened here is nested in it.
-        out_dir: the pipeline run's folder; candidates go to `candidates/<variant>`,
+        out_dir: the pipeline run's location on storage; candidates go to `candidates/<variant>`,
             the comparison to `comparison`.
         params: what every run logs (the config and the parameter counts).
 
@@ -43,15 +44,15 @@ def quantize_evaluate_promote(cfg: ExperimentConfig, tracker: Tracker, parent: R
     Raises:
         ConfigError: every candidate was skipped, so there is nothing to promote.
     """
-    out, gpus = Path(out_dir), ray_runtime.cluster_gpus()
+    gpus = ray_runtime.cluster_gpus()
     progress.stage(f"quantize ({', '.join(cfg.quantize.variants)})")
     candidates: dict[str, tuple[RunLogger, QuantizedModel]] = {}
     with tracker.run("quantize", parent, stage="quantize", params=params) as log:
         for variant in cfg.quantize.variants:
             run = tracker.open_run(f"candidate-{variant}", parent, stage="candidate", params=params)
             run.set_tags({"data.fingerprint": data.fingerprint})
-            model = ray_runtime.run_task(quantize, finetuned, variant, str(out / "candidates" / variant), run,
-                                         num_gpus=int(quantize_wants_gpu(variant, gpus)))
+            model = ray_runtime.run_task(quantize, finetuned, variant, storage.join(out_dir, "candidates", variant),
+                                         run, num_gpus=int(quantize_wants_gpu(variant, gpus)), on_worker_nodes=True)
             log.log_metrics({f"quantize/{variant}/size_bytes": model.size_bytes})
             candidates[variant] = (run, model)
             if model.skipped:
@@ -63,12 +64,12 @@ def quantize_evaluate_promote(cfg: ExperimentConfig, tracker: Tracker, parent: R
     reports = []
     with tracker.run("evaluate", parent, stage="evaluate", params=params) as log:
         for variant, (run, model) in candidates.items():
-            report = ray_runtime.run_task(evaluate, model, data, cfg, run,
+            report = ray_runtime.run_task(evaluate, model, data, cfg, run, on_worker_nodes=True,
                                           num_gpus=int(evaluate_wants_gpu(variant, cfg, gpus)))
             reports.append(report)
             progress.say(f"    {variant}: " + (f"skipped ({report.skipped})" if report.skipped
                                                  else f"val ppl {report.metrics['eval/val_ppl']:.2f}"))
-        reports = compare(reports, runs, str(out / "comparison"), log, parent)
+        reports = compare(reports, runs, storage.join(out_dir, "comparison"), log, parent)
         for run in runs.values():
             tracker.close_run(run)
     progress.done()
@@ -91,25 +92,28 @@ def evaluate_wants_gpu(variant: str, cfg: ExperimentConfig, cluster_gpus: float)
     return cluster_gpus > 0 and cfg.evaluate.device != "cpu" and "cuda" in quantize_lib.RUNS_ON[variant]
 
 
-def quantize(finetuned: Checkpoint, variant: str, out_dir: str, logger: RunLogger) -> QuantizedModel:
-    """Ray task: store the fine-tuned model as `variant`, with checksums, in the candidate's run.
+def quantize(finetuned: Checkpoint, variant: str, out_location: str, logger: RunLogger) -> QuantizedModel:
+    """Ray task: store the fine-tuned model as `variant`, with checksums, at `out_location`
+    and in the candidate's run.
 
     A variant that cannot be built here is skipped: its run gets the reason, not an error.
     """
     import torch
 
-    logger.set_tags({"candidate.variant": variant})
+    logger.set_tags({"candidate.variant": variant, "candidate.quantize_node": ray_runtime.node_id()})
     device = "cuda" if torch.cuda.is_available() and "cpu" not in quantize_lib.RUNS_ON[variant] else "cpu"
+    source = storage.local_copy(finetuned.uri, check=lambda copy: ckpt.step_of(copy) is not None)
     try:
-        result = quantize_lib.quantize_model(finetuned.uri, variant, out_dir, device)
+        with storage.staged(out_location) as out_dir:
+            result = quantize_lib.quantize_model(str(source), variant, str(out_dir), device)
+            # Tagged before the upload: promotion pins this value on the registry version (CHECKSUMS_TAG).
+            logger.set_tags({CHECKSUMS_TAG: write_checksums(out_dir)})
+            logger.log_artifacts(str(out_dir), "model")
     except quantize_lib.VariantUnavailable as why:
         logger.set_tags({"candidate.status": "skipped", "candidate.skip_reason": str(why)})
         return QuantizedModel(variant, "", 0, skipped=str(why))
-    # Tagged before the upload: promotion pins this value on the registry version (CHECKSUMS_TAG).
-    logger.set_tags({CHECKSUMS_TAG: write_checksums(out_dir)})
-    logger.log_artifacts(out_dir, "model")
     logger.log_params({"candidate.variant": variant})
-    return result
+    return replace(result, uri=storage.normalize(out_location))
 
 
 def evaluate(candidate: QuantizedModel, data: TokenizedData, cfg: ExperimentConfig, logger: RunLogger) -> EvalReport:
@@ -125,16 +129,18 @@ def evaluate(candidate: QuantizedModel, data: TokenizedData, cfg: ExperimentConf
     e = cfg.evaluate
     try:
         device = quantize_lib.pick_device(candidate.variant, e.device, torch.cuda.is_available())
-        model = quantize_lib.load_variant(candidate.uri, device)
+        folder = str(storage.local_copy(candidate.uri))  # checked against its checksums.json
+        model = quantize_lib.load_variant(folder, device)
     except quantize_lib.VariantUnavailable as why:
         logger.set_tags({"candidate.status": "skipped", "candidate.skip_reason": str(why)})
         return EvalReport(candidate.variant, {}, skipped=str(why))
     torch.set_num_threads(e.cpu_threads)  # every CPU candidate gets the same threads, so tokens/s compare fairly
     report = evaluate_lib.evaluate(model, e, data, variant=candidate.variant, size_bytes=candidate.size_bytes,
-                                   disk_bytes=quantize_lib.stored_bytes(candidate.uri))
+                                   disk_bytes=quantize_lib.stored_bytes(folder))
     logger.log_metrics(report.metrics)
     where = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    logger.set_tags({"candidate.status": "evaluated", "candidate.device": where})
+    logger.set_tags({"candidate.status": "evaluated", "candidate.device": where,
+                     "candidate.evaluate_node": ray_runtime.node_id()})
     logger.log_dict({"samples": report.samples, "generations": report.generations}, "samples.json")
     return report
 
@@ -159,8 +165,9 @@ def compare(reports: list[EvalReport], runs: dict[str, RunLogger], out_dir: str,
         if not r.skipped:
             runs[r.variant].log_metrics({k: r.metrics[k] for k in evaluate_lib.DELTA_METRICS})
             runs[r.variant].set_tags({"candidate.reference": str(r.variant == reference).lower()})
-    for path in comparison.write_comparison(reports, out_dir):
-        log.log_artifact(path, CANDIDATE_ARTIFACTS)
-        parent.log_artifact(path, CANDIDATE_ARTIFACTS)
+    with storage.staged(out_dir) as local_dir:
+        for path in comparison.write_comparison(reports, str(local_dir)):
+            log.log_artifact(path, CANDIDATE_ARTIFACTS)
+            parent.log_artifact(path, CANDIDATE_ARTIFACTS)
     log.log_dict([{"variant": r.variant, "skipped": r.skipped, **r.metrics} for r in reports], "candidates.json")
     return reports

@@ -7,12 +7,12 @@ is `pipelines/serving.py`, started by the CLI after the run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
+from components import storage
 from components.artifacts import from_json, to_json
 from components.experiment_file import ExperimentConfig, flatten, to_yaml
-from pipelines import candidates, stage_cache, stages
+from pipelines import candidates, ray_runtime, stage_cache, stages
 from pipelines.progress import Progress
 from pipelines.ray_runtime import run_task
 from pipelines.run_queries import InterruptedRun, cached_outputs
@@ -39,25 +39,27 @@ def run_pipeline(cfg: ExperimentConfig, progress: Progress, resume: InterruptedR
     With `use_cache` (and the stage's `cache: true`), prepare_data, pretrain and finetune
     reuse a finished output recorded under the same stage key (pipelines/stage_cache.py).
     """
-    workdir = Path(cfg.workdir).resolve()
+    root = storage_root(cfg)
+    ray_runtime.check_storage(root)  # before any run opens: a bad location leaves nothing behind
     tracker = Tracker.for_experiment(cfg)
     config_params = flatten(cfg)
-    ray_storage = str(workdir / "ray_results")
 
     with tracker.run(run_name or f"{cfg.name}-pipeline", stage="pipeline", params=config_params,
                      reopen=resume.run_id if resume else None) as parent:
-        out = workdir / "runs" / parent.run_id
+        out = storage.join(root, "runs", parent.run_id)  # every stage's output goes below
         if not resume:
             parent.log_text(to_yaml(cfg), "experiment.yaml")
         progress.say(f"MLflow run {parent.run_id} in {tracker.run_url(parent.run_id) or redact(tracker.tracking_uri)}"
                      + ("  (resumed)" if resume else ""))
+        progress.say(f"stage outputs in {redact(out)}")
         stage = StageRunner(tracker, parent, progress, resume, cfg if use_cache else None)
         data_key = stage_cache.stage_key("prepare_data", cfg, data_fingerprint=stages.source_fingerprint(cfg))
 
         # ------------------------------------------------------------ data
         progress.stage("prepare_data")
         data = stage.run("prepare_data", config_params,
-                         lambda log: run_task(stages.prepare_data, cfg, str(out / "data"), log), key=data_key)
+                         lambda log: run_task(stages.prepare_data, cfg, storage.join(out, "prepare_data"), log),
+                         key=data_key)
         counts = stages.parameter_count_params(stages.model_config(cfg, data))
         parent.log_params(counts)
         params = {**config_params, **counts}  # every later run logs the config and the counts
@@ -69,13 +71,15 @@ def run_pipeline(cfg: ExperimentConfig, progress: Progress, resume: InterruptedR
         progress.stage(f"pretrain ({pt.strategy}, {pt.num_workers} Ray Train workers, "
                        f"{counts['param_count.total']:,} params)")
         pretrain_key = stage_cache.stage_key("pretrain", cfg, (data_key,))
-        pretrained = stage.run("pretrain", params, lambda log: stages.pretrain(cfg, data, ray_storage, log),
+        pretrained = stage.run("pretrain", params,
+                               lambda log: stages.pretrain(cfg, data, storage.join(out, "pretrain"), log),
                                pt.max_steps, key=pretrain_key)
         progress.done()
 
         progress.stage(f"finetune ({ft.method}, {ft.num_workers} worker{'s' if ft.num_workers > 1 else ''})")
         finetuned = stage.run("finetune", params,
-                              lambda log: stages.finetune(cfg, data, pretrained, ray_storage, log), ft.max_steps,
+                              lambda log: stages.finetune(cfg, data, pretrained, storage.join(out, "finetune"), log),
+                              ft.max_steps,
                               key=stage_cache.stage_key("finetune", cfg, (data_key, pretrain_key)))
         progress.done()
 
@@ -84,6 +88,11 @@ def run_pipeline(cfg: ExperimentConfig, progress: Progress, resume: InterruptedR
                                                                           out, params, progress)
 
     return PipelineResult(parent.run_id, tracker.tracking_uri, cfg.name, reports, decision, version)
+
+
+def storage_root(cfg: ExperimentConfig) -> str:
+    """Where the stages write: `storage`, else the workdir (as an absolute path)."""
+    return storage.normalize(cfg.storage or cfg.workdir)
 
 
 class StageRunner:

@@ -8,15 +8,17 @@ The training follows Ray's own three layers: the per-step work is the loop of
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import shutil
+import tempfile
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from components import storage
 from components.config import TENSOR_PARALLEL
 
 if TYPE_CHECKING:
@@ -83,11 +85,15 @@ def shutdown_ray() -> None:
         ray.shutdown()
 
 
-def run_task(fn: Callable, *args, num_cpus: float = 1, num_gpus: float = 0, **kwargs):
-    """Run `fn(*args, **kwargs)` as a Ray task (on a GPU worker when `num_gpus`) and wait for its result."""
+def run_task(fn: Callable, *args, num_cpus: float = 1, num_gpus: float = 0, on_worker_nodes: bool = False,
+             **kwargs):
+    """Run `fn(*args, **kwargs)` as a Ray task (on a GPU worker when `num_gpus`; with
+    `on_worker_nodes`, where the training workers go: see `worker_resources`) and wait for its result."""
     import ray
 
-    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)(fn).options(name=fn.__name__)
+    resources = worker_resources() if on_worker_nodes else {}
+    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, max_retries=0)(fn)
+    task = task.options(name=fn.__name__)
     return ray.get(task.remote(*args, **kwargs))
 
 
@@ -96,6 +102,45 @@ def cluster_gpus() -> float:
     import ray
 
     return ray.cluster_resources().get("GPU", 0.0)
+
+
+def check_storage(location: str) -> None:
+    """Fail before any work when the stages cannot use `location` (the experiment's `storage`).
+
+    It must be writable, and on a cluster of more than one node a local folder must be the
+    same folder on every node (a shared mount): a marker written here is looked for by a
+    task on each node.
+
+    Raises:
+        StorageError: `location` cannot be written (a missing bucket, no credentials).
+        ConfigError: a local folder that some node of the cluster cannot see.
+    """
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from components.experiment_file import ConfigError
+
+    storage.check_writable(location)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if storage.is_remote(location) or len(nodes) < 2:
+        return
+    marker = storage.join(location, f".gptforge-nodes-{uuid.uuid4().hex[:12]}")
+    storage.write_bytes(marker, b"")
+    try:
+        sees = ray.remote(num_cpus=0, max_retries=0)(os.path.exists)
+        answers = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
+                                name="gptforge-storage-probe").remote(marker) for n in nodes]
+        blind = [n["NodeManagerAddress"] for n, seen in zip(nodes, ray.get(answers, timeout=120)) if not seen]
+    finally:
+        os.unlink(marker)
+    if blind:
+        raise ConfigError(
+            f"storage={location} is a local folder that {len(blind)} of the cluster's {len(nodes)} nodes cannot "
+            f"see (node {', '.join(blind)}); set `storage` in the experiment to a location every node reaches: "
+            "s3://bucket/prefix or gs://bucket/prefix (credentials from the environment), or a shared mount at "
+            "the same path on every node")
 
 
 # ------------------------------------------------------------------ Ray Train
@@ -126,17 +171,20 @@ def fit(plan: TrainPlan, name: str, train_uri: str, val_uri: str | None, storage
     datasets = {"train": ray.data.read_parquet(train_uri).materialize()}
     if val_uri is not None:
         datasets["val"] = ray.data.read_parquet(val_uri).materialize()
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
-    storage = str(Path(storage_path).resolve())
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {}),
+                 **worker_resources()}
+    storage_path = storage.normalize(storage_path)
     trainer = TorchTrainer(
         _train_loop_per_worker,
-        train_loop_config={"plan": plan, "logger": logger, "run_dir": str(Path(storage) / name),
+        train_loop_config={"plan": plan, "logger": logger, "run_dir": storage.join(storage_path, name),
                            "has_val": val_uri is not None},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
-            storage_path=storage,
+            # Ray Train opens a URI with pyarrow.fs itself, with the credentials of the
+            # environment; on more than one node every worker must reach this location.
+            storage_path=storage_path,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
         ),
@@ -148,7 +196,23 @@ def fit(plan: TrainPlan, name: str, train_uri: str, val_uri: str | None, storage
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} finished without a checkpoint")
-    return FitResult(result.checkpoint.path, dict(result.metrics or {}))
+    return FitResult(_location(result.checkpoint, storage_path), dict(result.metrics or {}))
+
+
+def _location(checkpoint, storage_path: str) -> str:
+    """A Ray Train checkpoint as a storage location: its path is inside its pyarrow filesystem,
+    without the URI scheme (`bucket/prefix/...` for s3://bucket/prefix/...)."""
+    if not storage.is_remote(storage_path):
+        return checkpoint.path
+    return f"{storage_path.partition('://')[0]}://{checkpoint.path.lstrip('/')}"
+
+
+def worker_resources() -> dict:
+    """A small share of the custom Ray resource named by `GPTFORGE_WORKER_RESOURCE` (one a cluster
+    gives its GPU nodes, say), asked for by every training worker, candidate task and Serve replica
+    so that they are placed on those nodes; nothing when the variable is unset."""
+    name = os.environ.get("GPTFORGE_WORKER_RESOURCE", "")
+    return {name: 0.001} if name else {}
 
 
 def _data_config(plan: TrainPlan):
@@ -219,7 +283,8 @@ def _train_loop_per_worker(config: dict) -> None:
     from components import checkpoint as ckpt
     from components import recipe
     from components.train import rows_from_arrow
-    from pipelines.tracking import PROGRESS_TAG, MetricsBuffer
+    from pipelines.metrics_buffer import MetricsBuffer
+    from pipelines.tracking import PROGRESS_TAG
 
     plan: TrainPlan = config["plan"]
     rank = ray.train.get_context().get_world_rank()
@@ -246,10 +311,12 @@ def _train_loop_per_worker(config: dict) -> None:
     metrics = MetricsBuffer(logger) if logger is not None else None
 
     def started(resumed_from: int | None) -> None:
-        pids = _gather_pids()  # a collective: every rank takes part
+        workers = _gather_workers()  # a collective: every rank takes part
         if logger is None:
             return
-        tags = {"train.worker_pids": ",".join(map(str, pids))}  # which processes to look at (or kill in tests)
+        # Which processes to look at (or kill in tests), and on which Ray nodes they run.
+        tags = {"train.worker_pids": ",".join(str(pid) for pid, _ in workers),
+                "train.worker_nodes": ",".join(node for _, node in workers)}
         if resumed_from is not None:
             tags[PROGRESS_TAG] = f"workers (re)started: continuing from the checkpoint of step {resumed_from}"
             metrics.log({"train/resumed_from_step": resumed_from}, resumed_from)
@@ -272,21 +339,54 @@ def _train_loop_per_worker(config: dict) -> None:
     hooks = recipe.RunHooks(log=log, started=started, report=report,
                             **({"log_params": logger.log_params} if logger is not None else {}))
     # The newest complete checkpoint of this run: the one Ray Train registered, or a newer one in
-    # its storage that was reported just before a crash and never registered.
-    registered = ray.train.get_checkpoint()
-    checkpoints = [*ckpt.find_under(config["run_dir"]), registered.path if registered else None]
+    # its storage that was reported just before a crash and never registered. Both are found by
+    # listing the run's storage, local or remote; the one to continue from is copied to this node.
+    newest = ckpt.newest(ckpt.find_under(config["run_dir"]))
+    plan = _on_this_node(plan, newest[0] if newest else None, scratch := tempfile.mkdtemp(prefix="gptforge-in-"))
+    checkpoints = [scratch + "/resume"] if newest else []
     try:
-        recipe.run(plan, recipe.Feed(train_epoch, val_pass), hooks, device, checkpoints)
+        # Closing the buffer sends the last steps; its error is raised only if training succeeded.
+        with metrics if metrics is not None else contextlib.nullcontext():
+            recipe.run(plan, recipe.Feed(train_epoch, val_pass), hooks, device, checkpoints)
     finally:
-        if metrics is not None:
-            metrics.close()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _gather_pids() -> list[int]:
+def _on_this_node(plan: TrainPlan, resume_from: str | None, scratch: str) -> TrainPlan:
+    """`plan` with the folders and files it starts from on this node's disk.
+
+    The weights to start from (`init_from`) and the checkpoint to resume from may sit in remote
+    storage; they are copied here and checked against the sizes their checkpoint.json records.
+    The extra files (the tokenizer) are copied into `scratch`. `resume_from` goes to `scratch/resume`.
+    """
+    from dataclasses import replace
+
+    from components import checkpoint as ckpt
+
+    complete = lambda folder: ckpt.step_of(folder) is not None
+    if resume_from is not None:
+        storage.download_folder(resume_from, os.path.join(scratch, "resume"))
+        if not complete(os.path.join(scratch, "resume")):
+            raise RuntimeError(f"checkpoint {resume_from}: incomplete after copying it to this node")
+    init_from = plan.init_from and str(storage.local_copy(plan.init_from, check=complete))
+    extra = tuple(str(storage.local_file(path, os.path.join(scratch, "extra"))) for path in plan.extra_files)
+    return replace(plan, init_from=init_from, extra_files=extra)
+
+
+def _gather_workers() -> list[tuple[int, str]]:
+    """(pid, Ray node id) of every rank, in rank order."""
     import torch.distributed as dist
 
+    mine = (os.getpid(), node_id())
     if not dist.is_initialized():
-        return [os.getpid()]
-    pids = [None] * dist.get_world_size()
-    dist.all_gather_object(pids, os.getpid())
-    return pids
+        return [mine]
+    workers = [None] * dist.get_world_size()
+    dist.all_gather_object(workers, mine)
+    return workers
+
+
+def node_id() -> str:
+    """The Ray node this process runs on."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from components import checkpoint as ckpt
+from components import storage
 from components.artifacts import Checkpoint, TokenizedData
 from components.experiment_file import ExperimentConfig
 
@@ -150,7 +151,7 @@ def output_complete(record) -> bool:
         # manifest.json is written last (components/data.py), so it marks a complete folder.
         paths = [record.manifest_uri, record.train_uri, record.val_uri, record.sft_train_uri,
                  record.sft_heldout_uri, record.tokenizer_uri]
-        return all(Path(p).is_file() for p in paths)
+        return all(storage.exists(p) for p in paths)  # local or on remote storage
     if isinstance(record, Checkpoint):
         return ckpt.step_of(record.uri) is not None  # its checkpoint.json lists every file with its size
     return False
