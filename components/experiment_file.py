@@ -24,7 +24,8 @@ import yaml
 from components.config import (TENSOR_PARALLEL, DataConfig, EvaluateConfig, FinetuneConfig, ModelConfig,
                                PretrainConfig, PromoteConfig, QuantizeConfig, ServeConfig, TokenizerConfig,
                                TrainingConfig)
-from components.field_rules import check_fields, checked, positive, reported_by
+from components.field_rules import check_fields, checked, digits, positive, reported_by, required_text
+from components.strict_yaml import parse_document, parse_override
 
 class ConfigError(ValueError):
     """The experiment file or an override is wrong; the message names every bad key."""
@@ -44,8 +45,13 @@ class ExperimentConfig:
 
     name: str = checked("tiny", reported_by(_registered_model_name))
     """MLflow experiment name and registered model name."""
-    workdir: str = ".gptforge"
-    """Local folder for the MLflow SQLite store, artifacts and Ray Train storage."""
+    workdir: str = checked(".gptforge", required_text)
+    """Local folder of the driver: the MLflow SQLite store and its artifacts (when no
+    MLFLOW_TRACKING_URI is set), and the stage outputs unless `storage` says otherwise."""
+    storage: str = ""
+    """Where every stage writes its outputs (data shards, checkpoints, candidates): a local
+    folder, a shared mount, or a URI that pyarrow.fs opens (`s3://bucket/prefix`, `gs://...`).
+    Empty: the workdir. A Ray cluster of more than one node needs storage every node reaches."""
     ray_num_cpus: int = checked(4, positive)
     """Logical CPUs of the embedded local Ray, more than the cores: Ray Data needs a free logical CPU
     to read while the training workers hold one each, and with num_cpus equal to the cores a lazy
@@ -68,26 +74,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
     Args:
         path: the experiment file.
-        overrides: `section.key=value` strings; values are parsed as YAML scalars/lists.
+        overrides: `section.key=value` strings; values are parsed as YAML scalars/lists
+            (strict_yaml.parse_override: a `#` in a value is kept).
 
     Raises:
         ConfigError: listing every unknown key, wrong type and bad value, each by name.
     """
     raw: dict = {}
     where = "defaults"
+    errors: list[str] = []
     if path is not None:
         where = str(path)
-        try:
-            text = Path(path).read_text()
-        except FileNotFoundError:
-            raise ConfigError(f"experiment file not found: {path}") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    errors: list[str] = []
+        raw, repeated = _read_experiment(Path(path))
+        errors.extend(repeated)
     for item in overrides:
         _apply_override(raw, item, errors)
     cfg = _build(ExperimentConfig, raw, "", errors)
@@ -97,6 +96,48 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if errors:
         raise ConfigError(f"invalid experiment ({where}):\n" + "\n".join(f"  - {e}" for e in errors))
     return cfg
+
+
+_MAX_FILE_BYTES = 1 << 20  # an experiment is a few KB; more is the wrong file (or /dev/zero)
+
+
+def _read_experiment(path: Path) -> tuple[dict, list[str]]:
+    """The mapping in the experiment file `path`, and the keys it gives twice.
+
+    Raises:
+        ConfigError: the file cannot be read, is not UTF-8, not YAML, or not a mapping.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"experiment file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not an experiment file; name a YAML file such as "
+                          f"experiments/tiny.yaml") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the experiment file: {error.strerror or error}") from None
+    if len(data) > _MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: larger than {_MAX_FILE_BYTES >> 20} MiB, so not an experiment file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x}); "
+                          f"save the experiment file as UTF-8") from None
+    try:
+        raw, repeated = parse_document(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
+    except ValueError as error:  # Python refuses integers of more than 4300 digits
+        raise ConfigError(f"{path}: a value cannot be read: {str(error).split(';')[0]}") from None
+    if raw is None:
+        return {}, repeated
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw, repeated
 
 
 def _cross_checks(cfg: ExperimentConfig) -> list[str]:
@@ -185,6 +226,9 @@ def config_hash(section) -> str:
 def _apply_override(raw: dict, item: str, errors: list[str]) -> None:
     """Set `section.key=value` (the value parsed as a YAML scalar or list) in the mapping read from the file."""
     key, sep, value = item.partition("=")
+    if not item.isascii() and not _is_utf8(item):
+        errors.append(f"override {item!r}: not UTF-8 text")
+        return
     if not sep or not key:
         errors.append(f"override {item!r}: expected key=value, for example pretrain.max_steps=50")
         return
@@ -197,10 +241,17 @@ def _apply_override(raw: dict, item: str, errors: list[str]) -> None:
         if not isinstance(node, dict):
             errors.append(f"override {item!r}: {part} is not a section")
             return
+    node[leaf], repeated = parse_override(value)
+    errors.extend(f"override {item!r}: {problem}" for problem in repeated)
+
+
+def _is_utf8(text: str) -> bool:
+    """False for a command-line argument whose bytes were not UTF-8 (Python keeps them as lone surrogates)."""
     try:
-        node[leaf] = yaml.safe_load(value)
-    except yaml.YAMLError:
-        node[leaf] = value
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _build(cls, raw, prefix: str, errors: list[str]):
@@ -210,7 +261,7 @@ def _build(cls, raw, prefix: str, errors: list[str]):
     is built from the rest, so the caller can still check its values. None when `raw` is no mapping.
     """
     if not isinstance(raw, dict):
-        errors.append(f"{prefix.rstrip('.') or 'experiment'}: expected a mapping, got {raw!r}")
+        errors.append(f"{prefix.rstrip('.') or 'experiment'}: expected a mapping, got {_shown(raw)}")
         return None
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -249,37 +300,45 @@ def _coerce(value, hint):
             coerced, problem = _coerce(value, option)
             if problem is None:
                 return coerced, None
-        return None, f"expected {_type_name(hint)}, got {value!r}"
+        return None, f"expected {_type_name(hint)}, got {_shown(value)}"
     if origin is list:
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, list):
-            return None, f"expected a list of {item_type.__name__}, got {value!r}"
+            return None, f"expected a list of {item_type.__name__}, got {_shown(value)}"
         out = []
         for v in value:
             coerced, problem = _coerce(v, item_type)
             if problem:
-                return None, f"list item {v!r}: {problem}"
+                return None, f"list item {_shown(v)}: {problem}"
             out.append(coerced)
         return out, None
     # bool is a subclass of int: refuse `max_steps: true` and `use_gpu: 1` alike.
     if hint is bool:
-        return (value, None) if isinstance(value, bool) else (None, f"expected true or false, got {value!r}")
+        return (value, None) if isinstance(value, bool) else (None, f"expected true or false, got {_shown(value)}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value, None
-        return None, f"expected an integer, got {value!r}"
+        return None, f"expected an integer, got {_shown(value)}"
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value), None
-        if isinstance(value, str):  # YAML reads `3e-4` (no dot) as a string
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):  # YAML reads `3e-4` as a string
             try:
                 return float(value), None
+            except OverflowError:  # an integer of 309 digits or more
+                return None, f"{_shown(value)} is too large for a number"
             except ValueError:
                 pass
-        return None, f"expected a number, got {value!r}"
+        return None, f"expected a number, got {_shown(value)}"
     if hint is str:
-        return (value, None) if isinstance(value, str) else (None, f"expected a string, got {value!r}")
+        return (value, None) if isinstance(value, str) else (None, f"expected a string, got {_shown(value)}")
     raise TypeError(f"unsupported config annotation {hint!r}")  # a bug in a config dataclass, not user input
+
+
+def _shown(value, limit: int = 60) -> str:
+    """`value` as a message shows it: its repr, cut short; a huge integer by its number of digits."""
+    if isinstance(value, int) and value.bit_length() > 200:
+        return f"an integer of {digits(value)} digits"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 5]}...{text[-2:]}"
 
 
 def _type_name(hint) -> str:

@@ -67,9 +67,32 @@ at_least_1 = must_be(lambda v: v >= 1, "must be at least 1")
 fraction = must_be(lambda v: 0 < v < 1, "must be between 0 and 1 (exclusive)")
 
 
+def _text_problem(value: str) -> str | None:
+    if not value.strip():
+        return f"must not be empty, got {value!r}"
+    if "\0" in value:
+        return "must not contain a NUL character"
+    return None
+
+
+required_text = reported_by(_text_problem)
+"""For a path, a host, a field name: an empty one would mean "the current folder" or "every interface"."""
+
+
+def digits(value: int) -> int:
+    """The decimal digits of `value`, even past the 4300 that Python refuses to print."""
+    try:
+        return len(str(abs(value)))
+    except ValueError:
+        return int(abs(value).bit_length() * 0.30103) + 1
+
+
+_INT64 = 1 << 63  # what an integer setting may reach: torch, numpy, Ray and MLflow hold it in 64 bits
+
+
 def check_fields(section, prefix: str = "") -> list[str]:
     """Every field's rules, through all nested dataclasses. A float must first be finite (YAML reads
-    .nan and .inf), and None (an optional field left unset) passes."""
+    .nan and .inf), an integer must fit in 64 bits, and None (an optional field left unset) passes."""
     errors = []
     for f in dataclasses.fields(section):
         key, value = prefix + f.name, getattr(section, f.name)
@@ -77,6 +100,8 @@ def check_fields(section, prefix: str = "") -> list[str]:
             errors.extend(check_fields(value, f"{key}."))
         elif isinstance(value, float) and not math.isfinite(value):
             errors.append(f"{key}: must be a finite number, got {value}")
+        elif isinstance(value, int) and not -_INT64 <= value < _INT64:
+            errors.append(f"{key}: an integer of {digits(value)} digits does not fit in 64 bits")
         elif value is not None:
             errors.extend(f"{key}: {problem}" for rule in rules_of(f) for problem in rule(value))
     return errors

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Callable, Collection
 
@@ -60,6 +61,8 @@ def write_checksums(folder: str | Path) -> str:
 def verify_checksums(folder: str | Path, files: Collection[str], checksums_sha256: str | None = None) -> None:
     """Check that `folder` holds exactly `files` plus checksums.json, each as checksums.json records it.
 
+    To load the files, use `read_verified`: a file checked here can still change before it is opened again.
+
     Args:
         folder: the model folder.
         files: the plain file names its format needs (for a candidate: weights, config, tokenizer).
@@ -71,15 +74,36 @@ def verify_checksums(folder: str | Path, files: Collection[str], checksums_sha25
         IntegrityError: naming the file that is missing, extra, unlisted, not a plain
             file name, damaged, or a checksums.json that does not match the pin.
     """
-    folder = Path(folder)
+    _verified(Path(folder), files, checksums_sha256, keep=False)
+
+
+def read_verified(folder: str | Path, files: Collection[str], checksums_sha256: str | None = None) -> dict[str, bytes]:
+    """The contents of `files` in `folder`, checked as `verify_checksums` checks them; parse these bytes.
+
+    Each file is read once and its sha256 computed on the very bytes returned, so a file
+    rewritten after the check (or while it is read) cannot be what the caller loads.
+
+    Returns:
+        file name -> its bytes, for every name in `files`.
+
+    Raises:
+        IntegrityError: as `verify_checksums`.
+    """
+    return _verified(Path(folder), files, checksums_sha256, keep=True)
+
+
+def _verified(folder: Path, files: Collection[str], checksums_sha256: str | None, keep: bool) -> dict[str, bytes]:
+    """The check of `verify_checksums`; with `keep`, the bytes that were checked, by file name."""
     record = folder / CHECKSUMS_FILE
-    if not record.is_file() or record.is_symlink():
+    read = _read_regular(record, keep=True)
+    if read is None:
         raise IntegrityError(f"{record}: missing; refusing to load unverified weights")
-    if checksums_sha256 is not None and sha256_file(record) != checksums_sha256:
+    record_sha256, record_bytes = read
+    if checksums_sha256 is not None and record_sha256 != checksums_sha256:
         raise IntegrityError(f"{record}: sha256 does not match the one pinned in the model registry; "
                              f"the artifact was altered after it was registered")
     try:
-        sums = json.loads(record.read_text())
+        sums = json.loads(record_bytes)
     except (ValueError, UnicodeDecodeError) as error:
         raise IntegrityError(f"{record}: not valid JSON ({error})") from None
     if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
@@ -92,14 +116,39 @@ def verify_checksums(folder: str | Path, files: Collection[str], checksums_sha25
     problems += [f"{folder / n}: listed in {CHECKSUMS_FILE} but not part of this model format"
                  for n in sorted(set(sums) - set(files))]
     problems += [f"{folder / n}: unexpected file in the model folder" for n in sorted(present - set(files))]
+    contents = {}
     for name in sorted(set(files) & set(sums)):
         path = folder / name
-        if not path.is_file() or path.is_symlink():
+        read = _read_regular(path, keep)
+        if read is None:
             problems.append(f"{path}: missing (or not a regular file)")
-        elif sha256_file(path) != sums[name]:
+        elif read[0] != sums[name]:
             problems.append(f"{path}: sha256 does not match {CHECKSUMS_FILE}; the artifact is damaged or altered")
+        elif keep:
+            contents[name] = read[1]
     if problems:
         raise IntegrityError("; ".join(problems))
+    return contents
+
+
+def _read_regular(path: Path, keep: bool) -> tuple[str, bytes | None] | None:
+    """The sha256 of the regular file `path` and, with `keep`, its bytes, from one read; None when it is
+    missing, unreadable, a symlink or not a regular file. The open itself refuses a symlink, so the file
+    checked is the file opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        if keep:
+            data = f.read()
+            return hashlib.sha256(data).hexdigest(), data
+        digest = hashlib.sha256()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+        return digest.hexdigest(), None
 
 
 def _plain_name(name: str) -> bool:

@@ -318,6 +318,18 @@ def load_variant(folder: str, device: str = "cpu") -> nn.Module:
             raise FileNotFoundError(f"{path} not found; is {folder!r} a folder written by quantize_model?")
     with open(config_path) as f:
         raw = json.load(f)
+    return _load_variant(raw, folder, weights, device)
+
+
+def load_variant_bytes(config: bytes, weights: bytes, device: str = "cpu", folder: str = "model") -> nn.Module:
+    """`load_variant` from the contents of config.json and model.safetensors already read (and checked,
+    `components.files.read_verified`), so that what was checked is what is loaded. `folder` names them in errors."""
+    return _load_variant(json.loads(config), folder, weights, device)
+
+
+def _load_variant(raw: dict, folder: str, weights: str | bytes, device: str) -> nn.Module:
+    """The model that config `raw` describes with the safetensors `weights` (a path, or the file's bytes)."""
+    config_path, where = os.path.join(folder, CONFIG_FILE), os.path.join(folder, WEIGHTS_FILE)
     variant = raw.get("quantization", "fp32")
     if variant not in VARIANTS:
         raise ValueError(f"{config_path}: unknown quantization {variant!r}; expected one of {', '.join(VARIANTS)}")
@@ -326,16 +338,39 @@ def load_variant(folder: str, device: str = "cpu") -> nn.Module:
     config = GPTConfig.from_dict(raw)
     if variant in _FLOAT_DTYPES:
         model = GPT(config).to(_FLOAT_DTYPES[variant])
-        safetensors.torch.load_model(model, weights, strict=True)
+        if isinstance(weights, bytes):
+            _load_plain_state(model, safetensors.torch.load(weights), where)
+        else:
+            safetensors.torch.load_model(model, weights, strict=True)
         return model.to(device).eval()
-    with safetensors.safe_open(weights, framework="pt") as f:
-        metadata = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if isinstance(weights, bytes):
+        tensors, metadata = safetensors.torch.load(weights), _file_metadata(weights)
+    else:
+        with safetensors.safe_open(weights, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     if variant in _TORCHAO_VARIANTS:
-        return _load_torchao_state(config, tensors, metadata, weights, device)
+        return _load_torchao_state(config, tensors, metadata, where, device)
     model = apply_int8_dynamic(GPT(config))
-    _load_int8_state(model, tensors, metadata, weights)
+    _load_int8_state(model, tensors, metadata, where)
     return model.eval()
+
+
+def _load_plain_state(model: GPT, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """`tensors` into `model`, every name checked; a tied weight (lm_head) is stored under one of its names."""
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    state = model.state_dict()
+    loaded = {state[name].data_ptr() for name in tensors if name in state}
+    missing = [name for name in missing if state[name].data_ptr() not in loaded]
+    if missing or unexpected:
+        raise ValueError(f"{where} does not match its config.json: missing {sorted(missing)}, "
+                         f"unexpected {sorted(unexpected)}")
+
+
+def _file_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file's header (8 bytes of length, then JSON)."""
+    (header_len,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + header_len]).get("__metadata__") or {}
 
 
 _SAFETENSORS_DTYPES = {

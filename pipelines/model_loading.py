@@ -69,33 +69,40 @@ class FolderLoader:
 
         verify_checksums(self.folder, CANDIDATE_FILES, self.checksums_sha256)
 
-    def __call__(self, device: str = "cpu") -> LoadedModel:
-        self.verify()
-        return self._load(device)
-
     def precision(self) -> str:
         with open(os.path.join(self.folder, "config.json")) as f:
             return json.load(f).get("quantization", "fp32")
 
-    def check_device(self, device: str) -> None:
-        """Raises ServeError when the stored variant cannot run on `device` (int4 needs CUDA)."""
+    def check_device(self, device: str, precision: str | None = None) -> None:
+        """Raises ServeError when the stored variant (`precision`, by default read from the folder)
+        cannot run on `device` (int4 needs CUDA)."""
         from components.quantize import RUNS_ON
 
-        precision = self.precision()
+        precision = precision or self.precision()
         if device.split(":")[0] not in RUNS_ON.get(precision, ()):
             raise ServeError(f"{self.model_id} is a {precision} model, which runs only on "
                              f"{'/'.join(RUNS_ON.get(precision, ()))}; this endpoint runs on {device}. Serve it "
                              f"with serve.num_gpus=1 on a GPU machine, or promote another version "
                              f"(gptforge promote EXPERIMENT --version N)")
 
-    def _load(self, device: str = "cpu") -> LoadedModel:
+    def __call__(self, device: str = "cpu") -> LoadedModel:
+        """Verify and load from the same bytes: a file rewritten after its check is never what is loaded.
+
+        Raises:
+            IntegrityError: as `verify`. ServeError: as `check_device`.
+        """
         from tokenizers import Tokenizer
 
-        from components.quantize import load_variant
+        from components.files import read_verified
+        from components.model import CONFIG_FILE, WEIGHTS_FILE
+        from components.quantize import CANDIDATE_FILES, load_variant_bytes
 
-        self.check_device(device)
-        return LoadedModel(load_variant(self.folder, device), Tokenizer.from_file(f"{self.folder}/{TOKENIZER_FILE}"),
-                           self.model_id, self.version, self.run_id, self.precision())
+        checked = read_verified(self.folder, CANDIDATE_FILES, self.checksums_sha256)
+        precision = json.loads(checked[CONFIG_FILE]).get("quantization", "fp32")
+        self.check_device(device, precision)
+        model = load_variant_bytes(checked[CONFIG_FILE], checked[WEIGHTS_FILE], device, self.folder)
+        tokenizer = Tokenizer.from_str(checked[TOKENIZER_FILE].decode())
+        return LoadedModel(model, tokenizer, self.model_id, self.version, self.run_id, precision)
 
 
 @dataclass(frozen=True)
@@ -153,7 +160,7 @@ class RegistryLoader:
         return loader
 
     def __call__(self, device: str = "cpu") -> LoadedModel:
-        return self.fetch()._load(device)
+        return self.fetch()(device)
 
     def current_version(self) -> str:
         """The version the alias points at now (one registry call; the endpoint polls it)."""

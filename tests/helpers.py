@@ -1,7 +1,8 @@
 """Plain helpers the tests share: repository paths, fast CLI overrides, running the real `gptforge` CLI,
-free ports, real candidate folders, a real `mlflow server`, and learnable token rows."""
+free ports, real candidate folders, a real `mlflow server`, a real uvicorn server, and learnable token rows."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -25,6 +26,11 @@ FAST_OVERRIDES = [
     "evaluate.max_batches=4",
     "evaluate.gen_tokens=8",
 ]
+
+# Smaller still: every stage does real work, but only a few steps of it (runs through Ray jobs and clusters).
+JOB_OVERRIDES = [*FAST_OVERRIDES, "pretrain.max_steps=6", "pretrain.log_every=2", "pretrain.eval_every=0",
+                 "finetune.max_steps=3", "finetune.log_every=1", "finetune.eval_every=0", "quantize.variants=[fp32]",
+                 "evaluate.max_batches=2", "evaluate.num_samples=1"]
 
 # The shape of the token rows `write_rows` makes: ids below VOCAB, BLOCK + 1 tokens a row.
 VOCAB, BLOCK = 64, 16
@@ -94,6 +100,29 @@ def promote_candidates(tracker, cfg, tmp_path, ppl_by_variant, tag=True, before_
             return promotion.promote(tracker, cfg, reports, runs, data, log)
 
 
+@contextlib.contextmanager
+def uvicorn_server(app):
+    """Serve the ASGI `app` with a real uvicorn on a free 127.0.0.1 port, in a thread; yields its base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 def write_rows(path, n, seed):
     """`n` token rows of BLOCK + 1 ids that count upward from a random start (learnable), as parquet at `path`."""
     import numpy as np
@@ -107,22 +136,25 @@ def write_rows(path, n, seed):
 
 
 class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 with a SQLite backend (`db`) and proxied artifacts."""
+    """A real `mlflow server` on 127.0.0.1 with a SQLite backend (`db`) and proxied artifacts;
+    on `port` when given (a client may already be trying it). `args` go on its command line
+    (`--app-name basic-auth`), `env` into its environment; it runs in `tmp_path`."""
 
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, port: int | None = None, args: tuple[str, ...] = (), env: dict | None = None):
         import time
         import urllib.request
 
         self.db = tmp_path / "server.db"
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp_path / "mlflow-server.log"
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.db}",
              "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+             "--port", str(self.port), "--workers", "1", *args],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path,
+            env={**os.environ, **(env or {})},
         )
         deadline = time.monotonic() + 180  # slow on a loaded 2-core machine
         while True:

@@ -392,3 +392,147 @@ def test_finetune_section_says_whether_it_uses_lora():
     from components.config import FinetuneConfig
 
     assert FinetuneConfig().uses_lora and not FinetuneConfig(method="full").uses_lora
+
+
+# ------------------------------------------------ keys given twice, unreadable files, empty text, `#` in overrides
+
+def test_a_key_or_a_section_given_twice_is_refused_naming_it_and_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("name: x\npretrain:\n  max_steps: 5\n  strategy: ddp\n  strategy: fsdp\n"
+                    "finetune: {max_steps: 3}\npretrain:\n  lr: 1.0e-3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert "  - pretrain.strategy: given twice, on lines 4 and 5" in message
+    assert "  - pretrain: given twice, on lines 2 and 7" in message
+    with pytest.raises(ConfigError, match=r"override 'data=\{source: a, source: b\}': source: given twice"):
+        load_config(None, ["data={source: a, source: b}"])
+
+
+def test_a_yaml_merge_key_may_still_be_replaced(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("pretrain: &train {max_steps: 5, lr: 1.0e-3}\nfinetune:\n  <<: *train\n  max_steps: 7\n")
+    cfg = load_config(path)
+    assert cfg.pretrain.max_steps == 5 and cfg.finetune.max_steps == 7 and cfg.finetune.lr == 1e-3
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("pretrain.lr=" + "1" * 400, "pretrain.lr: an integer of 400 digits is too large for a number"),
+    ("pretrain.max_steps=" + "9" * 400, "pretrain.max_steps: an integer of 400 digits does not fit in 64 bits"),
+    ("pretrain.max_steps=" + "9" * 5000, "pretrain.max_steps: expected an integer, got '999"),
+    ("model.n_layer=" + "[" * 5000, "model.n_layer: expected int or null, got '[[["),
+])
+def test_huge_and_deep_values_are_config_errors(override, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert expected in str(info.value) and len(str(info.value)) < 400
+
+
+def _bad_experiments(root: Path) -> dict[str, tuple[Path, str]]:
+    """Experiment paths that cannot be read as an experiment, each with what the error must say."""
+    root.mkdir()
+    huge_float, latin1, deep, huge_int = (root / n for n in ("huge.yaml", "latin1.yaml", "deep.yaml", "digits.yaml"))
+    huge_float.write_text("pretrain:\n  lr: " + "1" * 400 + "\n")
+    latin1.write_bytes("name: x\ndata:\n  source: caf\xe9\n".encode("latin-1"))
+    deep.write_text("name: " + "[" * 5000 + "\n")
+    huge_int.write_text("pretrain:\n  max_steps: " + "9" * 5000 + "\n")
+    (root / "folder.yaml").mkdir()
+    return {
+        "huge float": (huge_float, "pretrain.lr: an integer of 400 digits is too large for a number"),
+        "not utf-8": (latin1, f"{latin1}:3: not UTF-8 text (byte 0xe9)"),
+        "a folder": (root / "folder.yaml", "is a folder, not an experiment file"),
+        "nested too deeply": (deep, "nested too deeply"),
+        "over 4300 digits": (huge_int, "a value cannot be read: Exceeds the limit (4300 digits)"),
+    }
+
+
+def test_unreadable_experiments_are_config_errors(tmp_path):
+    for what, (path, expected) in _bad_experiments(tmp_path / "bad").items():
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert expected in str(info.value), what
+
+
+def test_the_cli_refuses_unreadable_experiments_with_exit_2_and_no_traceback(tmp_path):
+    for what, (path, expected) in _bad_experiments(tmp_path / "bad").items():
+        result = gptforge("run", str(path), f"workdir={tmp_path / 'work'}", cwd=tmp_path, timeout=120)
+        assert (result.returncode, "Traceback" in result.stderr) == (2, False), (what, result.stderr[-2000:])
+        assert expected in result.stderr, (what, result.stderr[-2000:])
+    assert not (tmp_path / "work").exists()
+
+
+def _text_fields():
+    """(dotted key, is a list) of every str and list-of-str field, through every section and the top level."""
+    import dataclasses
+    import typing
+
+    def walk(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            if dataclasses.is_dataclass(hint):
+                yield from walk(hint, f"{prefix}{f.name}.")
+            elif hint in (str, str | None):
+                yield f"{prefix}{f.name}", False
+            elif hint == list[str]:
+                yield f"{prefix}{f.name}", True
+
+    return list(walk(ExperimentConfig))
+
+
+# Text that may be empty, and why; every other text field must refuse '' (a path, a host, a name, a choice).
+MAY_BE_EMPTY = {
+    "storage": "empty means the workdir",
+    "evaluate.prompts": "an empty prompt is generated from <|endoftext|>",
+}
+
+
+@pytest.mark.parametrize("key, is_list", _text_fields(), ids=lambda x: str(x))
+def test_every_text_field_refuses_an_empty_string_unless_empty_has_a_meaning(key, is_list):
+    blank = ["''", "'  '"] if key not in MAY_BE_EMPTY else ["''"]
+    for value in blank:
+        override = f"{key}=[{value}]" if is_list else f"{key}={value}"
+        if key in MAY_BE_EMPTY:
+            load_config(None, [override])
+            continue
+        with pytest.raises(ConfigError) as info:
+            load_config(None, [override])
+        assert f"  - {key}: " in str(info.value)
+
+
+def test_an_empty_path_or_host_in_a_file_names_its_key(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("workdir: ''\ndata: {source: ''}\nfinetune: {source: ' '}\nserve: {host: ''}\nstorage: ''\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    for key in ("workdir", "data.source", "finetune.source", "serve.host"):
+        assert f"  - {key}: must not be empty" in str(info.value)
+    assert "storage" not in str(info.value)
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("workdir=/tmp/run #2", "workdir", "/tmp/run #2"),
+    ("data.source=corpus #1/notes", "data.source", "corpus #1/notes"),
+    ("serve.host=my#host", "serve.host", "my#host"),
+    (r"""evaluate.prompts=["# a comment\n", 'x #y']""", "evaluate.prompts", ["# a comment\n", "x #y"]),
+    ("quantize.variants=[fp32, int8_dynamic]", "quantize.variants", ["fp32", "int8_dynamic"]),
+    ("quantize.variants=[fp32,bf16]", "quantize.variants", ["fp32", "bf16"]),
+    ("pretrain.lr=3e-4", "pretrain.lr", 3e-4),
+    ("model.n_layer=", "model.n_layer", None),
+    ("name='tiny'", "name", "tiny"),
+])
+def test_overrides_keep_a_hash_as_a_character(override, key, expected):
+    assert flatten(load_config(None, [override]))[key] == expected
+
+
+def test_a_comment_after_an_override_value_is_not_silently_dropped():
+    with pytest.raises(ConfigError, match=r"pretrain.max_steps: expected an integer, got '5 # five'"):
+        load_config(None, ["pretrain.max_steps=5 # five"])
+
+
+def test_a_workdir_with_a_hash_survives_the_round_trip_through_the_record(tmp_path):
+    cfg = load_config(TINY_EXPERIMENT, [f"workdir={tmp_path}/run #2"])
+    (tmp_path / "resolved.yaml").write_text(to_yaml(cfg))
+    assert load_config(tmp_path / "resolved.yaml").workdir == f"{tmp_path}/run #2"
+    assert load_config(tmp_path / "resolved.yaml", [f"workdir={cfg.workdir}"]) == cfg

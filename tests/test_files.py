@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from components.files import (CHECKSUMS_FILE, IntegrityError, atomic_write, sha256_file, verify_checksums,
-                              write_checksums)
+from components.files import (CHECKSUMS_FILE, IntegrityError, atomic_write, read_verified, sha256_file,
+                              verify_checksums, write_checksums)
 
 FILES = ("model.safetensors", "config.json", "tokenizer.json")
 
@@ -125,3 +125,25 @@ def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp
     file_inode, folder_inode = (tmp_path / "out.json").stat().st_ino, tmp_path.stat().st_ino
     assert synced == [(file_inode, False), (folder_inode, True)]
     assert (tmp_path / "out.json").read_text() == "data"
+
+
+def test_read_verified_returns_the_bytes_it_checked_and_refuses_what_verify_refuses(tmp_path):
+    pin = _candidate(tmp_path, weights=b"the weights")
+    contents = read_verified(tmp_path, FILES, pin)
+    assert contents == {"model.safetensors": b"the weights", "config.json": b"{}", "tokenizer.json": b'{"model": {}}'}
+    (tmp_path / "config.json").write_text('{"n_layer": 1}')
+    with pytest.raises(IntegrityError, match="config.json: sha256 does not match"):
+        read_verified(tmp_path, FILES, pin)
+    _candidate(tmp_path)
+    with pytest.raises(IntegrityError, match="does not match the one pinned"):
+        read_verified(tmp_path, FILES, pin)
+
+
+def test_read_verified_does_not_follow_a_symlink(tmp_path):
+    pin = _candidate(tmp_path / "a")
+    real = tmp_path / "elsewhere.json"
+    real.write_text("{}")
+    (tmp_path / "a" / "config.json").unlink()
+    (tmp_path / "a" / "config.json").symlink_to(real)  # the same bytes, but not a file of the folder
+    with pytest.raises(IntegrityError, match="config.json: missing"):
+        read_verified(tmp_path / "a", FILES, pin)
