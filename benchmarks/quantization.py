@@ -142,9 +142,9 @@ def _inputs(args) -> tuple[str | None, str | None]:
     """(model folder, val parquet) from --run-dir or --model/--val; (None, None) for random weights."""
     if args.run_dir:
         finetuned = sorted(glob.glob(os.path.join(args.run_dir, "candidates", "fp32")))
-        vals = sorted(glob.glob(os.path.join(args.run_dir, "data", "**", "val*.parquet"), recursive=True))
+        vals = sorted(glob.glob(os.path.join(args.run_dir, "prepare_data", "val", "*.parquet")))
         if not finetuned or not vals:
-            sys.exit(f"{args.run_dir}: expected candidates/fp32/ and data/**/val*.parquet (a finished pipeline run)")
+            sys.exit(f"{args.run_dir}: expected candidates/fp32/ and prepare_data/val/part-*.parquet (a finished pipeline run)")
         return finetuned[0], vals[0]
     return args.model, args.val
 

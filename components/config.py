@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from components.field_rules import (at_least_1, checked, each, fraction, must_be, new_default, non_negative, one_of,
-                                    positive, reported_by)
+                                    positive, reported_by, required_text)
 from components.metrics import CANDIDATE_METRICS
 from components.sampling import seed_problem, temperature_problem
 
@@ -60,17 +60,25 @@ _RAY_AMOUNT = must_be(lambda v: 0 <= v <= 1 or (v > 1 and v == int(v)), "must be
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "stdlib"
-    """`stdlib` (the Python standard library's own sources), a folder of .txt/.md/.py files,
-    a .jsonl file with a text field, or a .parquet file with a text column."""
-    text_field: str = "text"
+    source: str = checked("stdlib", required_text)
+    """`stdlib` (the Python standard library's own sources); a folder, read recursively: its
+    .txt/.md/.py files (one document each), .jsonl files (one per line) and .parquet files (one
+    per row); one such file; or a glob (`corpus/**/*.jsonl`). A local path or a storage URI
+    (`s3://bucket/corpus/`)."""
+    text_field: str = checked("text", required_text)
     """Field (jsonl) or column (parquet) holding the document text."""
+    on_bad_utf8: str = checked("replace", one_of("replace", "skip"))
+    """Bytes that are not UTF-8, and lone surrogates in JSON strings: `replace` them with U+FFFD,
+    or `skip` the document. Either way they are counted and the files named in the manifest."""
+    on_bad_json: str = checked("fail", one_of("fail", "skip"))
+    """A .jsonl line that is not a JSON object: `fail` naming file:line, or `skip` it (counted)."""
     max_bytes: int = checked(0, non_negative)
     """Use a deterministic subset of about this many bytes of the corpus; 0 uses all of it."""
     block_size: int = checked(128, positive)
     """Tokens per training sequence (the model's context length)."""
     val_fraction: float = checked(0.05, fraction)
-    """Share of documents held out for validation, chosen by a hash of the document id."""
+    """Share of documents held out for validation, chosen by a hash of the document's content
+    (so a document and its copies are always on the same side)."""
     cache: bool = True
     """Reuse the prepared data of an earlier run with the same sources, data settings and code
     (the stage cache); false always prepares it again."""
@@ -80,6 +88,12 @@ class DataConfig:
 class TokenizerConfig:
     vocab_size: int = checked(4096, reported_by(_min_vocab))
     """Size of the byte-level BPE vocabulary trained on the corpus."""
+    sample_bytes: int = checked(100_000_000, non_negative)
+    """Train the tokenizer on a deterministic sample of about this many bytes of the training
+    split; 0 trains on all of it."""
+    file: str | None = checked(None, required_text)
+    """A `tokenizer.json` (path or storage URI) to use instead of training one; its vocabulary
+    size is used, and `<|endoftext|>` must be its id 0."""
 
 
 @dataclass(frozen=True)
@@ -207,7 +221,7 @@ class FinetuneConfig(TrainingConfig):
     eval_every: int = new_default(TrainingConfig, "eval_every", 50)
     checkpoint_every: int = new_default(TrainingConfig, "checkpoint_every", 50)
 
-    source: str = "stdlib"
+    source: str = checked("stdlib", required_text)
     """Prompt/completion pairs: `stdlib` (function signature+docstring -> body, via ast),
     a folder of .py files, or a .jsonl with `prompt` and `completion` fields."""
     max_bytes: int = checked(0, non_negative)
@@ -284,7 +298,7 @@ class PromoteConfig:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    host: str = "127.0.0.1"
+    host: str = checked("127.0.0.1", required_text)
     """Address the Serve HTTP proxy binds to."""
     port: int = checked(8000, reported_by(lambda v: None if 0 < v < 65536 else f"{v} is not a TCP port"))
     """Port of the Serve HTTP proxy."""

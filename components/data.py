@@ -1,170 +1,150 @@
-"""Data stage: corpus -> byte-level BPE tokenizer -> packed rows + SFT pairs on disk.
+"""Data stage: corpus -> byte-level BPE tokenizer -> packed row shards + SFT pairs at a location.
 
-`prepare_data` is the stage; its steps live in `components.sources` (reading the
-corpus), `components.tokenizer`, `components.packing` (rows on disk) and
-`components.sft` (supervised pairs).
+`prepare_data` drives the stage: it lists the sources, runs the passes of
+`components.data_passes` over groups of files through `map_items` (in this process by
+default; Ray Data in the pipeline, `pipelines/data_prep.py`), decides what to keep on the
+driver (`components.data_plan`), and writes the rest. Reading the corpus is
+`components.sources`, the tokenizer `components.tokenizer`, rows on disk
+`components.packing`, supervised pairs `components.sft`.
 
-Layout written into `out_dir` (manifest.json last, so its presence means the
-rest is complete):
+Layout written at `location`, a local folder or a storage URI (manifest.json last, so its
+presence means the rest is complete):
 
     tokenizer.json        byte-level BPE, `<|endoftext|>` at id 0
-    train.parquet         column `tokens`: list<int32>, length block_size + 1
-    val.parquet           same
-    sft_train.parquet     columns `tokens` list<int32>, `mask` list<int8>
+    train/part-*.parquet  column `tokens`: list<uint16> (uint32 past 65,536 ids), block_size + 1 long
+    val/part-*.parquet    same
+    sft_train.parquet     columns `tokens` (same type), `mask` list<int8>
     sft_heldout.parquet   same
-    manifest.json         counts, config, fingerprint
+    manifest.json         documents read/kept/dropped and why, tokens and bytes per split,
+                          the tokenizer's hash, the input fingerprint
 """
 from __future__ import annotations
 
 import itertools
 import json
-from pathlib import Path
+from functools import partial
 from typing import Callable
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from components import storage
 from components.artifacts import TokenizedData
 from components.config import DataConfig, FinetuneConfig, TokenizerConfig
-from components.files import atomic_write
-from components.packing import pack_rows, write_rows
+from components.data_passes import (PACK_SCHEMA, SAMPLE_SCHEMA, SCAN_SCHEMA, group_files, pack_group, read_group,
+                                    sample_group, scan_group)
+from components.data_plan import Plan, plan_routing
+from components.documents import SPLITS, ProblemLog
+from components.packing import row_dtype, write_rows
 from components.sft import extract_function_pairs, tokenize_pairs
-from components.sources import DataError, Document, document_split, fingerprint, iter_documents, iter_sft_documents
-from components.tokenizer import EOT, EOT_ID, MIN_VOCAB_SIZE, TOKENIZER_FILE, train_tokenizer
+from components.sources import (DataError, Document, document_split, fingerprint, iter_documents, iter_sft_documents,
+                                list_source)
+from components.tokenizer import (EOT, EOT_ID, MIN_VOCAB_SIZE, TOKENIZER_FILE, load_tokenizer, tokenizer_hash,
+                                  train_tokenizer)
 
-# Bump when the on-disk format or the processing changes, so old fingerprints
-# stop matching.
-_FORMAT_VERSION = 1
+# Bump when the on-disk format or the processing changes, so old fingerprints stop matching.
+_FORMAT_VERSION = 2
 
-_MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = "manifest.json"
+_MAX_FATAL_SHOWN = 10
+
+MapItems = Callable[[Callable[[dict], pa.Table], list[dict]], list[pa.Table]]
+"""Runs a pass over every item and returns the tables it made (in any order)."""
 
 
-def prepare_data(
-    out_dir: str,
-    data: DataConfig,
-    tokenizer: TokenizerConfig,
-    finetune: FinetuneConfig,
-    progress: Callable[[str], None] | None = None,
-) -> TokenizedData:
-    """Turn a corpus into a tokenizer, packed pretraining rows and SFT rows.
+def map_in_process(fn: Callable[[dict], pa.Table], items: list[dict]) -> list[pa.Table]:
+    """`MapItems` in this process, one item after another."""
+    return [fn(item) for item in items]
+
+
+def _run(map_items: MapItems, fn: Callable[[dict], pa.Table], items: list[dict], schema: pa.Schema) -> pa.Table:
+    return pa.concat_tables([schema.empty_table(), *(t.select(schema.names).cast(schema) for t in map_items(fn, items))])
+
+
+def prepare_data(location: str, data: DataConfig, tokenizer: TokenizerConfig, finetune: FinetuneConfig,
+                 progress: Callable[[str], None] | None = None, map_items: MapItems = map_in_process) -> TokenizedData:
+    """Turn a corpus into a tokenizer, packed pretraining rows and SFT rows at `location`.
 
     Args:
-        out_dir: folder to write into (created if needed).
-        data: the pretraining corpus (see `components.sources.iter_documents`), its
-            block size and validation share.
-        tokenizer: the BPE vocabulary size (at least MIN_VOCAB_SIZE).
+        location: local folder or storage URI to write into (created if needed).
+        data: the pretraining corpus (see `components.sources.list_source`), its policies for
+            bad input, block size and validation share.
+        tokenizer: the BPE vocabulary size and sample, or a tokenizer.json to use.
         finetune: its source, max_bytes, max_pairs and heldout_fraction give the
             supervised pairs (see `components.sft.extract_function_pairs`); the rest is unused.
         progress: called with short human-readable status lines.
+        map_items: how the passes run over the groups of files (`MapItems`).
 
     Returns:
-        TokenizedData with absolute paths, the fingerprint and the counts.
+        TokenizedData: `root` is `location`; train_uri and val_uri are folders of shards.
 
     Raises:
-        DataError: invalid settings (all reported at once), an empty corpus,
-            a corpus too small for block_size, or too few SFT pairs.
+        DataError: invalid settings (all reported at once), an empty source, a fatal problem
+            in a file (each named, file:line), a corpus too small for block_size, or too few
+            SFT pairs.
     """
     say = progress or (lambda msg: None)
     _validate(data, tokenizer, finetune)
-    block_size = data.block_size
-    # The names and their order are those of the manifest and the fingerprint: changing them
-    # changes every fingerprint.
-    config = dict(source=data.source, text_field=data.text_field, max_bytes=data.max_bytes, block_size=block_size,
-                  val_fraction=data.val_fraction, vocab_size=tokenizer.vocab_size, sft_source=finetune.source,
-                  sft_max_bytes=finetune.max_bytes, sft_max_pairs=finetune.max_pairs,
-                  sft_heldout_fraction=finetune.heldout_fraction)
+    location = storage.normalize(location)
+    config = _config(data, tokenizer, finetune)
 
-    # Read and split the corpus.
-    docs = list(iter_documents(data.source, text_field=data.text_field, max_bytes=data.max_bytes))
-    if not docs:
-        raise DataError(
-            f"no documents found in data.source={data.source}: expected non-empty .txt/.md/.py files in a folder, "
-            f"objects with a {data.text_field!r} string in a .jsonl file, or a {data.text_field!r} column in a "
-            ".parquet file"
-        )
-    n_bytes = sum(len(d.text.encode("utf-8")) for d in docs)
-    say(f"read {len(docs)} documents ({n_bytes / 1e6:.1f} MB) from {data.source}")
-    train_docs, val_docs = _split_documents(docs, data.val_fraction)
+    # Scan: every document's hash and size, and every problem, in parallel.
+    items = group_files(list_source(data.source))
+    scan = _run(map_items, partial(scan_group, data=data), items, SCAN_SCHEMA)
+    problems = _problems(scan["problems"])
+    meta = scan.filter(pc.is_valid(scan["doc_id"])).select(["doc_id", "sha", "nbytes"])
+    if meta.num_rows == 0:
+        raise DataError(f"no documents found in data.source={data.source}: expected non-empty .txt/.md/.py files, "
+                        f"objects with a {data.text_field!r} string in .jsonl files, or a {data.text_field!r} "
+                        f"column in .parquet files{_problem_summary(problems)}")
+    say(f"read {meta.num_rows} documents ({pc.sum(meta['nbytes']).as_py() / 1e6:.1f} MB) from {data.source} "
+        f"in {len(items)} groups{_problem_summary(problems)}")
+    plan = plan_routing(meta, data, tokenizer, partial(_text_of, items, data))
+    say(f"kept {meta.num_rows - plan.duplicates - plan.outside_subset} documents: {plan.duplicates} exact "
+        f"duplicates dropped" + (f", {plan.outside_subset} outside data.max_bytes" if data.max_bytes else ""))
 
-    # Tokenizer from train only, so val measures generalisation of the whole pipeline.
-    bpe = train_tokenizer((d.text for d in train_docs), tokenizer.vocab_size)
-    say(f"trained tokenizer ({bpe.get_vocab_size()} tokens)")
+    bpe = _tokenizer(tokenizer, data, plan, items, map_items)
+    say(f"{'loaded' if tokenizer.file else 'trained'} tokenizer ({bpe.get_vocab_size()} tokens"
+        + ("" if tokenizer.file else f", on {plan.sample_documents} training documents") + ")")
 
-    splits = {}
-    for name, split_docs in (("train", train_docs), ("val", val_docs)):
-        ids = [e.ids for e in bpe.encode_batch([d.text for d in split_docs], add_special_tokens=False)]
-        rows = pack_rows(ids, block_size)
-        splits[name] = (split_docs, sum(len(x) + 1 for x in ids), rows)  # +1: the EOT after each document
-        say(f"{name}: {len(split_docs)} documents, {splits[name][1]} tokens, {len(rows)} rows")
-    _check_rows(splits, block_size)
+    # Write: drop any old manifest and shards first so an interrupted rerun never looks complete.
+    manifest_uri = storage.join(location, MANIFEST_FILE)
+    _remove_old(location, manifest_uri)
+    dtype = row_dtype(bpe.get_vocab_size())
+    storage.write_bytes(storage.join(location, TOKENIZER_FILE), bpe.to_str().encode("utf-8"))
+    packed = _run(map_items, partial(pack_group, data=data, routing=plan.routing, tokenizer_json=bpe.to_str(),
+                                     dtype=dtype.name, out=location), items, PACK_SCHEMA)
+    splits = _split_counts(packed, plan, data)
+    for name in SPLITS:
+        s = splits[name]
+        say(f"{name}: {s['documents']} documents, {s['tokens']} tokens in {s['rows']} rows, {len(s['files'])} shards")
 
-    # Supervised pairs, split per pair so both sides see every kind of file.
-    pairs = extract_function_pairs(finetune.source, max_bytes=finetune.max_bytes, max_pairs=finetune.max_pairs)
-    sft_split = {"train": [], "val": []}
-    for p in pairs:
-        sft_split[document_split(p.doc_id + p.prompt, finetune.heldout_fraction)].append(p)
-    sft = {
-        "sft_train": tokenize_pairs(sft_split["train"], bpe, block_size),
-        "sft_heldout": tokenize_pairs(sft_split["val"], bpe, block_size),
-    }
-    _check_pairs(sft, len(pairs), finetune.source)
-    say(f"sft: {len(sft['sft_train'][0])} train, {len(sft['sft_heldout'][0])} heldout pairs "
-        f"(of {len(pairs)} extracted)")
+    sft, n_pairs, pair_docs = _write_sft(location, finetune, bpe, data.block_size, dtype)
+    say(f"sft: {sft['sft_train']} train, {sft['sft_heldout']} heldout pairs (of {n_pairs} extracted)")
 
-    fp = fingerprint(
-        [*docs, *(Document(f"sft:{p.doc_id}", p.prompt + "\0" + p.completion) for p in pairs)],
-        format_version=_FORMAT_VERSION, **config,
-    )
-    stats = {
-        "train_documents": len(train_docs),
-        "val_documents": len(val_docs),
-        "train_tokens": splits["train"][1],
-        "val_tokens": splits["val"][1],
-        "train_rows": len(splits["train"][2]),
-        "val_rows": len(splits["val"][2]),
-        "sft_pairs_extracted": len(pairs),
-        "sft_train_pairs": len(sft["sft_train"][0]),
-        "sft_heldout_pairs": len(sft["sft_heldout"][0]),
-    }
-
-    # Write: drop any old manifest first so an interrupted rerun never looks complete.
-    root = Path(out_dir).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    manifest_path = root / _MANIFEST_FILE
-    manifest_path.unlink(missing_ok=True)
-    paths = {name: root / f"{name}.parquet" for name in ("train", "val", "sft_train", "sft_heldout")}
-    tokenizer_path = root / TOKENIZER_FILE
-    atomic_write(tokenizer_path, lambda tmp: bpe.save(str(tmp)))
-    for name in ("train", "val"):
-        write_rows(paths[name], splits[name][2])
-    for name, (tokens, mask) in sft.items():
-        write_rows(paths[name], tokens, mask)
+    fp = _input_fingerprint(meta, pair_docs, config)
+    stats = _stats(plan, problems, splits, sft, n_pairs)
     manifest = {
-        "source": data.source,
-        "sft_source": finetune.source,
-        "fingerprint": fp,
-        "format_version": _FORMAT_VERSION,
-        "vocab_size": bpe.get_vocab_size(),
-        "block_size": block_size,
-        "tokenizer": TOKENIZER_FILE,
-        "eot_token": EOT,
-        "eot_id": EOT_ID,
-        "files": {name: p.name for name, p in paths.items()},
-        "stats": stats,
-        "config": config,
+        "source": data.source, "sft_source": finetune.source, "fingerprint": fp, "format_version": _FORMAT_VERSION,
+        "vocab_size": bpe.get_vocab_size(), "block_size": data.block_size, "tokenizer": TOKENIZER_FILE,
+        "tokenizer_sha256": tokenizer_hash(bpe), "eot_token": EOT, "eot_id": EOT_ID, "token_dtype": dtype.name,
+        "files": {name: {"train": "train/", "val": "val/"}.get(name, f"{name}.parquet")
+                  for name in ("train", "val", "sft_train", "sft_heldout")},
+        "documents": {"read": plan.documents_read, "kept": plan.documents_read - plan.duplicates - plan.outside_subset,
+                      "dropped": {"duplicate": plan.duplicates, "outside_max_bytes": plan.outside_subset,
+                                  **{k: v for k, v in problems.counts.items() if k.startswith("skipped_")}},
+                      "replaced_bad_utf8": problems.counts.get("replaced_bad_utf8", 0)},
+        "problems": problems.examples,
+        "splits": splits, "stats": stats, "config": config,
     }
-    atomic_write(manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
-    say(f"wrote {root}")
-
+    storage.write_bytes(manifest_uri, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+    say(f"wrote {location}")
     return TokenizedData(
-        root=str(root),
-        train_uri=str(paths["train"]),
-        val_uri=str(paths["val"]),
-        sft_train_uri=str(paths["sft_train"]),
-        sft_heldout_uri=str(paths["sft_heldout"]),
-        tokenizer_uri=str(tokenizer_path),
-        manifest_uri=str(manifest_path),
-        fingerprint=fp,
-        vocab_size=bpe.get_vocab_size(),
-        block_size=block_size,
-        stats=stats,
+        root=location, train_uri=storage.join(location, "train"), val_uri=storage.join(location, "val"),
+        sft_train_uri=storage.join(location, "sft_train.parquet"),
+        sft_heldout_uri=storage.join(location, "sft_heldout.parquet"),
+        tokenizer_uri=storage.join(location, TOKENIZER_FILE), manifest_uri=manifest_uri, fingerprint=fp,
+        vocab_size=bpe.get_vocab_size(), block_size=data.block_size, stats=stats,
     )
 
 
@@ -173,15 +153,139 @@ def source_fingerprint(data: DataConfig, finetune: FinetuneConfig) -> str:
 
     It changes when a file of a source folder is added, removed or edited (within the
     `max_bytes` subsets), so it keys the data stage's cache and the new-data trigger.
-    Reading costs about as much as the sources' size on disk.
+    Reading costs about as much as the sources' size on disk, in this process.
 
     Raises:
-        DataError: a missing path or an unsupported file type, as `iter_documents` says.
+        DataError: a missing path, an unsupported file type or a fatal problem in a file.
     """
-    docs = iter_documents(data.source, text_field=data.text_field, max_bytes=data.max_bytes)
+    docs = iter_documents(data.source, text_field=data.text_field, max_bytes=data.max_bytes,
+                          on_bad_utf8=data.on_bad_utf8, on_bad_json=data.on_bad_json)
     sft = (Document(f"sft:{d.doc_id}", d.text) for d in iter_sft_documents(finetune.source, finetune.max_bytes))
-    # Streamed, one document at a time: the corpus is never all in memory.
+    # Streamed, one file at a time: the corpus is never all in memory.
     return fingerprint(itertools.chain(docs, sft), format_version=_FORMAT_VERSION, text_field=data.text_field)
+
+
+def _config(data: DataConfig, tokenizer: TokenizerConfig, finetune: FinetuneConfig) -> dict:
+    # The names and their order are those of the manifest and the fingerprint: changing them
+    # changes every fingerprint.
+    return dict(source=data.source, text_field=data.text_field, max_bytes=data.max_bytes, block_size=data.block_size,
+                val_fraction=data.val_fraction, on_bad_utf8=data.on_bad_utf8, on_bad_json=data.on_bad_json,
+                vocab_size=tokenizer.vocab_size, tokenizer_sample_bytes=tokenizer.sample_bytes,
+                tokenizer_file=tokenizer.file, sft_source=finetune.source, sft_max_bytes=finetune.max_bytes,
+                sft_max_pairs=finetune.max_pairs, sft_heldout_fraction=finetune.heldout_fraction)
+
+
+def _problems(column: pa.ChunkedArray) -> ProblemLog:
+    """The problems of every group; the fatal ones stop the stage, all named at once."""
+    log = ProblemLog()
+    for text in column.drop_null().to_pylist():
+        log.merge(ProblemLog.from_json(text))
+    if log.fatal:
+        shown = log.fatal[:_MAX_FATAL_SHOWN]
+        more = len(log.fatal) - len(shown)
+        raise DataError("the data source has problems:\n  " + "\n  ".join(shown)
+                        + (f"\n  ... and {more} more" if more else ""))
+    return log
+
+
+def _problem_summary(problems: ProblemLog) -> str:
+    counted = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in sorted(problems.counts.items()))
+    return f" ({counted})" if counted else ""
+
+
+def _text_of(items: list[dict], data: DataConfig, doc_id: str) -> str:
+    """One document's text, read in this process (the single-document corpus that is cut in two)."""
+    for item in items:
+        for doc in read_group(item, data)[0]:
+            if doc.doc_id == doc_id:
+                return doc.text
+    raise DataError(f"data.source={data.source}: {doc_id} vanished since it was scanned; run the stage again")
+
+
+def _tokenizer(tokenizer: TokenizerConfig, data: DataConfig, plan: Plan, items: list[dict], map_items: MapItems):
+    if tokenizer.file is not None:
+        return load_tokenizer(tokenizer.file)
+    # Sorted by doc_id: the sample's texts reach the trainer in the same order however the passes ran.
+    sample = _run(map_items, partial(sample_group, data=data, routing=plan.routing), items, SAMPLE_SCHEMA)
+    sample = sample.sort_by("doc_id")
+    # Tokenizer from train only, so val measures generalisation of the whole pipeline.
+    return train_tokenizer(iter(sample["text"].to_pylist()), tokenizer.vocab_size)
+
+
+def _remove_old(location: str, manifest_uri: str) -> None:
+    if storage.exists(manifest_uri):
+        fs, path = storage.resolve(manifest_uri)
+        fs.delete_file(path)
+    for split in SPLITS:
+        storage.delete_folder(storage.join(location, split))
+
+
+def _split_counts(packed: pa.Table, plan: Plan, data: DataConfig) -> dict[str, dict]:
+    """Per split: documents, bytes, tokens in the shards (rows x (block_size + 1)), the packing tails, the files."""
+    _problems(packed["problems"])  # a file that became unreadable since the scan
+    out = {}
+    for split in SPLITS:
+        part = packed.filter(pc.equal(packed["split"], split))
+        rows = int(pc.sum(part["rows"]).as_py() or 0)
+        document_tokens = int(pc.sum(part["document_tokens"]).as_py() or 0)
+        tokens = rows * (data.block_size + 1)
+        out[split] = {"documents": int(pc.sum(part["documents"]).as_py() or 0),
+                      "bytes": int(pc.sum(part["bytes"]).as_py() or 0), "rows": rows, "tokens": tokens,
+                      "document_tokens": document_tokens, "tail_tokens_dropped": document_tokens - tokens,
+                      "files": sorted(f for f in part["file"].to_pylist() if f)}
+        if out[split]["documents"] != plan.split_documents[split]:
+            raise DataError(f"data.source={data.source}: the files changed while they were read ({split}: "
+                            f"{plan.split_documents[split]} documents when scanned, {out[split]['documents']} when "
+                            "packed); run the stage again")
+    empty = [s for s in SPLITS if out[s]["rows"] == 0]
+    if empty:
+        detail = ", ".join(f"{s} has {out[s]['document_tokens']} tokens" for s in empty)
+        raise DataError(
+            f"corpus too small for data.block_size={data.block_size}: {detail}, but a row needs "
+            f"{data.block_size + 1}; add text, lower data.block_size, or raise data.val_fraction"
+        )
+    return out
+
+
+def _write_sft(location: str, finetune: FinetuneConfig, bpe, block_size: int, dtype) -> tuple[dict, int, list]:
+    """Supervised pairs, split per pair so both sides see every kind of file (small: one process)."""
+    pairs = extract_function_pairs(finetune.source, max_bytes=finetune.max_bytes, max_pairs=finetune.max_pairs)
+    sides = {"sft_train": [], "sft_heldout": []}
+    for p in pairs:
+        side = document_split(p.doc_id + p.prompt, finetune.heldout_fraction)
+        sides["sft_heldout" if side == "val" else "sft_train"].append(p)
+    rows = {name: tokenize_pairs(side, bpe, block_size) for name, side in sides.items()}
+    counts = {name: len(tokens) for name, (tokens, _) in rows.items()}
+    if counts["sft_train"] < 1 or counts["sft_heldout"] < 1:
+        raise DataError(
+            f"finetune.source={finetune.source}: {len(pairs)} pairs extracted, {counts['sft_train']} train and "
+            f"{counts['sft_heldout']} heldout after tokenizing (pairs whose prompt fills more than half a row are "
+            "skipped); need at least one of each. Add documented functions (or prompt/completion lines), "
+            "raise data.block_size, or adjust finetune.heldout_fraction"
+        )
+    for name, (tokens, mask) in rows.items():
+        write_rows(storage.join(location, f"{name}.parquet"), tokens.astype(dtype), mask)
+    pair_docs = [Document(f"sft:{p.doc_id}", p.prompt + "\0" + p.completion) for p in pairs]
+    return counts, len(pairs), pair_docs
+
+
+def _input_fingerprint(meta: pa.Table, pair_docs: list[Document], config: dict) -> str:
+    """sha256 over every document read (doc_id and content hash, in doc_id order), the pairs and the config."""
+    meta = meta.sort_by("doc_id")
+    docs = (Document(d, s.hex()) for d, s in zip(meta["doc_id"].to_pylist(), meta["sha"].to_pylist()))
+    return fingerprint(itertools.chain(docs, pair_docs), format_version=_FORMAT_VERSION, **config)
+
+
+def _stats(plan: Plan, problems: ProblemLog, splits: dict, sft: dict, n_pairs: int) -> dict:
+    """The numbers the stage logs as metrics (`data/<name>`); the manifest holds the same and more."""
+    stats = {"documents_read": plan.documents_read, "duplicates_dropped": plan.duplicates}
+    for split in SPLITS:
+        s = splits[split]
+        stats |= {f"{split}_documents": s["documents"], f"{split}_tokens": s["tokens"], f"{split}_rows": s["rows"],
+                  f"{split}_bytes": s["bytes"], f"{split}_tail_tokens_dropped": s["tail_tokens_dropped"]}
+    stats |= {f"problems_{kind}": n for kind, n in sorted(problems.counts.items())}
+    stats |= {"sft_pairs_extracted": n_pairs, "sft_train_pairs": sft["sft_train"], "sft_heldout_pairs": sft["sft_heldout"]}
+    return stats
 
 
 def _validate(data: DataConfig, tokenizer: TokenizerConfig, finetune: FinetuneConfig) -> None:
@@ -197,46 +301,12 @@ def _validate(data: DataConfig, tokenizer: TokenizerConfig, finetune: FinetuneCo
         problems.append(f"tokenizer.vocab_size={tokenizer.vocab_size}: must be at least {MIN_VOCAB_SIZE} "
                         f"(256 bytes + {EOT})")
     for key, value in (("data.max_bytes", data.max_bytes), ("finetune.max_bytes", finetune.max_bytes),
-                       ("finetune.max_pairs", finetune.max_pairs)):
+                       ("finetune.max_pairs", finetune.max_pairs), ("tokenizer.sample_bytes", tokenizer.sample_bytes)):
         if value < 0:
             problems.append(f"{key}={value}: must be >= 0 (0 means no limit)")
+    for key, value, allowed in (("data.on_bad_utf8", data.on_bad_utf8, ("replace", "skip")),
+                                ("data.on_bad_json", data.on_bad_json, ("fail", "skip"))):
+        if value not in allowed:
+            problems.append(f"{key}={value!r}: must be one of {', '.join(allowed)}")
     if problems:
         raise DataError("invalid data settings:\n  " + "\n  ".join(problems))
-
-
-def _split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
-    """Hash split; tiny corpora whose hash split leaves val empty fall back to a tail split."""
-    train = [d for d in docs if document_split(d.doc_id, val_fraction) == "train"]
-    val = [d for d in docs if document_split(d.doc_id, val_fraction) == "val"]
-    if val and train:
-        return train, val
-    if len(docs) >= 2:
-        n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
-        return docs[:-n_val], docs[-n_val:]
-    # One document (say, a single big .txt): cut its text on a line boundary.
-    doc = docs[0]
-    cut = int(len(doc.text) * (1 - val_fraction))
-    line_start = doc.text.rfind("\n", 0, cut) + 1
-    cut = line_start if line_start > 0 else cut
-    return [Document(f"{doc.doc_id}#train", doc.text[:cut])], [Document(f"{doc.doc_id}#val", doc.text[cut:])]
-
-
-def _check_rows(splits: dict, block_size: int) -> None:
-    empty = [name for name, (_, _, rows) in splits.items() if len(rows) == 0]
-    if empty:
-        detail = ", ".join(f"{name} has {splits[name][1]} tokens" for name in empty)
-        raise DataError(
-            f"corpus too small for data.block_size={block_size}: {detail}, but a row needs {block_size + 1}; "
-            "add text, lower data.block_size, or raise data.val_fraction"
-        )
-
-
-def _check_pairs(sft: dict, n_extracted: int, sft_source: str) -> None:
-    counts = {name: len(tokens) for name, (tokens, _) in sft.items()}
-    if counts["sft_train"] < 1 or counts["sft_heldout"] < 1:
-        raise DataError(
-            f"finetune.source={sft_source}: {n_extracted} pairs extracted, {counts['sft_train']} train and "
-            f"{counts['sft_heldout']} heldout after tokenizing (pairs whose prompt fills more than half a row are "
-            "skipped); need at least one of each. Add documented functions (or prompt/completion lines), "
-            "raise data.block_size, or adjust finetune.heldout_fraction"
-        )

@@ -18,6 +18,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
+from components import storage
 from components.accounting import bytes_by_dtype, linear_bytes, parameter_counts
 from components.artifacts import EvalReport, TokenizedData
 from components.config import EvaluateConfig
@@ -80,7 +81,7 @@ def evaluate(
     }
     metrics |= size_metrics(model, size_bytes, disk_bytes)
 
-    tokenizer = Tokenizer.from_file(data.tokenizer_uri)
+    tokenizer = Tokenizer.from_str(storage.read_text(data.tokenizer_uri))
     samples = []
     for tokens, mask in list(zip(heldout["tokens"], heldout["mask"]))[:cfg.num_samples]:
         prompt_ids = tokens[: int(np.argmax(mask))]
@@ -218,7 +219,9 @@ def _proc_status_kib(field: str) -> int:
 
 
 def _read_rows(uri: str, columns: list[str], limit: int | None) -> dict[str, np.ndarray]:
-    table = pq.read_table(uri, columns=columns)
+    """Rows of a parquet file or a folder of shards, local or on storage; ids of any integer width."""
+    fs, path = storage.resolve(uri)
+    table = pq.read_table(path, columns=columns, filesystem=fs)
     if limit is not None:
         table = table.slice(0, limit)
     return {name: np.array(table.column(name).to_pylist()) for name in columns}  # (N, T+1) each

@@ -10,6 +10,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from tokenizers import Tokenizer
 
+from components import storage
 from components.sources import STDLIB, DataError, Document, iter_jsonl_objects, iter_sft_documents, subset_key
 from components.tokenizer import EOT_ID
 
@@ -48,13 +49,13 @@ def extract_function_pairs(source: str, *, max_bytes: int = 0, max_pairs: int = 
         DataError: missing path, unsupported file type, bad jsonl line.
     """
     path = Path(source)
-    if source != STDLIB and path.exists() and not path.is_dir():  # one file: pairs as they are
+    if source != STDLIB and _is_file(source):  # one file (a path or a storage URI): pairs as they are
         if path.suffix != ".jsonl":
             raise DataError(
                 f"finetune.source={source!r}: unsupported file type {path.suffix!r}; "
                 "give a folder of .py files, a .jsonl file of prompt/completion objects, or 'stdlib'"
             )
-        pairs = list(_iter_jsonl_pairs(path))
+        pairs = list(_iter_jsonl_pairs(source))
     else:  # the stdlib or a folder of .py files (a missing path fails in iter_sft_documents)
         pairs = [p for doc in iter_sft_documents(source, max_bytes) for p in _function_pairs(doc)]
     if max_pairs > 0 and len(pairs) > max_pairs:
@@ -118,11 +119,18 @@ def _function_pairs(doc: Document) -> Iterator[Pair]:
             yield Pair(prompt=prompt, completion=completion, doc_id=doc.doc_id)
 
 
-def _iter_jsonl_pairs(path: Path) -> Iterator[Pair]:
+def _is_file(source: str) -> bool:
+    try:
+        return storage.is_file(source)
+    except OSError:  # an unreachable location: iter_sft_documents names it
+        return False
+
+
+def _iter_jsonl_pairs(path: str) -> Iterator[Pair]:
     for lineno, obj in iter_jsonl_objects(path):
         prompt, completion = obj.get("prompt"), obj.get("completion")
         if not isinstance(prompt, str) or not isinstance(completion, str):
             raise DataError(
                 f"{path}:{lineno}: expected string fields 'prompt' and 'completion' (keys: {sorted(obj)}); fix the line"
             )
-        yield Pair(prompt=prompt, completion=completion, doc_id=f"{path.name}:{lineno}")
+        yield Pair(prompt=prompt, completion=completion, doc_id=f"{Path(path).name}:{lineno}")

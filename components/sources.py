@@ -1,74 +1,98 @@
-"""Reading a corpus: documents from the stdlib, a folder, a .jsonl or a .parquet file, with
-deterministic subsets, the train/val split by document id, and a content fingerprint."""
+"""Finding a corpus's files (the stdlib, a folder, one file or a glob; local or on storage) and
+reading them in a single process: the listing every reader shares, the train/val split of
+fine-tuning pairs and the content fingerprint.
+
+The data stage reads the same listing in parallel (`components.data`); `iter_documents` reads
+it here, one file after another, for the sources' fingerprint and for small sources.
+"""
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
 import sysconfig
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import pyarrow.parquet as pq
+import pyarrow.fs as pafs
+
+from components import storage
+from components.corpus_files import KINDS, SourceFile, iter_jsonl_objects, read_file  # noqa: F401 - re-exported
+from components.documents import DataError, Document, ProblemLog, subset_key  # noqa: F401 - re-exported
 
 STDLIB = "stdlib"  # the source name meaning this Python's standard library
 _STDLIB_SKIP_DIRS = frozenset({"test", "tests", "site-packages", "__pycache__", "idlelib", "lib2to3"})
-_FOLDER_SUFFIXES = (".txt", ".md", ".py")
+_GLOB_CHARS = "*?["
 
 
-class DataError(ValueError):
-    """A problem with the user's data or data config; the message says where and what to do."""
-
-
-@dataclass(frozen=True)
-class Document:
-    """One unit of the corpus.
-
-    Attributes:
-        doc_id: stable name: path relative to the source folder, or
-            "file.jsonl:LINE" / "file.parquet:ROW".
-        text: the document's text.
-    """
-
-    doc_id: str
-    text: str
-
-
-def iter_documents(source: str, *, text_field: str = "text", max_bytes: int = 0) -> Iterator[Document]:
-    """Yield the documents of a corpus in a deterministic order.
+def list_source(source: str, key: str = "data.source", suffixes: tuple[str, ...] = tuple(KINDS),
+                allow_empty: bool = False) -> list[SourceFile]:
+    """The files of a source, sorted by doc_id.
 
     Args:
-        source: "stdlib" (the .py files of this Python's standard library, tests
-            excluded), a folder (its .txt/.md/.py files, recursively), a
-            `.jsonl` file (one JSON object per line) or a `.parquet` file.
+        source: "stdlib" (its .py files, tests excluded), a folder (read recursively; names
+            starting with "." or "_" are skipped, as Ray and pyarrow skip them), one file, or a
+            glob whose last parts hold the wildcards (`corpus/**/*.jsonl`, `s3://b/c/*.parquet`).
+        key: the config key named in errors.
+        suffixes: the file types to take (.txt/.md/.py are text, .jsonl, .parquet).
+        allow_empty: return an empty list rather than fail when no file matches.
+
+    Raises:
+        DataError: the path does not exist, cannot be opened, is of an unsupported type, or
+            holds no file of these types.
+    """
+    if source == STDLIB:
+        return _list_stdlib(suffixes)
+    base, pattern = _split_glob(source)
+    try:
+        fs, path = storage.resolve(base)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise DataError(f"{key}={source!r} does not exist; give a folder, a .txt/.md/.py/.jsonl/.parquet file, "
+                            "a glob, or 'stdlib'")
+        if info.type == pafs.FileType.File and pattern is None:
+            kind = KINDS.get(_suffix(path)) if _suffix(path) in suffixes else None
+            if kind is None:
+                raise DataError(f"{key}={source!r}: unsupported file type {_suffix(path)!r}; give a folder, a "
+                                f"{'/'.join(suffixes)} file, a glob, or 'stdlib'")
+            return [SourceFile(storage.normalize(base), "", info.base_name, info.size, kind)]
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except OSError as error:  # a StorageError, or a listing refused by the filesystem
+        raise DataError(f"{key}={source!r}: cannot be read ({error})") from None
+    root = storage.normalize(base)
+    found = []
+    for entry in infos:
+        rel = entry.path[len(path):].lstrip("/")
+        if entry.type != pafs.FileType.File or any(part[:1] in "._" for part in rel.split("/")):
+            continue
+        if _suffix(rel) in suffixes and (pattern is None or _matches(rel, pattern)):
+            found.append(SourceFile(root, rel, rel, entry.size, KINDS[_suffix(rel)]))
+    if not found and not allow_empty:
+        raise DataError(f"{key}={source!r}: no {'/'.join(suffixes)} files found"
+                        + (f" matching {pattern!r}" if pattern else "") + "; point it at the corpus")
+    return sorted(found, key=lambda f: f.doc_id)
+
+
+def iter_documents(source: str, *, text_field: str = "text", max_bytes: int = 0, on_bad_utf8: str = "replace",
+                   on_bad_json: str = "fail", key: str = "data.source") -> Iterator[Document]:
+    """Yield the documents of a corpus in a deterministic order, in this process.
+
+    Args:
+        source: as `list_source` says.
         text_field: key (jsonl) or column (parquet) holding the text.
         max_bytes: if > 0, keep a deterministic subset spread over the corpus:
             documents ordered by sha256("subset:" + doc_id), taken until their
             UTF-8 size reaches `max_bytes`. The subset is yielded in corpus order.
+        on_bad_utf8 / on_bad_json: as `data.on_bad_utf8` / `data.on_bad_json`.
 
     Raises:
-        DataError: missing path, unsupported file type, a jsonl line that is
-            not an object with a string `text_field`, a parquet file without
-            that column.
+        DataError: as `list_source` says, or the first fatal problem of a file (a jsonl line
+            that is not an object with a string `text_field`, a parquet file without that
+            column, an unreadable or corrupt file).
     """
-    if source == STDLIB:
-        yield from _iter_tree(_stdlib_root(), (".py",), _STDLIB_SKIP_DIRS, max_bytes)
-        return
-    path = Path(source)
-    if not path.exists():
-        raise DataError(f"data.source={source!r} does not exist; give a folder, a .jsonl or .parquet file, or 'stdlib'")
-    if path.is_dir():
-        yield from _iter_tree(path, _FOLDER_SUFFIXES, frozenset(), max_bytes)
-    elif path.suffix == ".jsonl":
-        yield from _subset(_iter_jsonl_texts(path, text_field), max_bytes)
-    elif path.suffix == ".parquet":
-        yield from _subset(_iter_parquet_texts(path, text_field), max_bytes)
-    else:
-        raise DataError(
-            f"data.source={source!r}: unsupported file type {path.suffix!r}; "
-            "give a folder of .txt/.md/.py files, a .jsonl or .parquet file, or 'stdlib'"
-        )
+    docs = _read_all(list_source(source, key), text_field, on_bad_utf8, on_bad_json)
+    yield from _subset(docs, max_bytes) if max_bytes > 0 else docs
 
 
 def iter_sft_documents(source: str, max_bytes: int) -> Iterator[Document]:
@@ -82,55 +106,24 @@ def iter_sft_documents(source: str, max_bytes: int) -> Iterator[Document]:
     Raises:
         DataError: the path does not exist.
     """
-    if source == STDLIB:
-        yield from _iter_tree(_stdlib_root(), (".py",), _STDLIB_SKIP_DIRS, max_bytes)
+    if source != STDLIB and _is_file(source):
+        yield from _read_all([SourceFile(storage.normalize(source), "", Path(source).name, 0, "text")], "text",
+                             "replace", "fail")
         return
-    path = Path(source)
-    if not path.exists():
-        raise DataError(f"finetune.source={source!r} does not exist; give a folder of .py files, a .jsonl file, "
-                        f"or 'stdlib'")
-    if path.is_dir():
-        yield from _iter_tree(path, (".py",), frozenset(), max_bytes)
-    else:
-        yield Document(path.name, _read_text(path))
-
-
-def iter_jsonl_objects(path: Path) -> Iterator[tuple[int, dict]]:
-    """(1-based line number, object) for each non-blank line of a jsonl file.
-
-    Raises:
-        DataError: a line that is not valid JSON or not an object, naming the line.
-    """
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    # No .py files is not an error here: the data stage reports the pairs it found, none.
+    files = list_source(source, "finetune.source", (".py",), allow_empty=True)
+    docs = _read_all(files, "text", "replace", "fail")
+    yield from _subset(docs, max_bytes) if max_bytes > 0 else docs
 
 
 def document_split(doc_id: str, val_fraction: float) -> str:
-    """Assign a document to "train" or "val" from a hash of its id.
-
-    The split of a document never changes when other documents are added or
-    removed, so validation stays comparable across corpus versions.
+    """Assign an item to "train" or "val" from a hash of its id (fine-tuning pairs are split so).
 
     Returns:
         "val" for about `val_fraction` of ids, "train" for the rest.
     """
-    return "val" if _unit_hash(doc_id) < val_fraction else "train"
-
-
-def subset_key(key: str) -> str:
-    """The sort key that picks deterministic subsets (of documents, of pairs): sha256 of "subset:" + key."""
-    # Salted: ordering by the same hash as document_split would fill a small
-    # subset with exactly the documents that go to val.
-    return hashlib.sha256(b"subset:" + key.encode("utf-8")).hexdigest()
+    digest = hashlib.sha256(doc_id.encode("utf-8")).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
 def fingerprint(docs: Iterable[Document], **config) -> str:
@@ -141,7 +134,7 @@ def fingerprint(docs: Iterable[Document], **config) -> str:
     h = hashlib.sha256()
 
     def feed(s: str) -> None:
-        b = s.encode("utf-8")
+        b = s.encode("utf-8", errors="surrogatepass")
         h.update(len(b).to_bytes(8, "big"))  # length prefix: ("ab","c") != ("a","bc")
         h.update(b)
 
@@ -152,60 +145,17 @@ def fingerprint(docs: Iterable[Document], **config) -> str:
     return h.hexdigest()
 
 
-def _unit_hash(key: str) -> float:
-    """Map a string to [0, 1) via sha256: stable across runs and machines (unlike hash())."""
-    digest = hashlib.sha256(key.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def _stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def _list_tree(root: Path, suffixes: tuple[str, ...], skip_dirs: frozenset[str]) -> list[tuple[str, Path]]:
-    """(doc_id, path) of matching files under root, sorted by doc_id (POSIX relative path)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in skip_dirs]
-        for name in filenames:
-            if name.endswith(suffixes):
-                path = Path(dirpath) / name
-                found.append((path.relative_to(root).as_posix(), path))
-    return sorted(found)
-
-
-def _read_text(path: Path) -> str:
-    # Corpora collect stray bytes; a replaced character is better than losing the file.
-    return path.read_text(encoding="utf-8", errors="replace")
-
-
-def _iter_tree(root: Path, suffixes: tuple[str, ...], skip_dirs: frozenset[str], max_bytes: int) -> Iterator[Document]:
-    listing = _list_tree(root, suffixes, skip_dirs)
-    if max_bytes <= 0:
-        for doc_id, path in listing:
-            text = _read_text(path)
-            if text:  # an empty file would only add a lone EOT
-                yield Document(doc_id, text)
-        return
-    # Read in hash order so only the chosen files are read, then restore corpus order.
-    chosen: list[Document] = []
-    total = 0
-    for doc_id, path in sorted(listing, key=lambda item: subset_key(item[0])):
-        if total >= max_bytes:
-            break
-        text = _read_text(path)
-        if text:
-            chosen.append(Document(doc_id, text))
-            total += len(text.encode("utf-8"))
-    order = {doc_id: i for i, (doc_id, _) in enumerate(listing)}
-    yield from sorted(chosen, key=lambda d: order[d.doc_id])
+def _read_all(files: list[SourceFile], text_field: str, on_bad_utf8: str, on_bad_json: str) -> Iterator[Document]:
+    for f in files:
+        problems = ProblemLog()
+        docs = read_file(f, text_field, on_bad_utf8, on_bad_json, problems)
+        if problems.fatal:
+            raise DataError(problems.fatal[0])
+        yield from docs
 
 
 def _subset(docs: Iterable[Document], max_bytes: int) -> Iterator[Document]:
     """Apply the `max_bytes` selection to an in-order document stream."""
-    if max_bytes <= 0:
-        yield from docs
-        return
     docs = list(docs)
     chosen: set[int] = set()
     total = 0
@@ -217,27 +167,40 @@ def _subset(docs: Iterable[Document], max_bytes: int) -> Iterator[Document]:
     yield from (d for i, d in enumerate(docs) if i in chosen)
 
 
-def _iter_jsonl_texts(path: Path, text_field: str) -> Iterator[Document]:
-    for lineno, obj in iter_jsonl_objects(path):
-        text = obj.get(text_field)
-        if not isinstance(text, str):
-            problem = "has no" if text_field not in obj else "has a non-string"
-            raise DataError(
-                f"{path}:{lineno}: object {problem} field {text_field!r} (keys: {sorted(obj)}); "
-                "fix the line or set data.text_field to the key that holds the text"
-            )
-        if text:
-            yield Document(f"{path.name}:{lineno}", text)
+def _list_stdlib(suffixes: tuple[str, ...]) -> list[SourceFile]:
+    """The stdlib's .py files, walked with its test and vendored folders pruned (not listed, then dropped)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP_DIRS]
+        for name in filenames:
+            if name.endswith(".py") and ".py" in suffixes:
+                path = Path(dirpath) / name
+                found.append(SourceFile(str(root), path.relative_to(root).as_posix(), path.relative_to(root).as_posix(),
+                                        path.stat().st_size, "text"))
+    return sorted(found, key=lambda f: f.doc_id)
 
 
-def _iter_parquet_texts(path: Path, text_field: str) -> Iterator[Document]:
-    names = pq.read_schema(path).names
-    if text_field not in names:
-        raise DataError(f"{path}: no column {text_field!r} (columns: {names}); set data.text_field to the text column")
-    column = pq.read_table(path, columns=[text_field]).column(text_field)
-    for row, text in enumerate(column.to_pylist(), start=1):
-        if text is None or text == "":  # null rows are common in exported datasets
-            continue
-        if not isinstance(text, str):
-            raise DataError(f"{path}: row {row} of column {text_field!r} is {type(text).__name__}, expected a string")
-        yield Document(f"{path.name}:{row}", text)
+def _split_glob(source: str) -> tuple[str, str | None]:
+    """("corpus", "**/*.jsonl") for "corpus/**/*.jsonl"; (source, None) without wildcards."""
+    parts = source.split("/")
+    first = next((i for i, part in enumerate(parts) if any(c in part for c in _GLOB_CHARS)), None)
+    if first is None:
+        return source, None
+    return "/".join(parts[:first]) or ".", "/".join(parts[first:])
+
+
+def _matches(rel: str, pattern: str) -> bool:
+    """fnmatch, where a leading `**/` also matches no folder at all (`**/*.txt` matches `a.txt`)."""
+    return fnmatch.fnmatchcase(rel, pattern) or (pattern.startswith("**/") and fnmatch.fnmatchcase(rel, pattern[3:]))
+
+
+def _suffix(name: str) -> str:
+    return os.path.splitext(name)[1].lower()
+
+
+def _is_file(source: str) -> bool:
+    try:
+        return storage.is_file(source)
+    except OSError:  # an unreachable location: list_source names it
+        return False

@@ -1,9 +1,13 @@
 """The byte-level BPE tokenizer every gptforge model is trained with, and the facts other code relies on."""
 from __future__ import annotations
 
+import hashlib
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from components import storage
+from components.documents import DataError
 
 EOT = "<|endoftext|>"  # ends every document and every completion; generation stops on it
 EOT_ID = 0  # EOT's id in every tokenizer `train_tokenizer` returns: it is the first special token
@@ -40,3 +44,26 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     tokenizer.train_from_iterator(texts, trainer=trainer)
     assert tokenizer.token_to_id(EOT) == EOT_ID, f"{EOT} must be id {EOT_ID}"
     return tokenizer
+
+
+def load_tokenizer(location: str, key: str = "tokenizer.file") -> Tokenizer:
+    """A `tokenizer.json` (path or storage URI) that the rows can be made with: `EOT` must be `EOT_ID`.
+
+    Raises:
+        DataError: the file cannot be read, is not a tokenizer, or has another id for EOT.
+    """
+    try:
+        tokenizer = Tokenizer.from_str(storage.read_text(location))
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{key}={location!r}: cannot be read ({error})") from None
+    except Exception as error:  # tokenizers raises a plain Exception for JSON it cannot parse
+        raise DataError(f"{key}={location!r}: not a tokenizers tokenizer.json ({error})") from None
+    if tokenizer.token_to_id(EOT) != EOT_ID:
+        raise DataError(f"{key}={location!r}: {EOT} must be token id {EOT_ID} (it is "
+                        f"{tokenizer.token_to_id(EOT)}); documents are separated and generation stops on it")
+    return tokenizer
+
+
+def tokenizer_hash(tokenizer: Tokenizer) -> str:
+    """sha256 of the tokenizer's JSON: the manifest's record of which vocabulary made the rows."""
+    return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()

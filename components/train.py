@@ -59,13 +59,16 @@ def rows_from_arrow(table) -> dict:
     """A pyarrow batch of packed rows as (B, T+1) numpy arrays, without touching rows one by one.
 
     The `tokens` (and `mask`) columns are list arrays of equal-length rows, so their
-    flat values reshape straight into a matrix (zero-copy where Arrow allows).
+    flat values reshape straight into a matrix (zero-copy where Arrow allows). Token ids are
+    stored as narrow as the vocabulary allows (uint16 for most) and come out as int64.
     """
     out = {}
     for name in ("tokens", "mask"):
         if name in table.column_names:
             column = table.column(name).combine_chunks()  # ListArray, (B,) of length-(T+1) lists
             out[name] = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1)  # (B, T+1)
+    if "tokens" in out:
+        out["tokens"] = out["tokens"].astype(np.int64, copy=False)  # torch has no uint16 arithmetic
     return out
 
 

@@ -55,12 +55,12 @@ def list_jobs(args) -> int:
 
     listed = jobs.list_jobs(args.address)
     if not listed:
-        print(f"no jobs at {jobs.resolve_address(args.address)}")
+        print(f"no jobs at {redact(jobs.resolve_address(args.address))}")
         return 0
     print(f"{'job id':<36} {'status':<10} {'started':<20} {'experiment':<14} entrypoint")
     for j in listed:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.start_time)) if j.start_time else ""
-        print(f"{j.job_id:<36} {j.status:<10} {started:<20} {j.experiment:<14} {j.entrypoint[:60]}")
+        print(f"{j.job_id:<36} {j.status:<10} {started:<20} {j.experiment:<14} {redact(j.entrypoint)[:60]}")
     return 0
 
 
@@ -127,5 +127,5 @@ def _print_history(history, experiment: str) -> int:
           f"{'job status':<10} detail")
     for t in rows:
         print(f"{t.fired_at[:19]:<20} {t.kind:<9} {t.slot[:25]:<26} {t.outcome:<10} {t.job_id or '':<44} "
-              f"{t.job_status or '':<10} {t.detail}")
+              f"{t.job_status or '':<10} {redact(t.detail)}")  # rows written before details were redacted
     return 0

@@ -16,8 +16,11 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+from http.client import HTTPException
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
+
+from pipelines.tracking import error_line, redact
 
 PROJECT = Path(__file__).resolve().parent.parent
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # where `ray start --head` puts the job server
@@ -28,7 +31,10 @@ _FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 class JobError(RuntimeError):
-    """The job server could not be reached, or refused a request; the message names the address."""
+    """The job server could not be reached, or refused a request; the message names the address (redacted)."""
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))  # addresses may carry a password or token
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,7 @@ def _ask_ray_for_job_server(address: str) -> str:
             return off_the_main_thread(lambda: get_address_for_submission_client(address), time.monotonic() + 15,
                                        f"no Ray cluster answered at {address} within 15 s")
     except Exception as error:  # noqa: BLE001 - TimeoutError, ConnectionError, ValueError from Ray's lookup
-        raise JobError(f"could not find the job server of the Ray cluster at {address!r}: {_first_line(error)}; "
+        raise JobError(f"could not find the job server of the Ray cluster at {address!r}: {_reason(error)}; "
                        f"pass --address http://HOST:8265 (the dashboard's address)") from None
 
 
@@ -98,24 +104,39 @@ def client(address: str | None = None, timeout_s: float = 10.0):
     Raises:
         JobError: nothing answers there, or it is not a Ray job server.
     """
-    import urllib.request
-
     resolved = resolve_address(address)
     # The client's own connection check has no short timeout; an unroutable address would hang.
     try:
-        urllib.request.urlopen(f"{resolved}/api/version", timeout=timeout_s).close()
+        _probe(f"{resolved}/api/version", timeout_s)
     except OSError as error:
         if getattr(error, "code", None) is None:  # an HTTP error status still means a server answered
             raise JobError(f"no Ray job server answers at {resolved} ({getattr(error, 'reason', error)}); "
                            f"start one (`ray start --head`, `ray up ray_cluster.yaml`) or pass "
                            f"--address / RAY_ADDRESS with the dashboard's address") from None
+    except (ValueError, HTTPException) as error:  # InvalidURL: e.g. an unescaped "/" in a password
+        raise JobError(f"--address {resolved}: not a usable URL ({error}); percent-encode any '/', '@' or ':' "
+                       f"in the user name or password (%2F, %40, %3A)") from None
     from ray.job_submission import JobSubmissionClient
 
     try:
         with _ray_address_env_cleared():
             return JobSubmissionClient(resolved)
     except Exception as error:  # noqa: BLE001 - ConnectionError, RuntimeError: both mean "not usable"
-        raise JobError(f"the Ray job server at {resolved} refused the connection: {_first_line(error)}") from None
+        raise JobError(f"the Ray job server at {resolved} refused the connection: {_reason(error)}") from None
+
+
+def _probe(url: str, timeout_s: float) -> None:
+    """GET `url`; credentials in it (`https://user:token@host`) go as basic auth, as Ray's client sends them."""
+    import base64
+    import urllib.request
+
+    parts = urlparse(url)
+    headers = {}
+    if parts.username is not None or parts.password is not None:
+        pair = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+        url = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s).close()
 
 
 def pipeline_job(experiment: str | None, overrides: list[str], workdir: str, address: str,
@@ -169,7 +190,9 @@ def submit(address: str | None, experiment: str, overrides: list[str], *, experi
     Args:
         experiment: the experiment file, relative to the project (it travels in working_dir).
         env: environment variables for the job (MLFLOW_TRACKING_URI, ...).
-        submission_id: the job id to use; the job server refuses a second job with the same id.
+        submission_id: the job id to use. The job server keeps one job per id, so submitting
+            again with an id it already has returns that id and starts nothing: a retry after
+            a lost answer is safe.
     """
     extra = [*(["--run-name", run_name] if run_name else []), *(["--no-cache"] if no_cache else [])]
     jobs = client(address)
@@ -186,14 +209,15 @@ def submit(address: str | None, experiment: str, overrides: list[str], *, experi
         return jobs.submit_job(entrypoint=job_entrypoint(experiment, overrides, extra), runtime_env=runtime_env,
                                submission_id=submission_id, metadata=metadata)
     except Exception as error:  # noqa: BLE001 - the SDK raises RuntimeError with the server's reason
-        raise JobError(f"the job server at {resolve_address(address)} refused the job: {_first_line(error)}") \
-            from None
+        if submission_id and f"submission_id {submission_id} already exists" in str(error):
+            return submission_id  # submitted before (an earlier try whose answer was lost)
+        raise JobError(f"the job server at {resolve_address(address)} refused the job: {_reason(error)}") from None
 
 
 def list_jobs(address: str | None = None, experiment: str | None = None) -> list[JobInfo]:
     """The cluster's jobs (only `experiment`'s when given), newest first."""
     infos = []
-    for job in client(address).list_jobs():
+    for job in _call(lambda c: c.list_jobs(), address, None):
         meta = job.metadata or {}
         if experiment is not None and meta.get("gptforge.experiment") != experiment:
             continue
@@ -237,17 +261,22 @@ def follow(job_id: str, address: str | None = None, out=None) -> str:
     return final
 
 
-def _call(work, address: str | None, job_id: str, jobs=None):
+def _call(work, address: str | None, job_id: str | None, jobs=None):
     jobs = jobs or client(address)
     try:
         return work(jobs)
-    except RuntimeError as error:
-        text = _first_line(error)
-        if "does not exist" in text or "404" in text:
+    except Exception as error:  # noqa: BLE001 - RuntimeError (an error status), AuthenticationError, requests' errors
+        text = _reason(error)
+        if job_id is not None and ("does not exist" in text or "404" in text):
             raise JobError(f"no job {job_id!r} at {resolve_address(address)}; `gptforge jobs` lists them") from None
         raise JobError(f"the job server at {resolve_address(address)} failed: {text}") from None
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:500]
+def _reason(error: BaseException) -> str:
+    """What the job server said, in a line: its first, or the last of a Python traceback it sent back."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and "Traceback (most recent call last)" in lines[0]:
+        head = lines[0].split("Traceback")[0].strip()
+        last = next((line for line in reversed(lines) if line != "."), lines[-1])
+        return error_line(RuntimeError(f"{head} {last}"), 500)
+    return error_line(error, 500)

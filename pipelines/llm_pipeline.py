@@ -14,7 +14,6 @@ from components.artifacts import from_json, to_json
 from components.experiment_file import ExperimentConfig, flatten, to_yaml
 from pipelines import candidates, ray_runtime, stage_cache, stages
 from pipelines.progress import Progress
-from pipelines.ray_runtime import run_task
 from pipelines.run_queries import InterruptedRun, cached_outputs
 from pipelines.tracking import CACHE_KEY_TAG, CACHED_FROM_TAG, RunLogger, Tracker, redact
 
@@ -58,8 +57,7 @@ def run_pipeline(cfg: ExperimentConfig, progress: Progress, resume: InterruptedR
         # ------------------------------------------------------------ data
         progress.stage("prepare_data")
         data = stage.run("prepare_data", config_params,
-                         lambda log: run_task(stages.prepare_data, cfg, storage.join(out, "prepare_data"), log),
-                         key=data_key)
+                         lambda log: stages.prepare_data(cfg, storage.join(out, "prepare_data"), log), key=data_key)
         counts = stages.parameter_count_params(stages.model_config(cfg, data))
         parent.log_params(counts)
         params = {**config_params, **counts}  # every later run logs the config and the counts

@@ -148,10 +148,19 @@ def _imported(tree: ast.AST, module: str, is_package: bool) -> set[str]:
 def output_complete(record) -> bool:
     """Whether every file a recorded stage output points at is still there, whole."""
     if isinstance(record, TokenizedData):
-        # manifest.json is written last (components/data.py), so it marks a complete folder.
-        paths = [record.manifest_uri, record.train_uri, record.val_uri, record.sft_train_uri,
-                 record.sft_heldout_uri, record.tokenizer_uri]
-        return all(storage.exists(p) for p in paths)  # local or on remote storage
+        return _data_complete(record)
     if isinstance(record, Checkpoint):
         return ckpt.step_of(record.uri) is not None  # its checkpoint.json lists every file with its size
     return False
+
+
+def _data_complete(record: TokenizedData) -> bool:
+    """manifest.json is written last (components/data.py) and lists every shard: all of them and the
+    SFT files and tokenizer must still be there, locally or in the bucket."""
+    try:
+        manifest = json.loads(storage.read_bytes(record.manifest_uri))
+        shards = [storage.join(record.root, name) for split in manifest["splits"].values() for name in split["files"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False  # missing, unreadable or of an older format: recompute
+    paths = [*shards, record.sft_train_uri, record.sft_heldout_uri, record.tokenizer_uri]
+    return all(storage.is_file(p) for p in paths)

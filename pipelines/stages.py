@@ -2,15 +2,16 @@
 
 Each function takes the experiment config, the previous stage's output record
 and the `RunLogger` of its MLflow run, and returns its own output record.
-`prepare_data` runs as a Ray task; `pretrain` and `finetune` drive Ray Train
-from the driver. The candidates' stages are `pipelines/candidates.py`.
+All three run on the driver: `prepare_data` spreads its passes over the cluster
+with Ray Data, `pretrain` and `finetune` drive Ray Train. The candidates' stages are `pipelines/candidates.py`.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import replace
 
-from components import accounting
+from components import accounting, storage
+from components import checkpoint as ckpt
 from components import data as data_lib
 from components import model as gpt
 from components.artifacts import Checkpoint, TokenizedData
@@ -25,16 +26,26 @@ from pipelines.tracking import PROGRESS_TAG, RunLogger
 # ------------------------------------------------------------------- data
 
 
-def prepare_data(cfg: ExperimentConfig, out_dir: str, logger: RunLogger) -> TokenizedData:
-    """Ray task: corpus -> tokenizer -> packed parquet shards + SFT pairs."""
-    result = data_lib.prepare_data(out_dir, cfg.data, cfg.tokenizer, cfg.finetune,
-                                   progress=lambda message: logger.set_tags({PROGRESS_TAG: message}))
+def prepare_data(cfg: ExperimentConfig, location: str, logger: RunLogger) -> TokenizedData:
+    """Driver: corpus -> tokenizer -> packed parquet shards + SFT pairs at `location` (a path or storage URI).
+
+    Runs on the driver, not in a task: its passes over the corpus are Ray Data tasks on every
+    CPU of the cluster (pipelines/data_prep.py).
+    """
+    import tempfile
+
+    from pipelines import data_prep
+
+    result = data_prep.prepare_data(location, cfg.data, cfg.tokenizer, cfg.finetune,
+                                    progress=lambda message: logger.set_tags({PROGRESS_TAG: message}))
     logger.log_metrics({f"data/{k}": v for k, v in result.stats.items()})
     logger.log_params(parameter_count_params(model_config(cfg, result)))
     logger.set_tags({"data.fingerprint": result.fingerprint})
-    # The tokenizer and manifest describe the data; the shards stay in the workdir (they grow with the corpus).
-    for path in (result.tokenizer_uri, result.manifest_uri):
-        logger.log_artifact(path, "data")
+    # The tokenizer and manifest describe the data; the shards stay at the location (they grow with the
+    # corpus). MLflow logs local files: a remote location's two files are copied here first.
+    with tempfile.TemporaryDirectory() as tmp:
+        for uri in (result.tokenizer_uri, result.manifest_uri):
+            logger.log_artifact(str(storage.local_file(uri, tmp)), "data")
     return result
 
 
@@ -67,7 +78,7 @@ def parameter_count_params(model_cfg: gpt.GPTConfig) -> dict:
 # --------------------------------------------------------------- training
 
 
-def pretrain(cfg: ExperimentConfig, data: TokenizedData, storage: str, logger: RunLogger) -> Checkpoint:
+def pretrain(cfg: ExperimentConfig, data: TokenizedData, train_storage: str, logger: RunLogger) -> Checkpoint:
     """Driver: train a fresh GPT on the packed rows with Ray Train (`pretrain.strategy`).
 
     The Ray Train run is named after the stage's MLflow run, so running this again for
@@ -75,27 +86,28 @@ def pretrain(cfg: ExperimentConfig, data: TokenizedData, storage: str, logger: R
     """
     _check_one_step_of_data(data.stats["train_rows"], cfg.pretrain, "pretrain", "training rows", "data.source")
     plan = TrainPlan(cfg.pretrain, model_config(cfg, data), extra_files=(data.tokenizer_uri,))
-    result = ray_runtime.fit(plan, f"pretrain-{logger.run_id}", data.train_uri, data.val_uri, storage, logger)
+    result = ray_runtime.fit(plan, f"pretrain-{logger.run_id}", data.train_uri, data.val_uri, train_storage, logger)
     _log_model_files(result.checkpoint, logger)
     return Checkpoint(uri=result.checkpoint, step=cfg.pretrain.max_steps, metrics=logger.latest_metrics())
 
 
-def finetune(cfg: ExperimentConfig, data: TokenizedData, pretrained: Checkpoint, storage: str,
+def finetune(cfg: ExperimentConfig, data: TokenizedData, pretrained: Checkpoint, train_storage: str,
              logger: RunLogger) -> Checkpoint:
     """Driver: continue from the pretrained checkpoint on prompt/completion pairs (loss on completions)."""
     ft = cfg.finetune
     _check_one_step_of_data(data.stats["sft_train_pairs"], ft, "finetune", "training pairs", "finetune.source")
     plan = TrainPlan(ft, gpt.read_config(pretrained.uri), init_from=pretrained.uri, extra_files=(data.tokenizer_uri,))
-    result = ray_runtime.fit(plan, f"finetune-{logger.run_id}", data.sft_train_uri, data.sft_heldout_uri, storage,
-                             logger)
+    result = ray_runtime.fit(plan, f"finetune-{logger.run_id}", data.sft_train_uri, data.sft_heldout_uri,
+                             train_storage, logger)
     _log_model_files(result.checkpoint, logger)
     return Checkpoint(uri=result.checkpoint, step=ft.max_steps, metrics=logger.latest_metrics())
 
 
 def _log_model_files(folder: str, logger: RunLogger) -> None:
     """The model as later stages load it; the optimizer state stays in Ray Train's storage."""
+    local = storage.local_copy(folder, check=lambda copy: ckpt.step_of(copy) is not None)
     for name in (gpt.WEIGHTS_FILE, gpt.CONFIG_FILE, TOKENIZER_FILE):
-        logger.log_artifact(os.path.join(folder, name), "model")
+        logger.log_artifact(os.path.join(local, name), "model")
 
 
 def _check_one_step_of_data(rows: int, training, section: str, what: str, source_key: str) -> None:

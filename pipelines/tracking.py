@@ -1,8 +1,9 @@
 """MLflow runs of gptforge: the experiment, the run tree, and logging to a run.
 
-Every MLflow call of gptforge goes through this module and the two beside it:
-`pipelines/run_queries.py` (what `--resume` and the stage cache look up) and
-`pipelines/registry.py` (model versions and their aliases).
+Every MLflow call of gptforge goes through this module and those beside it:
+`pipelines/run_queries.py` (what `--resume` and the stage cache look up),
+`pipelines/registry.py` (model versions and their aliases) and
+`pipelines/metrics_buffer.py` (a training worker's metrics, sent in batches).
 
 The driver creates the database, the experiment and every run before any Ray task
 or worker touches them: processes that create a fresh SQLite store at the same time
@@ -41,23 +42,31 @@ class TrackingError(RuntimeError):
     """The tracking server or model registry did not answer; nothing was changed by the failed call."""
 
 
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+_SCHEME = r"\b[A-Za-z][A-Za-z0-9+.-]*://"
+# Where a secret ends: at the "@" after which only the host (and port) comes before a path, query or blank.
+# The secret itself may hold any character but a blank, "/" and "@" included, which people do write unescaped.
+_BEFORE_HOST = r"@(?=[^\s/?#@]*(?:[\s/?#]|$))"
+_URI_PASSWORD = re.compile(rf"(?P<start>{_SCHEME}[^:/?#@\s]*):(?P<secret>\S*?){_BEFORE_HOST}")
+_URI_TOKEN = re.compile(rf"(?P<start>{_SCHEME})[^:/?#@\s]+@")  # a user part alone is often a token
+# `user:pw@host` without a scheme (a Ray or database address); "//" after the colon is a scheme's.
+_BARE_PASSWORD = re.compile(rf"(?<![\w/:@.%+~-])(?P<start>[\w.~%+-]+):(?!//)(?P<secret>\S+?){_BEFORE_HOST}")
 _SECRET_QUERY = re.compile(
-    r"(?P<key>[?&;][^=&\s]*(?:token|password|passwd|pwd|secret|key|sig|signature|credential|auth)[^=&\s]*=)"
-    r"[^&#\s]*", re.IGNORECASE)
+    r"(?P<key>[?&;#][^=&;#?\s]*(?:token|pass|pwd|secret|key|sig|credential|auth|session)[^=&;#?\s]*=)[^&;#\s]*",
+    re.IGNORECASE)
 
 
-def redact(text: str) -> str:
-    """`text` with the secrets of every URI in it replaced by `***`: for anything printed or logged.
+def redact(text) -> str:
+    """`text` with the secrets of every address in it replaced by `***`: for anything printed, logged or stored.
 
-    `http://user:pw@host` -> `http://user:***@host`; `postgresql://user:pw@host/db` likewise; a
-    user part alone (often a token) -> `***@host`; query values such as `?token=...` -> `***`.
+    `http://user:pw@host` -> `http://user:***@host` (also with "/" or "@" in the password, and
+    without a scheme: `user:pw@host:6379`); a user part alone (often a token) -> `***@host`;
+    query and fragment values of keys such as token, access_token, password, pass, pwd,
+    secret, key, api_key, signature, X-Amz-Signature, X-Amz-Credential -> `***`.
     """
-    def userinfo(match: re.Match) -> str:
-        user, colon, _ = match["userinfo"].partition(":")
-        return f"{match['scheme']}{user}:***@" if colon else f"{match['scheme']}***@"
-
-    return _SECRET_QUERY.sub(r"\g<key>***", _USERINFO.sub(userinfo, str(text)))
+    text = _URI_PASSWORD.sub(r"\g<start>:***@", str(text))
+    text = _URI_TOKEN.sub(r"\g<start>***@", text)
+    text = _BARE_PASSWORD.sub(r"\g<start>:***@", text)
+    return _SECRET_QUERY.sub(r"\g<key>***", text)
 
 
 def is_not_found(error) -> bool:
@@ -77,14 +86,15 @@ def tracking_call(tracking_uri: str, what: str):
             raise
         raise TrackingError(
             f"the MLflow tracking server {redact(tracking_uri)} failed while {what}: "
-            f"{redact(_first_line(error))}; nothing was changed in the registry. "
+            f"{error_line(error)}; nothing was changed in the registry. "
             f"Check that it is running and reachable (MLFLOW_TRACKING_URI), then run again"
         ) from None
 
 
-def _first_line(error: BaseException) -> str:
+def error_line(error: BaseException, limit: int = 800) -> str:
+    """The first line of an error's message with its secrets redacted: for log lines and stored details."""
     text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:800]
+    return redact(text.splitlines()[0][:limit])
 
 
 def configure_mlflow() -> None:
@@ -133,7 +143,7 @@ class RunLogger:
         from mlflow.entities import Param
 
         # MLflow caps a param value at 6000 characters; a list of variants is far below it.
-        batch = [Param(k, str(v)) for k, v in params.items()]
+        batch = [Param(k, v) for k, v in _redacted(params).items()]
         client = mlflow_client(self.tracking_uri)
         for start in range(0, len(batch), 100):  # log_batch takes at most 100 params per call
             client.log_batch(self.run_id, params=batch[start : start + 100])
@@ -141,7 +151,7 @@ class RunLogger:
     def set_tags(self, tags: dict) -> None:
         from mlflow.entities import RunTag
 
-        mlflow_client(self.tracking_uri).log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        mlflow_client(self.tracking_uri).log_batch(self.run_id, tags=[RunTag(k, v) for k, v in _redacted(tags).items()])
 
     def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
         mlflow_client(self.tracking_uri).log_artifacts(self.run_id, local_dir, artifact_path)
@@ -172,57 +182,6 @@ class RunLogger:
         """(metrics, tags) of the run as they are now; the CLI shows progress from them."""
         data = mlflow_client(self.tracking_uri).get_run(self.run_id).data
         return dict(data.metrics), dict(data.tags)
-
-
-class MetricsBuffer:
-    """A training worker's metrics, sent to MLflow in batches from a background thread.
-
-    Logging a step then costs the training loop a list append, not a database write
-    (tens of milliseconds, more than a whole GPU step). `latest` holds the newest values.
-    """
-
-    def __init__(self, logger: RunLogger, interval_s: float = 1.0):
-        import threading
-
-        self.logger = logger
-        self.latest: dict = {}
-        self._pending: list = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(interval_s,), name="gptforge-metrics", daemon=True)
-        self._thread.start()
-
-    def log(self, metrics: dict, step: int) -> None:
-        self.latest = dict(metrics)
-        with self._lock:
-            self._pending.append((dict(metrics), step))
-
-    def flush(self) -> None:
-        """Send everything logged so far; returns when MLflow has it."""
-        from mlflow.entities import Metric
-        import time
-
-        with self._lock:
-            pending, self._pending = self._pending, []
-        if not pending:
-            return
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for metrics, step in pending for k, v in metrics.items()]
-        client = mlflow_client(self.logger.tracking_uri)
-        for start in range(0, len(batch), 1000):  # log_batch takes at most 1000 metrics per call
-            client.log_batch(self.logger.run_id, metrics=batch[start : start + 1000])
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.flush()
-
-    def _run(self, interval_s: float) -> None:
-        while not self._stop.wait(interval_s):
-            try:
-                self.flush()
-            except Exception:  # noqa: BLE001 - a busy store must not kill training; the next flush retries
-                logging.getLogger(__name__).warning("could not log metrics to MLflow; retrying", exc_info=True)
 
 
 class Tracker:
@@ -269,11 +228,16 @@ class Tracker:
         if commit:
             tags["mlflow.source.git.commit"] = commit
         with tracking_call(self.tracking_uri, f"creating run {name!r}"):
-            run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
+            run = self.client.create_run(self.experiment_id, tags=_redacted(tags), run_name=redact(name))
         self._open.append(run.info.run_id)
         logger = RunLogger(self.tracking_uri, run.info.run_id)
         if params:
-            logger.log_params(params)
+            try:
+                with tracking_call(self.tracking_uri, f"logging the params of run {name!r}"):
+                    logger.log_params(params)
+            except BaseException as error:  # the run exists: end it rather than leave it RUNNING
+                self._end_quietly(run.info.run_id, _failed_status(error))
+                raise
         return logger
 
     def close_run(self, logger: RunLogger, status: str = "FINISHED") -> None:
@@ -284,7 +248,8 @@ class Tracker:
 
     def reopen_run(self, run_id: str) -> RunLogger:
         """Mark an interrupted run RUNNING again (for --resume); it stays open until `close_run`."""
-        self.client.update_run(run_id, status="RUNNING")
+        with tracking_call(self.tracking_uri, f"reopening run {run_id}"):
+            self.client.update_run(run_id, status="RUNNING")
         self._open.append(run_id)
         return RunLogger(self.tracking_uri, run_id)
 
@@ -294,24 +259,28 @@ class Tracker:
         """A run that always ends: FINISHED, FAILED, or KILLED on Ctrl-C.
 
         With `reopen`, that existing run continues instead of a new one being created.
-        A failure also ends, with the same status, every run opened inside this
-        one and still open (candidate runs span several stages), so no run is
-        left RUNNING after a crash.
+        A failure (logging the params included) also ends, with the same status, every
+        run opened inside this one and still open (candidate runs span several stages),
+        so no run is left RUNNING after a crash. Ending them never replaces the error.
         """
+        before = set(self._open)
         logger = self.reopen_run(reopen) if reopen else self.open_run(name, parent, stage, params)
         try:
             yield logger
         except BaseException as error:
-            status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-            first = self._open.index(logger.run_id)
-            for run_id in reversed(self._open[first:]):
-                try:
-                    self.close_run(RunLogger(self.tracking_uri, run_id), status)
-                except Exception as close_error:  # noqa: BLE001 - the server may be what failed; keep the cause
-                    logging.getLogger(__name__).warning("could not mark run %s %s: %s", run_id, status,
-                                                        redact(_first_line(close_error)))
+            status = _failed_status(error)
+            for run_id in [r for r in reversed(self._open) if r not in before]:  # newest first, this run last
+                self._end_quietly(run_id, status)
             raise
         self.close_run(logger)
+
+    def _end_quietly(self, run_id: str, status: str) -> None:
+        """End a run while an error is on its way up: a failure here is logged, never raised over it."""
+        try:
+            self.close_run(RunLogger(self.tracking_uri, run_id), status)
+        except Exception as close_error:  # noqa: BLE001 - the server may be what failed; keep the cause
+            logging.getLogger(__name__).warning("could not mark run %s %s: %s", run_id, status,
+                                                error_line(close_error))
 
     def end_runs(self, run_ids, status: str) -> None:
         """Mark runs that no process will continue (status KILLED, FAILED, ...)."""
@@ -331,6 +300,15 @@ class Tracker:
     def run_metrics(self, run_id: str) -> dict:
         with tracking_call(self.tracking_uri, f"reading run {run_id}"):
             return dict(self.client.get_run(run_id).data.metrics)
+
+
+def _failed_status(error: BaseException) -> str:
+    return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+
+
+def _redacted(mapping: dict) -> dict:
+    """Values as MLflow shows them to anyone who can read the run: no address's secret among them."""
+    return {k: redact(v) for k, v in mapping.items()}
 
 
 def _git_commit() -> str | None:

@@ -23,14 +23,10 @@ import pytest
 from mlflow import MlflowClient
 
 from pipelines.tracking import CACHED_FROM_TAG, PARENT_TAG, STAGE_TAG
-from tests.helpers import FAST_OVERRIDES, REPO, TINY_EXPERIMENT, cli_command, cli_env, free_port, gptforge
+from tests.helpers import JOB_OVERRIDES, REPO, TINY_EXPERIMENT, cli_command, cli_env, free_port, gptforge
 
 pytestmark = pytest.mark.integration
 
-# Smaller still than FAST_OVERRIDES: every stage does real work, but only a few steps of it.
-JOB_OVERRIDES = [*FAST_OVERRIDES, "pretrain.max_steps=6", "pretrain.log_every=2", "pretrain.eval_every=0",
-                 "finetune.max_steps=3", "finetune.log_every=1", "finetune.eval_every=0", "quantize.variants=[fp32]",
-                 "evaluate.max_batches=2", "evaluate.num_samples=1"]
 CACHED_STAGES = ("prepare_data", "pretrain", "finetune")
 BIN = Path(sys.executable).parent
 
@@ -184,9 +180,11 @@ def test_an_unchanged_rerun_recomputes_nothing(first_job, store):
     for stage in CACHED_STAGES:
         assert again[stage].data.tags[CACHED_FROM_TAG] == first[stage].info.run_id  # linked to the producer
         assert "train/loss" not in again[stage].data.metrics  # nothing trained in this run
-    # No training ran: Ray Train storage holds only the first run's two training runs.
-    assert sorted(p.name.split("-")[0] for p in (store["workdir"] / "ray_results").iterdir()) == \
-        ["finetune", "pretrain"]
+    # No training ran: only the first run's folder holds Ray Train storage (runs/<run>/<stage>/).
+    runs = store["workdir"] / "runs"
+    trained = sorted(p.relative_to(runs).as_posix() for stage in ("pretrain", "finetune") for p in runs.glob(f"*/{stage}"))
+    first_id = _run_id(first_job.stdout)
+    assert trained == [f"{first_id}/finetune", f"{first_id}/pretrain"]
 
 
 @pytest.mark.slow
@@ -237,6 +235,20 @@ def test_plain_ray_job_submit_runs_the_same_experiment(first_job, head, store):
     assert "succeeded" in result.stdout.lower()
     new = [r for r in _pipeline_runs(store["uri"]) if r.info.run_id not in before]
     assert len(new) == 1 and new[0].info.status == "FINISHED"
+
+
+def test_submitting_an_id_the_job_server_has_starts_no_second_job(head, tmp_path):
+    """What makes a scheduler's retry of a half-handled trigger safe, against the real job server."""
+    script = (f"from pipelines import jobs\n"
+              f"for _ in range(2):\n"
+              f"    print(jobs.submit({head.address!r}, 'experiments/tiny.yaml', ['no_such.key=1'], "
+              f"experiment_name='duplicate', env={{}}, submission_id='gptforge-duplicate-1'))\n"
+              f"print([j.job_id for j in jobs.list_jobs({head.address!r}, 'duplicate')])\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**head.env, "RAY_AUTH_MODE": "token"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:3] == ["gptforge-duplicate-1", "gptforge-duplicate-1",
+                                             "['gptforge-duplicate-1']"], result.stdout
 
 
 def _wait_for_status(head, job_id: str, wanted: tuple, timeout: float = 300) -> str:

@@ -5,7 +5,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from components.packing import pack_rows, write_rows
+from components.packing import encode_and_pack, pack_rows, row_dtype, write_rows
+from components.tokenizer import train_tokenizer
+from components.train import rows_from_arrow
+from tests.corpora import sample_text
 
 
 def test_pack_rows():
@@ -32,3 +35,24 @@ def test_write_rows_list_columns(tmp_path):
     assert not list(tmp_path.glob(".*tmp*")), "temp files must be renamed away"
     write_rows(tmp_path / "empty.parquet", np.zeros((0, 9), dtype=np.int32))
     assert pq.read_table(tmp_path / "empty.parquet").num_rows == 0
+
+
+def test_rows_are_as_narrow_as_the_vocabulary():
+    assert row_dtype(4096) == np.uint16 and row_dtype(50_257) == np.uint16 and row_dtype(2**16) == np.uint16
+    assert row_dtype(2**16 + 1) == np.uint32
+    rows = pack_rows([[65_535, 1], [2]], block_size=2, dtype=np.uint16)
+    assert rows.dtype == np.uint16 and rows.tolist() == [[65_535, 1, 0]]
+
+
+def test_encode_and_pack_one_batched_call(tmp_path):
+    tok = train_tokenizer([sample_text(i) for i in range(3)], 300)
+    texts = [sample_text(0), sample_text(1)]
+    rows, n_tokens = encode_and_pack(texts, tok, block_size=15, dtype=np.uint16)
+    expected = [len(tok.encode(t, add_special_tokens=False).ids) + 1 for t in texts]
+    assert n_tokens == sum(expected) and rows.shape == (n_tokens // 16, 16) and rows.dtype == np.uint16
+    assert rows[0].tolist() == tok.encode(texts[0], add_special_tokens=False).ids[:16]
+    write_rows(str(tmp_path / "rows.parquet"), rows)
+    table = pq.read_table(tmp_path / "rows.parquet")
+    assert table.schema.field("tokens").type == pa.list_(pa.uint16())
+    assert rows_from_arrow(table)["tokens"].tolist() == rows.tolist()
+    assert rows_from_arrow(table)["tokens"].dtype == np.int64

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from components.sources import DataError, Document, document_split, fingerprint, iter_documents, iter_sft_documents
+from components.corpus_files import read_file
+from components.documents import ProblemLog
+from components.sources import (DataError, Document, document_split, fingerprint, iter_documents, iter_sft_documents,
+                                list_source)
 from tests.corpora import write_text_corpus
 
 
@@ -113,3 +117,78 @@ def test_fingerprint_changes_with_content_and_config():
     assert base == fingerprint(list(docs), block_size=8)
     assert base != fingerprint(docs, block_size=16)
     assert base != fingerprint([Document("a", "x"), Document("b", "yz")], block_size=8)
+
+
+def _read(f, problems, **policy):
+    return read_file(f, policy.get("text_field", "text"), policy.get("on_bad_utf8", "replace"),
+                     policy.get("on_bad_json", "fail"), problems)
+
+
+def test_folder_takes_every_kind_and_globs_select(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("alpha\n")
+    (tmp_path / "sub" / "b.jsonl").write_text('{"text": "beta"}\n')
+    pq.write_table(pa.table({"text": ["gamma"]}), tmp_path / "sub" / "c.parquet")
+    (tmp_path / ".hidden.txt").write_text("hidden\n")
+    (tmp_path / "_SUCCESS").write_text("")
+    assert [(d.doc_id, d.text) for d in iter_documents(str(tmp_path))] == [
+        ("a.txt", "alpha\n"), ("sub/b.jsonl:1", "beta"), ("sub/c.parquet:1", "gamma")]
+    assert [d.doc_id for d in iter_documents(str(tmp_path / "**" / "*.jsonl"))] == ["sub/b.jsonl:1"]
+    assert [d.doc_id for d in iter_documents(str(tmp_path / "**" / "*.txt"))] == ["a.txt"]
+    with pytest.raises(DataError, match=r"no .* files found matching '\*\.md'"):
+        list_source(str(tmp_path / "*.md"))
+
+
+def test_bad_utf8_is_replaced_or_skipped_and_named(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"ok \xff\xfe then more\n")
+    (f,) = list_source(str(tmp_path))
+    problems = ProblemLog()
+    (doc,) = _read(f, problems)
+    assert doc.text == "ok \ufffd\ufffd then more\n"
+    assert problems.counts == {"replaced_bad_utf8": 1} and "bad.txt" in problems.examples["replaced_bad_utf8"][0]
+    problems = ProblemLog()
+    assert _read(f, problems, on_bad_utf8="skip") == [] and problems.counts == {"skipped_bad_utf8": 1}
+
+
+def test_lone_surrogates_never_reach_the_tokenizer(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"text": "a \\ud800 b"}\n{"text": "fine"}\n')
+    (f,) = list_source(str(path))
+    problems = ProblemLog()
+    docs = _read(f, problems)
+    assert [d.text for d in docs] == ["a \ufffd b", "fine"]
+    assert all(d.text.encode("utf-8") for d in docs)
+    assert "s.jsonl:1" in problems.examples["replaced_bad_utf8"][0]
+    problems = ProblemLog()
+    assert [d.doc_id for d in _read(f, problems, on_bad_utf8="skip")] == ["s.jsonl:2"]
+    assert problems.counts == {"skipped_bad_utf8": 1}
+
+
+def test_bad_json_lines_fail_or_are_counted(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "ok"}\n[1, 2]\n{"text": oops}\n{"text": "end"}\n')
+    (f,) = list_source(str(path))
+    problems = ProblemLog()
+    _read(f, problems)
+    assert problems.fatal == [f"{path}:2: expected a JSON object, got list; each line must be one JSON object "
+                              "(or set data.on_bad_json=skip)"]
+    problems = ProblemLog()
+    assert [d.text for d in _read(f, problems, on_bad_json="skip")] == ["ok", "end"]
+    assert problems.counts == {"skipped_bad_json": 2} and not problems.fatal
+
+
+def test_corrupt_parquet_missing_column_and_vanished_file_are_named(tmp_path):
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "good.parquet")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    (tmp_path / "gone.txt").write_text("soon gone\n")
+    files = {f.doc_id: f for f in list_source(str(tmp_path))}
+    (tmp_path / "gone.txt").unlink()
+    for name, pattern in (("good.parquet", r"good\.parquet: no column 'text' \(columns: \['body'\]\)"),
+                          ("broken.parquet", r"broken\.parquet: not a readable parquet file"),
+                          ("gone.txt", r"gone\.txt: cannot read")):
+        problems = ProblemLog()
+        assert _read(files[name], problems) == []
+        (message,) = problems.fatal
+        assert re.search(pattern, message), message
+    with pytest.raises(DataError, match=r"broken\.parquet: not a readable parquet file"):
+        list(iter_documents(str(tmp_path / "broken.parquet")))

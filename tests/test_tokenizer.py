@@ -1,7 +1,10 @@
 """Tests for components/tokenizer.py: the trained tokenizer and the vocabulary floor."""
 from __future__ import annotations
 
-from components.tokenizer import EOT, EOT_ID, MIN_VOCAB_SIZE, train_tokenizer
+import pytest
+
+from components.sources import DataError
+from components.tokenizer import EOT, EOT_ID, MIN_VOCAB_SIZE, load_tokenizer, train_tokenizer
 from tests.corpora import sample_text
 
 
@@ -22,3 +25,19 @@ def test_min_vocab_size_trains_and_round_trips():
     assert tok.decode(tok.encode(text).ids) == text
     # Below the floor the trainer does not refuse; it silently returns the floor.
     assert train_tokenizer([sample_text(0)], MIN_VOCAB_SIZE - 10).get_vocab_size() == MIN_VOCAB_SIZE
+
+
+def test_load_tokenizer_checks_the_eot_id(tmp_path):
+    tok = train_tokenizer([sample_text(0)], 300)
+    tok.save(str(tmp_path / "ok.json"))
+    assert load_tokenizer(str(tmp_path / "ok.json")).to_str() == tok.to_str()
+    from tokenizers import Tokenizer, models
+
+    other = Tokenizer(models.BPE())
+    other.add_tokens(["x"])
+    other.add_special_tokens([EOT])  # id 1, not EOT_ID
+    other.save(str(tmp_path / "other.json"))
+    with pytest.raises(DataError, match=r"tokenizer.file=.*other.json.*must be token id 0 \(it is 1\)"):
+        load_tokenizer(str(tmp_path / "other.json"))
+    with pytest.raises(DataError, match="cannot be read"):
+        load_tokenizer(str(tmp_path / "missing.json"))

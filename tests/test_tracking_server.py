@@ -106,6 +106,20 @@ def test_cli_names_the_unreachable_server_without_its_password(tmp_path, uri, co
     ("s3://bucket/key?X-Amz-Signature=deadbeef", "s3://bucket/key?X-Amz-Signature=***"),
     ("sqlite:////home/me/.gptforge/mlflow.db", "sqlite:////home/me/.gptforge/mlflow.db"),
     ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ("https://admin:pa/ss@host:8265", "https://admin:***@host:8265"),  # a "/" in the password
+    ("https://admin:p@ss@host/x", "https://admin:***@host/x"),  # an "@" in the password
+    ("admin:TOKEN@10.0.0.5:6379", "admin:***@10.0.0.5:6379"),  # no scheme (a Ray GCS address)
+    ("ray://admin:TOKEN@head:10001", "ray://admin:***@head:10001"),
+    ("redis://:pw@cache:6379/0", "redis://:***@cache:6379/0"),
+    ("https://host/api?pass=abc&x=1", "https://host/api?pass=***&x=1"),
+    ("https://host/cb#token=abc", "https://host/cb#token=***"),
+    ("https://host/cb#access_token=abc&state=1", "https://host/cb#access_token=***&state=1"),
+    ("https://h/x?password=a&pwd=b&secret=c&key=d&api_key=e&signature=f&n=1",
+     "https://h/x?password=***&pwd=***&secret=***&key=***&api_key=***&signature=***&n=1"),
+    ("https://h/x?X-Amz-Credential=AKIA%2F2026&X-Amz-Security-Token=t&X-Amz-Signature=abc",
+     "https://h/x?X-Amz-Credential=***&X-Amz-Security-Token=***&X-Amz-Signature=***"),
+    ("https://registry.npmjs.org/@scope/pkg", "https://registry.npmjs.org/@scope/pkg"),
+    ("ValueError: x@y", "ValueError: x@y"),
 ])
 def test_redact_hides_passwords_and_tokens(uri, shown):
     assert redact(uri) == shown
