@@ -7,6 +7,8 @@ runs the oldest works whose rows fit together (`fits`, at most `serve.max_batch_
 rows, all for the same model), so concurrent requests share one forward pass per token.
 A request that would push the queue past `serve.max_queued_rows` is refused at once (`Overloaded`),
 so an overloaded endpoint answers 503 instead of letting connections hang.
+The run function reports a request that fails on its own to that request alone (`generate_batch`
+does, through `Row.fail`); what it raises is not any one request's fault and fails the whole batch.
 """
 from __future__ import annotations
 

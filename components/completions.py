@@ -13,18 +13,25 @@ Every field of OpenAI's `POST /v1/completions` is either honoured or refused wit
 - accepted only at their no-op values: `best_of` (null or equal to `n`),
   `frequency_penalty` and `presence_penalty` (0), `logit_bias` (empty), `suffix` (null);
 - refused: token-id prompts, anything else.
+
+Every string of a request (keys included) must be UTF-8 text: JSON's `\\ud800` escape gives a lone
+surrogate, which neither the tokenizer nor a UTF-8 answer can carry, so it is a 400 naming the field.
 """
 from __future__ import annotations
 
+import collections
 import json
+import math
 import time
 import uuid
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from components.config import ServeConfig
 from components.generation import Delta, LogprobEntry, Sampling
-from components.sampling import seed_problem, temperature_problem
+from components.sampling import (
+    MAX_SEED, MAX_TEMPERATURE, MIN_TOP_P, seed_problem, temperature_problem, top_p_problem,
+)
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_LOGPROBS = 5  # OpenAI's limit on `logprobs`
@@ -35,6 +42,8 @@ class RequestError(Exception):
 
     def __init__(self, status_code: int, message: str, param: str | None = None, code: str | None = None,
                  error_type: str = "invalid_request_error", headers: dict | None = None):
+        # A message quoting the client's text must still encode as UTF-8, or answering it would fail.
+        message, param = _utf8(message), param if param is None else _utf8(param)
         super().__init__(message)
         self.status_code, self.message, self.param, self.code = status_code, message, param, code
         self.error_type, self.headers = error_type, headers or {}
@@ -51,29 +60,35 @@ class StreamOptions(BaseModel):
 Number = StrictFloat | StrictInt
 
 
+def _bounds(default, **schema):
+    """A field whose JSON schema (the endpoint's /openapi.json) states the fixed bounds `_check_values` enforces;
+    the schema only documents them, so a violation is still reported in the endpoint's own words."""
+    return Field(default, json_schema_extra=schema)
+
+
 class CompletionRequest(BaseModel):
     """The request body. Strict types: `"5"` is not a number and `1` is not `true`, as in OpenAI's API."""
 
     model_config = ConfigDict(extra="forbid")
-    prompt: StrictStr | list[StrictStr]
+    prompt: StrictStr | list[StrictStr] = _bounds(..., minLength=1, minItems=1)
     model: StrictStr | None = None
-    max_tokens: StrictInt | None = 16
-    temperature: Number | None = 1.0
-    top_p: Number | None = 1.0
-    top_k: StrictInt | None = None
-    stop: StrictStr | list[StrictStr] | None = None
-    n: StrictInt | None = 1
-    seed: StrictInt | None = None
+    max_tokens: StrictInt | None = _bounds(16, minimum=1)
+    temperature: Number | None = _bounds(1.0, minimum=0, maximum=MAX_TEMPERATURE)
+    top_p: Number | None = _bounds(1.0, minimum=MIN_TOP_P, maximum=1)
+    top_k: StrictInt | None = _bounds(None, minimum=1)
+    stop: StrictStr | list[StrictStr] | None = _bounds(None, minLength=1, maxItems=MAX_STOP)
+    n: StrictInt | None = _bounds(1, minimum=1)
+    seed: StrictInt | None = _bounds(None, minimum=0, maximum=MAX_SEED)
     echo: StrictBool | None = False
-    logprobs: StrictInt | None = None
+    logprobs: StrictInt | None = _bounds(None, minimum=0, maximum=MAX_LOGPROBS)
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
-    best_of: StrictInt | None = None
-    frequency_penalty: Number | None = 0
-    presence_penalty: Number | None = 0
-    logit_bias: dict[StrictStr, Number] | None = None
-    suffix: StrictStr | None = None
+    best_of: StrictInt | None = _bounds(None, minimum=1)
+    frequency_penalty: Number | None = _bounds(0, minimum=0, maximum=0)
+    presence_penalty: Number | None = _bounds(0, minimum=0, maximum=0)
+    logit_bias: dict[StrictStr, Number] | None = _bounds(None, maxProperties=0)
+    suffix: StrictStr | None = _bounds(None, maxLength=0)
 
     @property
     def prompts(self) -> list[str]:
@@ -105,6 +120,7 @@ def parse_request(body: bytes, limits: ServeConfig) -> CompletionRequest:
         raise RequestError(400, f"the request body is not valid JSON: {str(error)[:200]}") from None
     if not isinstance(data, dict):
         raise RequestError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    _check_text(data)
     if isinstance(data.get("prompt"), list) and any(not isinstance(p, str) for p in data["prompt"]):
         raise RequestError(400, "prompt: token-id prompts are not supported; send a string or a list of strings",
                            param="prompt")
@@ -118,6 +134,34 @@ def parse_request(body: bytes, limits: ServeConfig) -> CompletionRequest:
         raise RequestError(400, "; ".join(problems)[:2000], param=param) from None
     _check_values(request, limits)
     return request
+
+
+def _utf8(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_text(data: dict) -> None:
+    """Refuse, naming each, every string of the body (keys too) that is not UTF-8 text."""
+    problems: list[tuple[str | None, str]] = []  # (top-level field, or None for a field's name; what is wrong)
+    # (top-level field, path, value), walked in a loop: nesting as deep as JSON allows cannot overflow the stack.
+    todo = collections.deque((_utf8(key), _utf8(key), item) for key, item in data.items())
+    todo.extendleft((None, "a field name", key) for key in data)
+    while todo and len(problems) < 10:
+        field, path, value = todo.popleft()
+        if isinstance(value, dict):
+            todo.extend((field, f"{path} (a key)", key) for key in value)
+            todo.extend((field, f"{path}.{_utf8(key)}", item) for key, item in value.items())
+        elif isinstance(value, list):
+            todo.extend((field, f"{path}[{i}]", item) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as error:
+                problems.append((field, f"{path}: not valid UTF-8 text (a lone surrogate, "
+                                        f"U+{ord(value[error.start]):04X}, at character {error.start})"))
+    if problems:
+        raise RequestError(400, "; ".join(why for _, why in problems)[:2000],
+                           param=problems[0][0])
 
 
 def _pydantic_message(e: dict) -> str:
@@ -140,10 +184,10 @@ def _check_values(r: CompletionRequest, limits: ServeConfig) -> None:
             problems.append((name, f"{len(p)} characters, more than the limit of {limits.max_prompt_chars}"))
     if r.max_tokens is not None and not 1 <= r.max_tokens <= limits.max_tokens_cap:
         problems.append(("max_tokens", f"must be between 1 and {limits.max_tokens_cap}, got {r.max_tokens}"))
-    if r.temperature is not None and temperature_problem(float(r.temperature)):
-        problems.append(("temperature", temperature_problem(float(r.temperature))))
-    if r.top_p is not None and not 0 < r.top_p <= 1:
-        problems.append(("top_p", f"must be above 0 and at most 1, got {r.top_p}"))
+    if r.temperature is not None and temperature_problem(_as_float(r.temperature)):
+        problems.append(("temperature", temperature_problem(_as_float(r.temperature))))
+    if r.top_p is not None and top_p_problem(_as_float(r.top_p)):
+        problems.append(("top_p", top_p_problem(_as_float(r.top_p))))
     if r.top_k is not None and r.top_k < 1:
         problems.append(("top_k", f"must be at least 1, got {r.top_k}"))
     if r.seed is not None and seed_problem(r.seed):
@@ -177,6 +221,14 @@ def _check_values(r: CompletionRequest, limits: ServeConfig) -> None:
     if problems:
         raise RequestError(400, "; ".join(f"{name}: {why}" for name, why in problems),
                            param=problems[0][0].split("[")[0])
+
+
+def _as_float(value: float | int) -> float:
+    """A JSON number as a float; an integer too large for one (JSON allows 1 followed by 400 zeros) is infinite."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def sampling_of(r: CompletionRequest) -> Sampling:

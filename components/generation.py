@@ -12,6 +12,10 @@ own settings (temperature, top_k, top_p, seed). Each row reports `Delta`s throug
 `emit` callback as soon as text is safe to send: text that could still turn out to
 be the start of a stop sequence, or half of a UTF-8 character, is held back.
 
+One request cannot fail another's: what raises while one row is set up, echoed or sampled
+fails that row's request alone (its `fail` callback), and a batched prefill that raises is
+run again one request at a time (nothing has been sent yet at that point).
+
 Token healing: a prompt that ends on a token boundary the training data rarely had
 (`"def add(a, b):\\n"` ends in a lone "\\n" token, while the corpus tokenizes
 "\\n    return" as "\\n   " + " return", and a lone "\\n" is what comes before
@@ -23,6 +27,7 @@ then continues the function instead of stopping.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -138,13 +143,17 @@ class Delta:
 
 @dataclass
 class Row:
-    """One completion to generate. `generator` samples it (shared by a request's rows, seeded)."""
+    """One completion to generate. `generator` samples it (shared by a request's rows, seeded).
+
+    `fail` hears why the row could not be completed; a request's rows share one (equal) `fail`
+    and stop together. Without one, `generate_batch` raises instead."""
 
     prompt_ids: list[int]
     prompt_text: str
     sampling: Sampling
     emit: Callable[[Delta], None]
     generator: torch.Generator | None = None
+    fail: Callable[[BaseException], None] | None = None
 
 
 def batch_fits(rows: list[Row], block_size: int) -> bool:
@@ -288,8 +297,9 @@ def _sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None
     probs = F.softmax(logits, dim=-1)  # (V,)
     if s.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
-        # keep a token when the mass before it is below top_p (so the first one always stays)
+        # keep a token when the mass before it is below top_p
         drop = sorted_probs.cumsum(0) - sorted_probs >= s.top_p
+        drop[0] = False  # the most likely token always stays: a top_p that is 0 in float32 must not empty the set
         probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
     return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -299,32 +309,54 @@ def generate_batch(model, tokenizer_text: TokenText, rows: list[Row], eos_id: in
     """Generate every row's completion together; each row's `emit` gets its deltas, the last with a finish_reason.
 
     The rows must fit together (`batch_fits`). One prefill over the left-padded prompts,
-    then one batched decode step per token until every row has finished.
+    then one batched decode step per token until every row has finished. A row's own error fails
+    only its request (`Row.fail`); a failed decode step, which no row caused alone, raises.
     """
     device = model.transformer.wpe.weight.device
-    states = [_RowState(r, tokenizer_text, eos_id) for r in rows]
+    states, broken = [], []
+    for r in rows:
+        try:
+            states.append(_RowState(r, tokenizer_text, eos_id))
+        except Exception as error:  # noqa: BLE001 - reported to the row's request once every row is set up
+            broken.append((r, error))
+    for r, error in broken:
+        _fail(states, r, error)
+    if not (states := [st for st in states if not st.finished]):
+        return
     longest = max(len(st.context) for st in states)
     pad = torch.tensor([longest - len(st.context) for st in states])  # (B,)
-    idx = torch.full((len(rows), longest), eos_id, dtype=torch.long)  # (B, L)
+    idx = torch.full((len(states), longest), eos_id, dtype=torch.long)  # (B, L)
     for b, st in enumerate(states):
         idx[b, pad[b]:] = torch.tensor(st.context, dtype=torch.long)
-    cache = model.new_cache(len(rows), device, pad=pad)
-    logits, _ = model(idx.to(device), cache=cache)  # (B, L, V)
-    _send_prompts(states, logits, pad, tokenizer_text)
+    try:
+        cache = model.new_cache(len(states), device, pad=pad)
+        logits, _ = model(idx.to(device), cache=cache)  # (B, L, V)
+    except Exception:
+        requests = _by_request(states)
+        if len(requests) < 2:
+            raise
+        for alone in requests:  # nothing has been sent yet: each request starts again on its own
+            try:
+                generate_batch(model, tokenizer_text, alone, eos_id)
+            except Exception as error:  # noqa: BLE001 - this request fails by itself
+                _fail([], alone[0], error)
+        return
+    _each_live_row(states, lambda b, st: _send_prompt(st, logits[b, int(pad[b]):], tokenizer_text))
     logits = logits[:, -1, :].float()  # (B, V)
     first = True
     while True:
-        next_ids = torch.full((len(rows), 1), eos_id, dtype=torch.long)  # (B, 1): finished rows feed eos
-        for b, st in enumerate(states):
-            if st.finished:
-                continue
+        next_ids = torch.full((len(states), 1), eos_id, dtype=torch.long)  # (B, 1): finished rows feed eos
+
+        def step(b: int, st: _RowState) -> None:
             row_logits = logits[b]
             if first and st.healed is not None:
                 row_logits = row_logits.masked_fill(~tokenizer_text.starting_with(st.healed), -math.inf)
             token = _sample(row_logits, st.row.sampling, st.row.generator)
             lp = F.log_softmax(logits[b], dim=-1) if st.row.sampling.logprobs is not None else None
-            st.add(token, lp)
             next_ids[b, 0] = token
+            st.add(token, lp)
+
+        _each_live_row(states, step)
         first = False
         if all(st.finished for st in states):
             return
@@ -332,18 +364,56 @@ def generate_batch(model, tokenizer_text: TokenText, rows: list[Row], eos_id: in
         logits = logits[:, -1, :].float()  # (B, V)
 
 
-def _send_prompts(states: list[_RowState], logits: torch.Tensor, pad: torch.Tensor, vocab: TokenText) -> None:
-    """Echo: each row's prompt goes out first, with its tokens' log-probabilities when asked."""
+def _each_live_row(states: list[_RowState], action: Callable[[int, _RowState], None]) -> None:
+    """`action(b, state)` for every unfinished row; one that raises fails its own request, not the loop."""
     for b, st in enumerate(states):
-        s = st.row.sampling
-        entries = []
-        if s.echo and s.logprobs is not None:
-            # The healed context; the healed token's text comes with the first new token's entry.
-            row_lp = F.log_softmax(logits[b, int(pad[b]):].float(), dim=-1)  # (P, V): row p predicts token p+1
-            offset = 0
-            for p, token in enumerate(st.context):
-                text = vocab.decode([token])
-                entries.append(_entry(text, token, row_lp[p - 1], s.logprobs, vocab, offset) if p
-                               else LogprobEntry(text, None, None, 0))
-                offset += len(text)
-        st.send_prompt(entries)
+        if not st.finished:
+            try:
+                action(b, st)
+            except Exception as error:  # noqa: BLE001 - the row's request fails alone
+                _fail(states, st.row, error)
+
+
+def _fail(states: list[_RowState], row: Row, error: Exception) -> None:
+    """`row` cannot be completed: every row of its request stops and its `fail` hears why (none: raise)."""
+    if row.fail is None:
+        raise error
+    logging.getLogger(__name__).error("a completion failed; the others of its batch go on", exc_info=error)
+    for st in states:
+        if st.row.fail == row.fail:
+            st.finished = True
+    try:
+        row.fail(error)
+    except Exception:  # noqa: BLE001 - one request's listener must not stop the batch
+        logging.getLogger(__name__).exception("could not report a failed completion")
+
+
+def _by_request(states: list[_RowState]) -> list[list[Row]]:
+    """The rows grouped by request (equal `fail` callbacks), in order."""
+    requests: list[list[Row]] = []
+    for st in states:
+        same = [rows for rows in requests if rows[0].fail == st.row.fail]
+        if same:
+            same[0].append(st.row)
+        else:
+            requests.append([st.row])
+    return requests
+
+
+def _send_prompt(st: _RowState, logits: torch.Tensor, vocab: TokenText) -> None:
+    """Echo: the row's prompt goes out first, with its tokens' log-probabilities when asked.
+
+    `logits` (P, V): the row's prefill logits past its padding; row p predicts token p+1.
+    """
+    s = st.row.sampling
+    entries = []
+    if s.echo and s.logprobs is not None:
+        # The healed context; the healed token's text comes with the first new token's entry.
+        row_lp = F.log_softmax(logits.float(), dim=-1)  # (P, V)
+        offset = 0
+        for p, token in enumerate(st.context):
+            text = vocab.decode([token])
+            entries.append(_entry(text, token, row_lp[p - 1], s.logprobs, vocab, offset) if p
+                           else LogprobEntry(text, None, None, 0))
+            offset += len(text)
+    st.send_prompt(entries)

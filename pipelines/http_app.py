@@ -15,11 +15,15 @@ they were admitted with, new ones get the new one. Every answer names the model
 version that produced it (`model` and the `x-gptforge-model-version` header).
 
 `pipelines/serving.py` mounts `api` on the Ray Serve deployment, whose endpoint
-methods call `healthz`, `models` and `complete` here with the replica's `Engine`.
+methods call `healthz`, `models` and `complete` here with the replica's `Engine`;
+`standalone_app` puts the same endpoints on a plain FastAPI app for one `Engine`, which
+any ASGI server (uvicorn) runs without Ray. Both publish the request body's JSON schema
+at `/openapi.json`, so schema-driven clients and fuzzers know every field.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -28,6 +32,7 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -40,36 +45,60 @@ from pipelines.model_loading import FolderLoader, LoadedModel, RegistryLoader
 VERSION_HEADER = "x-gptforge-model-version"
 REPLICA_HEADER = "x-gptforge-replica"  # which replica answered (with several, HAProxy spreads the requests)
 
-api = FastAPI(title="gptforge", description="OpenAI-compatible completions from the gptforge champion")
-
 
 def _error_response(error: RequestError) -> JSONResponse:
     return JSONResponse(status_code=error.status_code, content=error.body(), headers=error.headers)
 
 
-@api.exception_handler(RequestError)
 async def _request_error(request: Request, error: RequestError):
     return _error_response(error)
 
 
-@api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, error: RequestValidationError):
     problems = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in error.errors()]
     return _error_response(RequestError(400, "; ".join(problems)))
 
 
-@api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, error: StarletteHTTPException):
     # Unknown paths (404) and wrong methods (405), in the same shape.
     return _error_response(RequestError(error.status_code, f"{request.method} {request.url.path}: {error.detail}",
                                         headers=dict(error.headers or {})))
 
 
-@api.exception_handler(Exception)
 async def _bug(request: Request, error: Exception):
     logging.getLogger(__name__).exception("unexpected error answering %s", request.url.path)
     return _error_response(RequestError(500, f"internal error ({type(error).__name__}); see the replica's log",
                                         error_type="server_error"))
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema, plus the completions body: the endpoint reads it itself (to cap its size
+    first), so FastAPI cannot see its fields."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        body = api_shapes.CompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(body.pop("$defs", {}))
+        schema["components"]["schemas"]["CompletionRequest"] = body
+        post = schema.get("paths", {}).get("/v1/completions", {}).get("post")
+        if post is not None:
+            post["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/CompletionRequest"}}}}
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def _new_app() -> FastAPI:
+    """An app that answers every error in OpenAI's shape and publishes the completions body's schema."""
+    app = FastAPI(title="gptforge", description="OpenAI-compatible completions from the gptforge champion")
+    app.add_exception_handler(RequestError, _request_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _bug)
+    app.openapi = functools.partial(_openapi, app)
+    return app
+
+
+api = _new_app()
 
 
 class _Reply:
@@ -204,9 +233,10 @@ async def complete(engine: Engine, request: Request):
     # One generator per request, drawn from in row order: a seed gives the same choices every time.
     generator = torch.Generator().manual_seed(req.seed if req.seed is not None else
                                               int.from_bytes(os.urandom(8), "little") >> 1)
-    rows = [Row(ids[p], prompts[p], sampling, reply.emitter(p * n + j), generator)
+    fail = reply.fail  # the same for all the request's rows: when one fails, they stop together
+    rows = [Row(ids[p], prompts[p], sampling, reply.emitter(p * n + j), generator, fail)
             for p in range(len(prompts)) for j in range(n)]
-    work = Work(rows, loaded, reply.fail)
+    work = Work(rows, loaded, fail)
     try:
         engine.batcher.submit(work)
     except Overloaded as error:
@@ -227,6 +257,29 @@ async def complete(engine: Engine, request: Request):
     content = api_shapes.completion_body(cid, loaded.model_id, choices, want_logprobs, prompt_tokens)
     headers["Server-Timing"] = _server_timing(received, work, generated)
     return JSONResponse(content, headers=headers)
+
+
+def standalone_app(engine: Engine) -> FastAPI:
+    """The endpoints of one `engine` on a FastAPI app of their own: the endpoint without Ray Serve.
+
+    Any ASGI server runs it (`uvicorn.run(standalone_app(engine), host="127.0.0.1")`); it answers
+    as the Serve deployment does, since both call the same functions.
+    """
+    app = _new_app()
+
+    @app.get("/healthz")
+    def _healthz():
+        return healthz(engine)
+
+    @app.get("/v1/models")
+    def _models():
+        return models(engine)
+
+    @app.post("/v1/completions")
+    async def _completions(request: Request):
+        return await complete(engine, request)
+
+    return app
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -8,7 +8,6 @@ with Ray Data, `pretrain` and `finetune` drive Ray Train. The candidates' stages
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 
 from components import accounting, storage
 from components import checkpoint as ckpt

@@ -128,16 +128,28 @@ class RayNode:
                                         start_new_session=True)
 
     def wait_until_in_cluster(self, expected_nodes: int) -> None:
-        """Wait until the cluster this node belongs to counts `expected_nodes` alive nodes."""
+        """Wait until the cluster this node belongs to counts `expected_nodes` alive nodes (and,
+        on the head, until its job server answers)."""
         def counted() -> bool:
             status = subprocess.run([str(BIN / "ray"), "status", "--address", self.gcs_address],
                                     capture_output=True, text=True, env=self.env)
-            return status.returncode == 0 and status.stdout.count("node_") >= expected_nodes
+            return status.returncode == 0 and status.stdout.count("node_") >= expected_nodes and self._job_server_up()
         try:
             _wait(counted, self.process, "ray node", self.log_path)
         except BaseException:
             self.stop()
             raise
+
+    def _job_server_up(self) -> bool:
+        if not hasattr(self, "dashboard_url"):
+            return True  # a worker node has none
+        try:
+            with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2):
+                return True
+        except urllib.error.HTTPError:  # 401 without the token: the job server is up
+            return True
+        except OSError:
+            return False
 
     def stop(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):

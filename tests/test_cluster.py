@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import time
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient

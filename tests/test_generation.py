@@ -10,6 +10,7 @@ from components.batching import Batcher, Overloaded, Work
 from components.config import ServeConfig
 from components.generation import Row, Sampling, TokenText, _safe_length, batch_fits, generate, generate_batch
 from components.model import GPT, GPTConfig
+from components.sampling import MIN_TEMPERATURE, MIN_TOP_P
 from components.tokenizer import EOT_ID, train_tokenizer
 
 
@@ -267,3 +268,78 @@ def test_healing_turns_the_readme_example_from_empty_into_code(one_thread):
     assert plain[0] == EOT_ID  # without healing: end-of-text at once, an empty completion
     text, reason, _ = _run((model, tokenizer, TokenText(tokenizer, 300)), [prompt], Sampling(max_tokens=8, temperature=0))[0]
     assert text.startswith("    return a + b"), text
+
+
+# ----------------------------------------------------------------------------- one row cannot fail another
+
+
+def test_a_top_p_too_small_for_float32_still_keeps_the_most_likely_token():
+    from components.generation import _sample
+
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(0))
+    for top_p in (1e-46, 0.0, MIN_TOP_P):  # 1e-46 is 0 in float32: every token was dropped and sampling raised
+        token = _sample(logits, Sampling(temperature=1.0, top_p=top_p), torch.Generator().manual_seed(1))
+        assert token == int(logits.argmax())
+
+
+def test_the_smallest_temperature_samples_even_from_extreme_logits():
+    # logits / MIN_TEMPERATURE stays finite for any logit a model gives (|logit| far below 1e35), so no larger floor.
+    from components.generation import _sample
+
+    logits = torch.linspace(-1e4, 1e4, 300)
+    for s in (Sampling(temperature=MIN_TEMPERATURE), Sampling(temperature=MIN_TEMPERATURE, top_p=MIN_TOP_P, top_k=1)):
+        assert _sample(logits, s, torch.Generator().manual_seed(0)) == 299
+
+
+def _request_rows(tiny, prompt, sampling, n=1, ids=None):
+    """`n` rows of one request (one shared `fail`); returns (rows, deltas per row, failures)."""
+    _, tokenizer, _ = tiny
+    deltas, failures = [[] for _ in range(n)], []
+    ids = tokenizer.encode(prompt).ids if ids is None else ids
+    rows = [Row(ids, prompt, sampling, deltas[i].append, torch.Generator().manual_seed(0), failures.append)
+            for i in range(n)]
+    return rows, deltas, failures
+
+
+def test_a_row_whose_sampling_raises_fails_its_request_alone(tiny):
+    greedy = Sampling(max_tokens=12, temperature=0)
+    alone = _run(tiny, ["def add(a, b):\n"], greedy)[0]
+    good, good_deltas, good_failures = _request_rows(tiny, "def add(a, b):\n", greedy)
+    # top_k=0 is refused at the door; past it, torch.topk(k=0) raises inside the batch
+    bad, bad_deltas, bad_failures = _request_rows(tiny, "x = ", Sampling(max_tokens=12, temperature=1.0, top_k=0), n=2)
+    generate_batch(tiny[0], tiny[2], bad[:1] + good + bad[1:], EOT_ID)
+    assert not good_failures and "".join(d.text for d in good_deltas[0]) == alone[0]
+    assert good_deltas[0][-1].finish_reason == alone[1]
+    assert len(bad_failures) == 1 and isinstance(bad_failures[0], IndexError)  # once, and both rows stopped
+    assert bad_deltas == [[], []]
+
+
+def test_a_prefill_that_raises_is_run_again_one_request_at_a_time(tiny):
+    greedy = Sampling(max_tokens=8, temperature=0)
+    alone = _run(tiny, ["print(x)\n"], greedy)[0][0]
+    good, good_deltas, good_failures = _request_rows(tiny, "print(x)\n", greedy)
+    bad, _, bad_failures = _request_rows(tiny, "?", greedy, ids=[10**6])  # no such token: the embedding raises
+    generate_batch(tiny[0], tiny[2], good + bad, EOT_ID)
+    assert not good_failures and "".join(d.text for d in good_deltas[0]) == alone
+    assert len(bad_failures) == 1 and isinstance(bad_failures[0], IndexError)
+
+
+def test_a_row_whose_listener_raises_does_not_stop_the_others(tiny):
+    greedy = Sampling(max_tokens=8, temperature=0)
+    good, good_deltas, good_failures = _request_rows(tiny, "x = [1", greedy)
+    bad, _, bad_failures = _request_rows(tiny, "x = [1", greedy)
+
+    def broken_emit(delta):
+        raise RuntimeError("the client went away badly")
+
+    bad[0].emit = broken_emit
+    generate_batch(tiny[0], tiny[2], bad + good, EOT_ID)
+    assert good_deltas[0][-1].finish_reason is not None and not good_failures
+    assert [str(e) for e in bad_failures] == ["the client went away badly"]
+
+
+def test_rows_without_a_fail_callback_raise_as_before(tiny):
+    _, tokenizer, _ = tiny
+    row = Row(tokenizer.encode("x").ids, "x", Sampling(temperature=1.0, top_k=0), lambda d: None)
+    with pytest.raises(IndexError):
+        generate_batch(tiny[0], tiny[2], [row], EOT_ID)

@@ -13,60 +13,29 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from pipelines.tracking import CACHED_FROM_TAG, PARENT_TAG, STAGE_TAG
-from tests.helpers import JOB_OVERRIDES, REPO, TINY_EXPERIMENT, cli_command, cli_env, free_port, gptforge
+from tests.cluster_processes import BIN, RayNode
+from tests.helpers import JOB_OVERRIDES, REPO, TINY_EXPERIMENT, cli_command, cli_env, gptforge
 
 pytestmark = pytest.mark.integration
 
 CACHED_STAGES = ("prepare_data", "pretrain", "finetune")
-BIN = Path(sys.executable).parent
 
 
-class RayHead:
-    """`ray start --head` on 127.0.0.1 with free ports and a temp dir of its own.
-
-    Stopped by killing its own process group and any process naming its temp dir,
-    never with a bare `ray stop` (that would stop every Ray of this user on the machine).
-    """
+class RayHead(RayNode):
+    """`ray start --head` on 127.0.0.1 with free ports, a temp dir of its own and 4 CPUs; its
+    job server at `address`. Stopping it first stops the jobs still running, then its processes."""
 
     def __init__(self):
-        # Short: Ray's unix sockets live below it, and socket paths are limited to 107 bytes.
-        self.temp_dir = tempfile.mkdtemp(prefix="gfh", dir="/tmp")
-        gcs, dashboard, client, agent = (free_port() for _ in range(4))
-        self.address = f"http://127.0.0.1:{dashboard}"
-        self.env = {**cli_env(), "PATH": f"{BIN}:{os.environ['PATH']}"}  # the job's `python` is this venv's
-        self.log = open(Path(self.temp_dir) / "start.log", "w")
-        # Fixed default ports (client server 10001, agent 52365) would collide with other heads on the machine.
-        self.process = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-             "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
-             "--temp-dir", self.temp_dir, "--num-cpus", "4", "--disable-usage-stats", "--block"],
-            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 240  # a loaded 2-core machine
-        while not self._answers():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"ray head did not start: {(Path(self.temp_dir) / 'start.log').read_text()}")
-            time.sleep(1)
-
-    def _answers(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.address}/api/version", timeout=2):
-                return True
-        except urllib.error.HTTPError:  # 401 without the token: the job server is up
-            return True
-        except OSError:
-            return False
+        super().__init__(4)
+        self.address = self.dashboard_url
+        self.wait_until_in_cluster(1)
 
     def stop(self) -> None:
         from pipelines import jobs
@@ -77,32 +46,7 @@ class RayHead:
                     jobs.stop(job.job_id, self.address)
         except Exception:  # noqa: BLE001 - the head may be what failed; kill it below anyway
             pass
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in _pids_of(self.process.pid, self.temp_dir):  # start_new_session: its pid is the session id
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            time.sleep(3)
-        self.process.wait()
-        self.log.close()
-
-
-def _pids_of(session: int, temp_dir: str) -> list[int]:
-    """This head's processes: those of its session (workers get their own process group, not session),
-    and any naming its temp dir."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            sid = int(stat[stat.rindex(")") + 2:].split()[3])  # fields after "(comm)": state ppid pgrp session
-            if sid == session or temp_dir.encode() in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-        except (OSError, ValueError):
-            pass
-    return pids
+        super().stop()
 
 
 @pytest.fixture(scope="module")

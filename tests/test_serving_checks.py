@@ -9,7 +9,7 @@ from components.completions import (
     CompletionRequest, RequestError, check_context, check_model, parse_request, sampling_of,
 )
 from components.config import ServeConfig
-from components.sampling import MAX_SEED
+from components.sampling import MAX_SEED, MIN_TOP_P
 from pipelines.serving import ServeError, _check_port_free, deployment_options
 
 LIMITS = ServeConfig(max_body_bytes=4096, max_prompt_chars=100, max_tokens_cap=16, max_choices=4)
@@ -48,6 +48,10 @@ def test_every_problem_of_a_request_is_named_at_once():
     ({"seed": MAX_SEED + 1}, "seed"),
     ({"seed": 2**64}, "seed"),  # torch.Generator.manual_seed raises on it
     ({"top_p": 1.5}, "top_p"),
+    ({"top_p": 1e-46}, "top_p"),  # 0 in float32: the sampler's nucleus was empty and the whole batch failed
+    ({"top_p": MIN_TOP_P / 2}, "top_p"),
+    ({"top_p": 10**400}, "top_p"),  # a JSON integer too large for a float
+    ({"temperature": -(10**400)}, "temperature"),
     ({"top_k": 0}, "top_k"),
     ({"n": 0}, "n"),
     ({"logprobs": 6}, "logprobs"),
@@ -71,6 +75,28 @@ def test_every_problem_of_a_request_is_named_at_once():
 def test_each_field_is_refused_by_name(fields, name):
     error = _refused({"prompt": "def f():", **fields})
     assert error.param == name and name in error.message, error.message
+
+
+def test_the_smallest_top_p_is_accepted():
+    assert sampling_of(_parse(prompt="x", top_p=MIN_TOP_P)).top_p == MIN_TOP_P
+
+
+@pytest.mark.parametrize("fields, name", [
+    ({"prompt": "def \ud800"}, "prompt"),  # JSON's "\ud800" escape: a lone surrogate, which UTF-8 cannot carry
+    ({"prompt": ["ok", "x\udfff"]}, "prompt"),
+    ({"stop": "\ud800"}, "stop"),
+    ({"stop": ["\n", "a\udc00b"]}, "stop"),
+    ({"model": "tiny\ud800"}, "model"),
+    ({"user": "\ud800"}, "user"),
+    ({"suffix": "\ud800"}, "suffix"),
+    ({"logit_bias": {"\ud800": 1}}, "logit_bias"),
+    ({"stream": True, "stream_options": {"\ud800": True}}, "stream_options"),
+    ({"\ud800": 1}, None),  # the field's own name
+])
+def test_a_string_that_is_not_utf8_is_refused_by_name(fields, name):
+    error = _refused({"prompt": "def f():", **fields})
+    assert error.param == name and "UTF-8" in error.message, error.message
+    json.dumps(error.body(), allow_nan=False).encode("utf-8")  # the answer itself encodes
 
 
 def test_bodies_that_are_not_requests_are_400_and_big_ones_413():
