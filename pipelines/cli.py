@@ -19,7 +19,8 @@ from pathlib import Path
 from components.experiment_file import ConfigError, ExperimentConfig, load_config
 from components.files import IntegrityError
 from components.sources import DataError
-from pipelines import cli_jobs
+from components.storage import StorageError
+from pipelines import cli_hf, cli_jobs, cli_signals
 from pipelines.cli_experiment import DEFAULT_EXPERIMENT, load_experiment
 from pipelines.jobs import JobError
 from pipelines.schedule import MISSED_POLICIES, ScheduleError
@@ -27,7 +28,7 @@ from pipelines.serving import ServeError
 from pipelines.tracking import TrackingError, redact
 
 USER_ERRORS = (ConfigError, DataError, LookupError, ServeError, TrackingError, IntegrityError, JobError,
-               ScheduleError)
+               ScheduleError, StorageError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,13 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    # `kill` and job schedulers send SIGTERM: end MLflow runs and Ray/Serve as on Ctrl-C.
-    # SIGINT is set explicitly because a shell starting us in the background ignores it.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # `kill`, systemd, Docker and job schedulers send SIGTERM: end MLflow runs and Ray/Serve as on Ctrl-C.
+    cli_signals.handle_signals()
     try:
         return args.handler(args)
     except KeyboardInterrupt:
+        if signum := cli_signals.terminated_by():
+            print(f"\nstopped ({signal.Signals(signum).name})", file=sys.stderr)
+            return 128 + signum  # as a shell reports a process the signal ended
         print("\ninterrupted", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - sorted into user errors and bugs below
@@ -58,10 +60,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         sys.stderr.write(redact(traceback.format_exc()))  # a bug: the whole traceback, less any secret
         return 1
-
-
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -169,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
                           description="List recent pipeline runs (newest first) with their status and champion.")
     _experiment_args(runs)
     runs.set_defaults(handler=_runs)
+    cli_hf.add_commands(sub)
     return parser
 
 
@@ -193,7 +192,6 @@ def _address_arg(parser: argparse.ArgumentParser, tracking: bool = False) -> Non
 
 def _run(args) -> int:
     from components.comparison import candidate_table
-    from pipelines import ray_runtime
     from pipelines.llm_pipeline import run_pipeline
     from pipelines.model_loading import RegistryLoader
     from pipelines.progress import Progress
@@ -207,8 +205,8 @@ def _run(args) -> int:
     progress = Progress()
     started = time.perf_counter()
     progress.say(f"gptforge: experiment {cfg.name!r}, workdir {Path(cfg.workdir).resolve()}")
-    ray_runtime.init_ray(cfg.ray_num_cpus)
     try:
+        cli_signals.start_ray(cfg.ray_num_cpus)
         result = run_pipeline(cfg, progress, resume, use_cache=not args.no_cache, run_name=args.run_name)
         progress.say("")
         progress.say(candidate_table(result.reports, result.decision.winner.name))
@@ -224,7 +222,7 @@ def _run(args) -> int:
         else:
             progress.say("serve it with: gptforge serve" + (f" {args.experiment}" if args.experiment else ""))
     finally:
-        ray_runtime.shutdown_ray()
+        cli_signals.stop_ray()
     return 0
 
 
@@ -232,6 +230,7 @@ def _interrupted_run(args):
     """The config and MLflow record of the run that `--resume` continues."""
     import tempfile
 
+    from pipelines.cli_experiment import absolute_folders
     from pipelines.run_queries import interrupted_pipeline
     from pipelines.tracking import Tracker
 
@@ -246,11 +245,17 @@ def _interrupted_run(args):
                           f"(only workdir=... may be given) or start a new run")
     cfg = load_experiment(args)
     resume = interrupted_pipeline(Tracker.for_experiment(cfg), None if run_id == "latest" else run_id)
+    # The run goes on writing where it started (the workdir and storage it recorded), not into the
+    # default workdir of whatever folder this command runs in; an explicit workdir= moves it.
+    moved = any(o and o.startswith("workdir=") for o in [args.experiment, *args.overrides])
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         f.write(resume.experiment_yaml)
         f.flush()
-        # The run's own config, with this invocation's workdir (where its store and checkpoints were found).
-        return load_config(f.name, [f"workdir={cfg.workdir}"]), resume
+        resumed = absolute_folders(load_config(f.name, [f"workdir={cfg.workdir}"] if moved else []))
+    storage = f", storage {redact(resumed.storage)}" if resumed.storage else ""
+    print(f"gptforge: resuming run {resume.run_id} in workdir {resumed.workdir}{storage} "
+          f"({'given by workdir=' if moved else 'the one it started with'})", flush=True)
+    return resumed, resume
 
 
 def _looks_like_run_id(value: str) -> bool:
@@ -274,7 +279,6 @@ def _check_gpus(cfg: ExperimentConfig) -> None:
 
 
 def _serve(args) -> int:
-    from pipelines import ray_runtime
     from pipelines.model_loading import RegistryLoader
     from pipelines.progress import Progress
     from pipelines.tracking import resolve_tracking_uri
@@ -285,11 +289,11 @@ def _serve(args) -> int:
     # Fail here, before Ray starts and with a plain message, when nothing was promoted yet, the
     # registry does not answer, or the champion's files do not match the registry's record.
     loader.fetch()
-    ray_runtime.init_ray(cfg.ray_num_cpus)
     try:
+        cli_signals.start_ray(cfg.ray_num_cpus)
         _serve_forever(loader, cfg, Progress())
     finally:
-        ray_runtime.shutdown_ray()
+        cli_signals.stop_ray()
     return 0
 
 

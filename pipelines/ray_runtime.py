@@ -386,7 +386,7 @@ def _gather_workers() -> list[tuple[int, str]]:
 
 
 def node_id() -> str:
-    """The Ray node this process runs on."""
+    """The Ray node this process runs on ("" outside Ray: a stage function called in-process)."""
     import ray
 
-    return ray.get_runtime_context().get_node_id()
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""

@@ -5,11 +5,20 @@ model the given loader returns (`pipelines/model_loading.py`) and answer over th
 FastAPI app; `deployment_options` turns the experiment's `serve:` section into
 Serve's replicas, resources and request caps. The section travels to the replicas
 whole (a frozen dataclass pickles).
+
+Serve's HAProxy ingress keeps an admin socket (level admin: it can re-point or disable
+the backends) and its config in files; `isolate_haproxy` puts them in a folder of this
+user's own before an embedded Ray starts, and `stop_haproxy` stops, by pid, any HAProxy
+still running from it once Ray is down.
 """
 # No `from __future__ import annotations` here: FastAPI must see the real request
 # type on the endpoint, or it reads `request` as a query parameter.
 import logging
+import os
+import shutil
+import signal
 import socket
+import tempfile
 import time
 import urllib.request
 
@@ -96,7 +105,10 @@ def deploy(loader, cfg: ServeConfig, timeout_s: float = 120.0) -> str:
 
 def deployment_options(cfg: ServeConfig) -> dict:
     """Serve's deployment options: replicas or autoscaling, resources, and the request caps."""
-    options = {"ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+    from pipelines.ray_runtime import worker_resources
+
+    options = {"ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus,
+                                     "resources": worker_resources()},
                # Serve hands a replica at most max_ongoing_requests requests at once, and only
                # requests the replica holds can share a batch: Serve's default of 5 would cap
                # every batch at 5 rows, so the cap is never below the batch size.
@@ -155,3 +167,94 @@ def shutdown() -> None:
     from ray import serve
 
     serve.shutdown()
+
+
+# Where Ray Serve keeps HAProxy's files (it adds a folder per node below each). Its defaults
+# are shared folders under /tmp, and the admin socket it writes there is mode 666.
+_HAPROXY_FILES = {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+}
+_haproxy_folder: str | None = None
+
+
+def isolate_haproxy() -> str | None:
+    """Before an embedded Ray starts: HAProxy's admin socket, config and state go to a new folder (mode 700).
+
+    Ray Serve's HAProxy template makes the admin socket mode 666, which this cannot change,
+    but nobody else can reach a socket inside a folder they may not enter. Ray's processes
+    read the location from the environment they inherit, so this is a no-op under
+    RAY_ADDRESS (the cluster's nodes set their own) or when the user set any location.
+    Returns the folder, or None when nothing was changed.
+    """
+    global _haproxy_folder
+    if _haproxy_folder is not None or os.environ.get("RAY_ADDRESS") or any(v in os.environ for v in _HAPROXY_FILES):
+        return None
+    # /tmp and a short name: a unix socket's path may have 107 bytes, and HAProxy binds
+    # <folder>/<56-character node id>/admin.sock.<pid>.tmp first.
+    _haproxy_folder = tempfile.mkdtemp(prefix="gfserve-", dir="/tmp")
+    for variable, name in _HAPROXY_FILES.items():
+        os.environ[variable] = os.path.join(_haproxy_folder, name) if name else _haproxy_folder
+    return _haproxy_folder
+
+
+def stop_haproxy(grace_s: float = 5.0) -> None:
+    """After Ray is shut down: stop any HAProxy still running from the `isolate_haproxy` folder, and remove it.
+
+    Serve stops its HAProxy when it shuts down cleanly, but HAProxy is the child of a
+    Serve worker, and a worker killed first (Ray shut down mid-deploy, or after Serve failed
+    to stop) leaves it running with parent 1, holding the port. Found by its command line,
+    which names its config file in that folder: SIGTERM, then SIGKILL after `grace_s`.
+    """
+    global _haproxy_folder
+    folder, _haproxy_folder = _haproxy_folder, None
+    if folder is None:
+        return
+    try:
+        pids = _processes_naming(folder)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace_s
+            while (pids := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not pids:
+                break
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        for variable in _HAPROXY_FILES:
+            os.environ.pop(variable, None)  # a later Ray of this process gets a folder of its own again
+
+
+def _processes_naming(folder: str) -> list[int]:
+    """Pids of this user's processes with an argument inside `folder` (Linux /proc; none elsewhere)."""
+    inside = folder.encode() + b"/"
+    pids = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return pids
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if any(arg.startswith(inside) for arg in f.read().split(b"\0")):
+                    pids.append(int(entry))
+        except OSError:  # gone, or not ours to read
+            pass
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has stopped already
+    except OSError:
+        return False
