@@ -84,10 +84,15 @@ def tracking_call(tracking_uri: str, what: str):
     except Exception as error:  # noqa: BLE001 - MlflowException, or requests/SQLAlchemy errors beneath it
         if is_not_found(error):
             raise
+        line = error_line(error)
+        refused = any(marker in line for marker in ("401", "403", "Unauthorized", "Permission denied",
+                                                       "PERMISSION_DENIED", "UNAUTHENTICATED"))
+        advice = ("The server refused the credentials: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                  "to an account allowed to do this" if refused else
+                  "Check that it is running and reachable (MLFLOW_TRACKING_URI)")
         raise TrackingError(
             f"the MLflow tracking server {redact(tracking_uri)} failed while {what}: "
-            f"{error_line(error)}; nothing was changed in the registry. "
-            f"Check that it is running and reachable (MLFLOW_TRACKING_URI), then run again"
+            f"{line}; nothing was changed in the registry. {advice}, then run again"
         ) from None
 
 
