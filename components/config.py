@@ -276,12 +276,18 @@ class EvaluateConfig:
         "def fibonacci(n):\n", "import os\n", "class Stack:\n    def __init__(self):\n", "for i in range(10):\n",
     ])
     """Fixed prompts whose greedy continuations are logged side by side across candidates."""
+    bpb_max_bytes: int = checked(131072, non_negative)
+    """UTF-8 bytes of held-out documents that `eval/val_bpb` is measured on (0 = all the data stage
+    kept, at most 1 MiB); the same text for every candidate and for the re-evaluated champion."""
 
 
 @dataclass(frozen=True)
 class PromoteConfig:
-    metric: str = checked("eval/val_ppl", reported_by(_candidate_metric))
-    """Metric that decides the best candidate (one of components.metrics.CANDIDATE_METRICS)."""
+    metric: str = checked("eval/val_bpb", reported_by(_candidate_metric))
+    """Metric that decides the best candidate and whether it replaces the champion (one of
+    components.metrics.CANDIDATE_METRICS). The champion is re-evaluated beside the candidates on
+    `eval/val_bpb`, `eval/completion_bpb` and `model/size_bytes`; other metrics are compared with the
+    value the champion logged, and only when it was trained on the same data."""
     mode: str = checked("min", _MIN_OR_MAX)
     """`min` or `max`: which direction of `metric` is better."""
     tie_tolerance: float = checked(
@@ -294,6 +300,13 @@ class PromoteConfig:
     fastest within 2%"."""
     tie_breaker_mode: str = checked("min", _MIN_OR_MAX)
     """`min` or `max`: which direction of `tie_breaker` wins."""
+    max_completion_bpb_regression_pct: float | None = checked(5.0, non_negative)
+    """Gate: a challenger whose `eval/completion_bpb` (held-out completions after their prompts) is
+    more than this many percent above the champion's, both measured side by side, is not promoted,
+    whatever `metric` says. Unset (null) turns the gate off."""
+    max_size_growth_pct: float | None = checked(None, non_negative)
+    """Gate: a challenger whose `model/size_bytes` is more than this many percent above the
+    champion's is not promoted. Unset (null, the default) turns the gate off."""
 
 
 @dataclass(frozen=True)
@@ -326,6 +339,15 @@ class ServeConfig:
     """How long the first queued request waits for others to share its batch."""
     max_queued_rows: int = checked(64, at_least_1)
     """Completions that may wait in a replica's queue; past it a request gets 503 with Retry-After at once."""
+    batching: str = checked("static", one_of("static", "continuous"))
+    """`static`: a batch runs until its longest completion ends, then the next batch starts.
+    `continuous`: at every decode step finished completions leave the batch and queued ones join
+    (up to `max_batch_size` rows and `max_step_tokens` tokens a step), so short completions are not
+    held up by long ones."""
+    max_step_tokens: int = checked(512, at_least_1)
+    """With `batching: continuous`, the most tokens one step computes: the joining prompts' tokens plus
+    one per running completion. A request whose prompts would pass it waits for the next step (one
+    always joins an idle replica), so a long prompt cannot stall the running completions for long."""
     max_ongoing_requests: int = checked(128, at_least_1)
     """Serve's cap on requests in flight per replica (streams included); above `max_queued_rows`
     so that a full queue answers 503 itself, quickly, rather than Serve holding requests."""

@@ -2,8 +2,8 @@
 
 `GPT.new_cache` builds one; `GPT.forward` takes its position ids (and, with left padding,
 its attention mask) from it, and each attention layer writes its keys and values into it
-with `update`. The model module imports this one, so this one takes the GPTConfig only
-as a type.
+with `update`; `advance` counts the new positions once every layer has written. The model
+module imports this one, so this one takes the GPTConfig only as a type.
 """
 from __future__ import annotations
 
@@ -55,6 +55,10 @@ class KVCache:
         real_key = keys[None, :] >= self.pad[:, None]  # (B, past+T)
         itself = keys[None, :] == (past + torch.arange(T, device=device))[:, None]  # (T, past+T)
         return (causal[None] & (real_key[:, None, :] | itself[None]))[:, None]  # (B, 1, T, past+T)
+
+    def advance(self, T: int) -> None:
+        """Every layer has written the T new positions (`GPT.forward` calls it last)."""
+        self.length += T
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store `k`, `v` (B, nh, T, hs) after the cached positions; return all keys and values so far."""

@@ -244,7 +244,7 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cache)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None

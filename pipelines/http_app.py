@@ -6,7 +6,9 @@ events; `components/completions.py` says which fields do what), `GET /v1/models`
 error shape (`{"error": {"message", "type", "param", "code"}}`), never a 5xx.
 
 Inside a replica: requests are tokenized and queued; one thread runs them in
-batches on one KV cache (`components/batching.py`, `components/generation.py`).
+batches on one KV cache: static batches (`serve.batching: static`, `components/batching.py`,
+`components/generation.py`) or iteration-level ones that rows join and leave at every step
+(`continuous`, `components/continuous.py`). A client that disconnects mid-stream cancels its rows.
 A full queue answers 503 with Retry-After at once. With a `RegistryLoader`, a
 thread polls the registry alias; when it moves (a pipeline run, `gptforge
 promote`, `--rollback`) the new version is loaded beside the old one and then
@@ -111,6 +113,12 @@ class _Reply:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, choices: int, stream: bool):
         self.loop, self.queue, self.open, self.stream = loop, asyncio.Queue(), choices, stream
+        self.rows: list = []  # the request's rows, to stop when nobody waits for them any more
+
+    def cancel(self) -> None:
+        """The client went away: its rows stop at the next step (and free their slots)."""
+        for row in self.rows:
+            row.cancelled = True
 
     def emitter(self, index: int):
         if self.stream:
@@ -152,13 +160,20 @@ class Engine:
 
     def __init__(self, loader, cfg: ServeConfig, device: str, replica: str):
         from components.batching import Batcher
+        from components.continuous import ContinuousBatcher, ContinuousEngine
         from components.generation import batch_fits
 
         self.loader, self.cfg, self.device, self.replica = loader, cfg, device, replica
         self.current: LoadedModel = loader(device) if _takes_device(loader) else loader()
         self.created = int(time.time())
-        self.batcher = Batcher(self._run_batch, cfg,
-                               fits=lambda loaded, rows: batch_fits(rows, loaded.model.config.block_size))
+        if cfg.batching == "continuous":
+            # Slots for the largest request too: it runs alone when it is larger than max_batch_size.
+            slots = max(cfg.max_batch_size, cfg.max_choices)
+            self.batcher = ContinuousBatcher(
+                lambda loaded: ContinuousEngine(loaded.model, loaded.text, EOT_ID, slots), cfg)
+        else:
+            self.batcher = Batcher(self._run_batch, cfg,
+                                   fits=lambda loaded, rows: batch_fits(rows, loaded.model.config.block_size))
         self._stop = threading.Event()
         if cfg.poll_interval_s and hasattr(loader, "current_version"):
             threading.Thread(target=self._watch, args=(cfg.poll_interval_s,), name="gptforge-registry-watch",
@@ -236,6 +251,7 @@ async def complete(engine: Engine, request: Request):
     fail = reply.fail  # the same for all the request's rows: when one fails, they stop together
     rows = [Row(ids[p], prompts[p], sampling, reply.emitter(p * n + j), generator, fail)
             for p in range(len(prompts)) for j in range(n)]
+    reply.rows = rows
     work = Work(rows, loaded, fail)
     try:
         engine.batcher.submit(work)
@@ -251,8 +267,12 @@ async def complete(engine: Engine, request: Request):
         return StreamingResponse(_events(reply, cid, loaded.model_id, want_logprobs, include_usage, prompt_tokens),
                                  media_type="text/event-stream", headers=headers)
     choices: list[list] = [[] for _ in rows]
-    async for index, delta in reply.deltas():
-        choices[index].append(delta)
+    try:
+        async for index, delta in reply.deltas():
+            choices[index].append(delta)
+    except asyncio.CancelledError:  # the server gave up on the request (its client went away)
+        reply.cancel()
+        raise
     generated = time.monotonic()
     content = api_shapes.completion_body(cid, loaded.model_id, choices, want_logprobs, prompt_tokens)
     headers["Server-Timing"] = _server_timing(received, work, generated)
@@ -322,6 +342,8 @@ async def _events(reply: _Reply, cid: str, model_id: str, want_logprobs: bool, i
     except Exception as error:  # noqa: BLE001 - the status line is sent already: report in the stream
         logging.getLogger(__name__).exception("a streamed completion failed")
         yield f"data: {json.dumps(RequestError(500, f'internal error ({type(error).__name__})', error_type='server_error').body())}\n\n"
+    finally:  # a client that disconnects mid-stream closes this generator: its rows stop at the next step
+        reply.cancel()
     if include_usage:
         chunk = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model_id,
                  "choices": [], "usage": api_shapes.usage(prompt_tokens, completion_tokens)}

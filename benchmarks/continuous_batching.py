@@ -1,0 +1,159 @@
+"""Static against continuous batching, in-process: a mixed-length load and a uniform one.
+
+    .venv/bin/python benchmarks/continuous_batching.py [--seconds 20] [--clients 32]
+
+No Serve and no HTTP: the clients are threads that submit `Work`s straight to the engine's queue,
+the endpoint's static `Batcher` (components/batching.py) or its `ContinuousBatcher`
+(components/continuous.py), both with `serve.max_batch_size=32` on one torch thread, and wait for
+their completion. What differs between the two is only the scheduling, which is what is measured
+(HTTP and Serve add the same per request to both; benchmarks/serving.py measures them).
+
+Model: the tiny preset (4 layers, 128 wide, vocabulary 4096) with random weights and a context of
+320 tokens, so that a 256-token completion fits; greedy, and a random model practically never ends
+early, so a request does the work its `max_tokens` asks.
+
+Loads, `--seconds` each, static then continuous:
+- mixed: each client sends back to back, each request's max_tokens drawn from {8, 64, 256} by its
+  own random.Random(seed + client): requests/s, output tokens/s, p50/p99 latency of the 8-token requests;
+- uniform: every request asks for 16 tokens: requests/s and output tokens/s;
+- alone: one 8-token request at a time (the latency the mixed load's 8-token requests are compared with).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import random
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PROMPT = "def add(a, b):\n"
+MIXED = (8, 64, 256)
+
+
+def _setup():
+    import sysconfig
+
+    import torch
+
+    from components.generation import TokenText
+    from components.model import GPT, PRESETS, GPTConfig
+    from components.tokenizer import train_tokenizer
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = GPT(GPTConfig(block_size=320, vocab_size=4096, **PRESETS["tiny"])).eval()
+    corpus = [p.read_text(errors="ignore") for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:60]]
+    tokenizer = train_tokenizer(corpus, vocab_size=4096)
+    return model, tokenizer, TokenText(tokenizer, 4096)
+
+
+def _batcher(kind: str, model, text):
+    from components.batching import Batcher
+    from components.config import ServeConfig
+    from components.continuous import ContinuousBatcher, ContinuousEngine
+    from components.generation import batch_fits, generate_batch
+    from components.tokenizer import EOT_ID
+
+    cfg = ServeConfig(batching=kind, max_batch_size=32, max_queued_rows=256, max_choices=1)
+    if kind == "continuous":
+        return ContinuousBatcher(lambda m: ContinuousEngine(m, text, EOT_ID, cfg.max_batch_size), cfg)
+    return Batcher(lambda m, works: generate_batch(m, text, [r for w in works for r in w.rows], EOT_ID), cfg,
+                   fits=lambda m, rows: batch_fits(rows, m.config.block_size))
+
+
+def _request(batcher, model, ids, max_tokens: int) -> tuple[float, int]:
+    """Submit one greedy completion and wait for it; (latency s, completion tokens)."""
+    from components.batching import Work
+    from components.generation import Row, Sampling
+
+    done, tokens, failed = threading.Event(), [0], []
+
+    def emit(delta):
+        if delta.finish_reason is not None:
+            tokens[0] = delta.completion_tokens
+            done.set()
+
+    def fail(error):
+        failed.append(error)
+        done.set()
+    started = time.perf_counter()
+    row = Row(ids, PROMPT, Sampling(max_tokens=max_tokens, temperature=0), emit, None, fail)
+    batcher.submit(Work([row], model, fail))
+    done.wait()
+    if failed:
+        raise failed[0]
+    return time.perf_counter() - started, tokens[0]
+
+
+def _load(batcher, model, ids, clients: int, seconds: float, pick) -> dict:
+    results: list[tuple[int, float, int]] = []  # (max_tokens, latency, tokens)
+    stop_at = time.monotonic() + seconds
+
+    def client(i: int) -> None:
+        rng = random.Random(1000 + i)
+        while time.monotonic() < stop_at:
+            m = pick(rng)
+            latency, tokens = _request(batcher, model, ids, m)
+            results.append((m, latency, tokens))
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - started
+    short = sorted(lat for m, lat, _ in results if m == 8)
+    return {"requests": len(results), "rps": len(results) / elapsed,
+            "tokens_s": sum(tok for _, _, tok in results) / elapsed,
+            "p50_8_ms": 1000 * statistics.median(short) if short else float("nan"),
+            "p99_8_ms": 1000 * short[min(len(short) - 1, int(0.99 * len(short)))] if short else float("nan")}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--clients", type=int, default=32)
+    args = parser.parse_args()
+    model, tokenizer, text = _setup()
+    ids = tokenizer.encode(PROMPT).ids
+    rows = {}
+    for kind in ("static", "continuous"):
+        batcher = _batcher(kind, model, text)
+        try:
+            _request(batcher, model, ids, 8)  # warm-up
+            alone = [_request(batcher, model, ids, 8)[0] for _ in range(30)]
+            rows[kind] = {
+                "alone_8_ms": 1000 * statistics.median(alone),
+                "mixed": _load(batcher, model, ids, args.clients, args.seconds, lambda rng: rng.choice(MIXED)),
+                "uniform": _load(batcher, model, ids, args.clients, args.seconds, lambda rng: 16),
+            }
+        finally:
+            batcher.stop()
+    print(f"\n{datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, torch threads 1; "
+          f"{args.clients} clients, {args.seconds:.0f} s per load; prompt {PROMPT!r}, greedy")
+    print("| engine | load | requests/s | output tokens/s | 8-token p50 ms | 8-token p99 ms | requests |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for kind, r in rows.items():
+        for load in ("mixed", "uniform"):
+            m = r[load]
+            p50, p99 = (f"{m['p50_8_ms']:.0f}", f"{m['p99_8_ms']:.0f}") if load == "mixed" else ("", "")
+            print(f"| {kind} | {load} | {m['rps']:.1f} | {m['tokens_s']:.0f} | {p50} | {p99} | {m['requests']} |")
+        print(f"| {kind} | one 8-token request alone | | | {r['alone_8_ms']:.0f} | | 30 |")
+    s, c = rows["static"], rows["continuous"]
+    print(f"\nmixed load, continuous / static output tokens/s: {c['mixed']['tokens_s'] / s['mixed']['tokens_s']:.2f}x "
+          f"(goal >= 2x)")
+    print(f"mixed load, continuous 8-token p50 / alone: {c['mixed']['p50_8_ms'] / c['alone_8_ms']:.2f}x (goal <= 3x)")
+    print(f"uniform 16-token load, continuous / static requests/s: "
+          f"{c['uniform']['rps'] / s['uniform']['rps']:.2f}x (goal >= 1x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
