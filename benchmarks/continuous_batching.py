@@ -42,7 +42,7 @@ def _setup():
 
     import torch
 
-    from components.generation import TokenText
+    from components.rows import TokenText
     from components.model import GPT, PRESETS, GPTConfig
     from components.tokenizer import train_tokenizer
 
@@ -71,7 +71,7 @@ def _batcher(kind: str, model, text):
 def _request(batcher, model, ids, max_tokens: int) -> tuple[float, int]:
     """Submit one greedy completion and wait for it; (latency s, completion tokens)."""
     from components.batching import Work
-    from components.generation import Row, Sampling
+    from components.rows import Row, Sampling
 
     done, tokens, failed = threading.Event(), [0], []
 

@@ -109,7 +109,8 @@ def _overhead(url: str, folder: str, max_tokens: int, pairs: int) -> dict:
     """Median in-process call, median HTTP call, and the median of their paired differences, interleaved."""
     import torch
 
-    from components.generation import Row, Sampling, generate_batch
+    from components.rows import Row, Sampling
+    from components.generation import generate_batch
     from components.tokenizer import EOT_ID
     from pipelines.model_loading import FolderLoader
 

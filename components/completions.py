@@ -28,7 +28,7 @@ import uuid
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from components.config import ServeConfig
-from components.generation import Delta, LogprobEntry, Sampling
+from components.rows import Delta, LogprobEntry, Sampling
 from components.sampling import (
     MAX_SEED, MAX_TEMPERATURE, MIN_TOP_P, seed_problem, temperature_problem, top_p_problem,
 )

@@ -18,11 +18,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch.nn import functional as F
 
-# The per-row pieces live in components/rows.py; they are imported from here too.
-from components.rows import (  # noqa: F401 - re-exported
-    Delta, LogprobEntry, Row, Sampling, TokenText, _by_request, _each_live_row, _fail, _RowState, _safe_length,
-    _sample, _send_prompt, sample_next,
-)
+# The per-row pieces (sampling, stops, streamed deltas) are shared with the continuous engine.
+from components.rows import Row, TokenText, _by_request, _each_live_row, _fail, _RowState, _send_prompt, sample_next
 
 if TYPE_CHECKING:
     from components.model import GPT

@@ -231,7 +231,7 @@ async def complete(engine: Engine, request: Request):
     import torch
 
     from components.batching import Overloaded, Work
-    from components.generation import Row
+    from components.rows import Row
 
     received = time.monotonic()
     body = await _read_body(request, engine.cfg.max_body_bytes)

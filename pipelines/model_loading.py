@@ -32,7 +32,7 @@ class LoadedModel:
     text: object = field(default=None, repr=False)  # components.generation.TokenText of the tokenizer
 
     def __post_init__(self):
-        from components.generation import TokenText
+        from components.rows import TokenText
         from components.accounting import parameter_counts
 
         if self.text is None:

@@ -10,7 +10,8 @@ import torch
 from components.batching import Overloaded, Work
 from components.config import ServeConfig
 from components.continuous import ContinuousBatcher, ContinuousEngine
-from components.generation import Row, Sampling, TokenText, generate_batch
+from components.rows import Row, Sampling, TokenText
+from components.generation import generate_batch
 from components.model import GPT, GPTConfig
 from components.tokenizer import EOT_ID, train_tokenizer
 from tests.helpers import make_candidate, uvicorn_server

@@ -8,7 +8,8 @@ import torch
 
 from components.batching import Batcher, Overloaded, Work
 from components.config import ServeConfig
-from components.generation import Row, Sampling, TokenText, _safe_length, batch_fits, generate, generate_batch
+from components.rows import Row, Sampling, TokenText, _safe_length
+from components.generation import batch_fits, generate, generate_batch
 from components.model import GPT, GPTConfig
 from components.sampling import MIN_TEMPERATURE, MIN_TOP_P
 from components.tokenizer import EOT_ID, train_tokenizer
@@ -274,7 +275,7 @@ def test_healing_turns_the_readme_example_from_empty_into_code(one_thread):
 
 
 def test_a_top_p_too_small_for_float32_still_keeps_the_most_likely_token():
-    from components.generation import _sample
+    from components.rows import _sample
 
     logits = torch.randn(300, generator=torch.Generator().manual_seed(0))
     for top_p in (1e-46, 0.0, MIN_TOP_P):  # 1e-46 is 0 in float32: every token was dropped and sampling raised
@@ -284,7 +285,7 @@ def test_a_top_p_too_small_for_float32_still_keeps_the_most_likely_token():
 
 def test_the_smallest_temperature_samples_even_from_extreme_logits():
     # logits / MIN_TEMPERATURE stays finite for any logit a model gives (|logit| far below 1e35), so no larger floor.
-    from components.generation import _sample
+    from components.rows import _sample
 
     logits = torch.linspace(-1e4, 1e4, 300)
     for s in (Sampling(temperature=MIN_TEMPERATURE), Sampling(temperature=MIN_TEMPERATURE, top_p=MIN_TOP_P, top_k=1)):

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from components.completions import RequestError, parse_request, sampling_of
 from components.config import ServeConfig
-from components.generation import _sample
+from components.rows import _sample
 from components.sampling import MAX_TEMPERATURE, MIN_TOP_P
 from components.tokenizer import train_tokenizer
 
