@@ -48,8 +48,9 @@ _SCHEME = r"\b[A-Za-z][A-Za-z0-9+.-]*://"
 _BEFORE_HOST = r"@(?=[^\s/?#@]*(?:[\s/?#]|$))"
 _URI_PASSWORD = re.compile(rf"(?P<start>{_SCHEME}[^:/?#@\s]*):(?P<secret>\S*?){_BEFORE_HOST}")
 _URI_TOKEN = re.compile(rf"(?P<start>{_SCHEME})[^:/?#@\s]+@")  # a user part alone is often a token
-# `user:pw@host` without a scheme (a Ray or database address); "//" after the colon is a scheme's.
-_BARE_PASSWORD = re.compile(rf"(?<![\w/:@.%+~-])(?P<start>[\w.~%+-]+):(?!//)(?P<secret>\S+?){_BEFORE_HOST}")
+# `user:pw@host` without a scheme (a Ray or database address); a "/" after the colon is a URI's path
+# (`models:/name@alias`, `s3://...`), not a password.
+_BARE_PASSWORD = re.compile(rf"(?<![\w/:@.%+~-])(?P<start>[\w.~%+-]+):(?!/)(?P<secret>\S+?){_BEFORE_HOST}")
 _SECRET_QUERY = re.compile(
     r"(?P<key>[?&;#][^=&;#?\s]*(?:token|pass|pwd|secret|key|sig|credential|auth|session)[^=&;#?\s]*=)[^&;#\s]*",
     re.IGNORECASE)

@@ -120,6 +120,7 @@ def test_cli_names_the_unreachable_server_without_its_password(tmp_path, uri, co
      "https://h/x?X-Amz-Credential=***&X-Amz-Security-Token=***&X-Amz-Signature=***"),
     ("https://registry.npmjs.org/@scope/pkg", "https://registry.npmjs.org/@scope/pkg"),
     ("ValueError: x@y", "ValueError: x@y"),
+    ("models:/tiny@champion", "models:/tiny@champion"),  # a registry URI, no secret in it
 ])
 def test_redact_hides_passwords_and_tokens(uri, shown):
     assert redact(uri) == shown
