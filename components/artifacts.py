@@ -28,6 +28,9 @@ class TokenizedData:
         vocab_size: size of the trained tokenizer's vocabulary.
         block_size: model context length the rows were packed for.
         stats: documents, tokens, rows per split, sft pairs (for logging).
+        heldout_text_uri: `heldout_text.jsonl`, the validation documents as raw text
+            (bits per byte reads them with each model's own tokenizer); empty in
+            records written before the data stage wrote it.
     """
 
     root: str
@@ -41,6 +44,7 @@ class TokenizedData:
     vocab_size: int
     block_size: int
     stats: dict = field(default_factory=dict)
+    heldout_text_uri: str = ""
 
 
 @dataclass(frozen=True)

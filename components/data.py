@@ -15,6 +15,7 @@ presence means the rest is complete):
     val/part-*.parquet    same
     sft_train.parquet     columns `tokens` (same type), `mask` list<int8>
     sft_heldout.parquet   same
+    heldout_text.jsonl    the first MiB of the val documents as raw text (components/heldout_text.py)
     manifest.json         documents read/kept/dropped and why, tokens and bytes per split,
                           the tokenizer's hash, the input fingerprint
 """
@@ -35,6 +36,7 @@ from components.data_passes import (PACK_SCHEMA, SAMPLE_SCHEMA, SCAN_SCHEMA, gro
                                     sample_group, scan_group)
 from components.data_plan import Plan, plan_routing
 from components.documents import SPLITS, ProblemLog
+from components.heldout_text import HELDOUT_SCHEMA, HELDOUT_TEXT_FILE, heldout_group, write_heldout_text
 from components.packing import row_dtype, write_rows
 from components.sft import extract_function_pairs, tokenize_pairs
 from components.sources import (DataError, Document, document_split, fingerprint, iter_documents, iter_sft_documents,
@@ -119,6 +121,8 @@ def prepare_data(location: str, data: DataConfig, tokenizer: TokenizerConfig, fi
         s = splits[name]
         say(f"{name}: {s['documents']} documents, {s['tokens']} tokens in {s['rows']} rows, {len(s['files'])} shards")
 
+    heldout_text = write_heldout_text(location, _run(map_items, partial(heldout_group, data=data,
+                                                                        routing=plan.routing), items, HELDOUT_SCHEMA))
     sft, n_pairs, pair_docs = _write_sft(location, finetune, bpe, data.block_size, dtype)
     say(f"sft: {sft['sft_train']} train, {sft['sft_heldout']} heldout pairs (of {n_pairs} extracted)")
 
@@ -129,7 +133,8 @@ def prepare_data(location: str, data: DataConfig, tokenizer: TokenizerConfig, fi
         "vocab_size": bpe.get_vocab_size(), "block_size": data.block_size, "tokenizer": TOKENIZER_FILE,
         "tokenizer_sha256": tokenizer_hash(bpe), "eot_token": EOT, "eot_id": EOT_ID, "token_dtype": dtype.name,
         "files": {name: {"train": "train/", "val": "val/"}.get(name, f"{name}.parquet")
-                  for name in ("train", "val", "sft_train", "sft_heldout")},
+                  for name in ("train", "val", "sft_train", "sft_heldout")} | {"heldout_text": HELDOUT_TEXT_FILE},
+        "heldout_text": heldout_text,
         "documents": {"read": plan.documents_read, "kept": plan.documents_read - plan.duplicates - plan.outside_subset,
                       "dropped": {"duplicate": plan.duplicates, "outside_max_bytes": plan.outside_subset,
                                   **{k: v for k, v in problems.counts.items() if k.startswith("skipped_")}},
@@ -145,6 +150,7 @@ def prepare_data(location: str, data: DataConfig, tokenizer: TokenizerConfig, fi
         sft_heldout_uri=storage.join(location, "sft_heldout.parquet"),
         tokenizer_uri=storage.join(location, TOKENIZER_FILE), manifest_uri=manifest_uri, fingerprint=fp,
         vocab_size=bpe.get_vocab_size(), block_size=data.block_size, stats=stats,
+        heldout_text_uri=storage.join(location, HELDOUT_TEXT_FILE),
     )
 
 

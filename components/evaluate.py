@@ -21,6 +21,7 @@ from torch import nn
 from components import storage
 from components.accounting import bytes_by_dtype, linear_bytes, parameter_counts
 from components.artifacts import EvalReport, TokenizedData
+from components.bpb import bpb_metrics
 from components.config import EvaluateConfig
 from components.generation import generate
 from components.metrics import (  # noqa: F401 - the names every candidate logs, re-exported
@@ -82,6 +83,7 @@ def evaluate(
     metrics |= size_metrics(model, size_bytes, disk_bytes)
 
     tokenizer = Tokenizer.from_str(storage.read_text(data.tokenizer_uri))
+    metrics |= bpb_metrics(model, tokenizer, data, cfg)  # a candidate reads text with the data's tokenizer
     samples = []
     for tokens, mask in list(zip(heldout["tokens"], heldout["mask"]))[:cfg.num_samples]:
         prompt_ids = tokens[: int(np.argmax(mask))]

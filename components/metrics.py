@@ -15,6 +15,7 @@ DTYPES = ("float32", "bfloat16", "float16", "float64", "int64", "int32", "int8",
 QUALITY_METRICS = (
     "eval/val_loss", "eval/val_ppl", "eval/val_accuracy",
     "eval/completion_loss", "eval/completion_ppl", "eval/completion_accuracy",
+    "eval/val_bpb", "eval/completion_bpb",  # bits per UTF-8 byte, each model with its own tokenizer
 )
 SPEED_METRICS = (
     "eval/tokens_per_s",  # batch 1, KV cache, new tokens per second (prefill included)

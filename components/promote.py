@@ -35,7 +35,10 @@ def decide(candidates: list[Candidate], incumbent: Candidate | None, policy: Pro
     `tie_breaker` in `tie_breaker_mode` (by default the smallest model; with
     `eval/tokens_per_s` and `max`, the fastest). So a policy can trade a bounded
     loss of quality for size or speed. It is promoted unless the incumbent is
-    better by more than the tolerance.
+    better by more than the tolerance, or it fails a regression gate (`check_gates`)
+    against the incumbent; the reason then lists every gate with both values. The
+    incumbent's metrics are meant to be measured beside the candidates' (same text,
+    same code, same settings).
 
     Raises:
         ValueError: no candidates, or a candidate lacks the metric.
@@ -57,12 +60,62 @@ def decide(candidates: list[Candidate], incumbent: Candidate | None, policy: Pro
         others = ", ".join(c.name for c in tied if c is not winner)
         direction = "lower" if policy.tie_breaker_mode == "min" else "higher"
         why += f" (tied within {policy.tie_tolerance:.0%} with {others}; {direction} {policy.tie_breaker} wins)"
-    if incumbent is None or policy.metric not in incumbent.metrics:
+    if incumbent is None:
         return Decision(winner, True, why + "; no comparable champion yet")
-    incumbent_value = incumbent.metrics[policy.metric]
-    if sign * incumbent_value < sign * value and not _within(sign * value, sign * incumbent_value, policy.tie_tolerance):
-        return Decision(winner, False, why + f"; champion {incumbent.name} is better ({incumbent_value:.4g}), kept")
-    return Decision(winner, True, why + f"; champion {incumbent.name} had {incumbent_value:.4g}")
+    gates = check_gates(winner, incumbent, policy)
+    gate_text = "; gates: " + ", ".join(g.text for g in gates) if gates else ""
+    failed = [g.metric for g in gates if not g.passed]
+    if policy.metric not in incumbent.metrics:
+        why += f"; champion {incumbent.name} has no comparable {policy.metric}"
+    else:
+        incumbent_value = incumbent.metrics[policy.metric]
+        if sign * incumbent_value < sign * value and not _within(sign * value, sign * incumbent_value,
+                                                                 policy.tie_tolerance):
+            return Decision(winner, False, why + f"; champion {incumbent.name} is better ({incumbent_value:.4g}), "
+                                                 f"kept" + gate_text)
+        why += f"; champion {incumbent.name} had {incumbent_value:.4g}"
+    if failed:
+        return Decision(winner, False, why + f"; failed the gate on {', '.join(failed)}, champion {incumbent.name} "
+                                             f"kept" + gate_text)
+    return Decision(winner, True, why + gate_text)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """One regression gate applied to a challenger and the champion measured beside it."""
+
+    metric: str
+    passed: bool
+    text: str  # the metric, both values and the limit, for the decision's reason
+
+
+# (PromoteConfig field holding the limit in percent, the metric it bounds); for every one a higher
+# value is worse, so the challenger may exceed the champion by at most the limit.
+GATES = (("max_completion_bpb_regression_pct", "eval/completion_bpb"),
+         ("max_size_growth_pct", "model/size_bytes"))
+
+
+def check_gates(challenger: Candidate, champion: Candidate, policy: PromoteConfig) -> list[GateResult]:
+    """Every gate that `policy` turns on (its limit is set), applied to the challenger against the champion.
+
+    A gate fails when the challenger's value is more than the limit (in percent) above the champion's,
+    or when either side lacks the metric (a gate that could not be checked never lets a model through).
+    """
+    results = []
+    for field, metric in GATES:
+        limit = getattr(policy, field)
+        if limit is None:
+            continue
+        ours, theirs = challenger.metrics.get(metric), champion.metrics.get(metric)
+        if ours is None or theirs is None:
+            side = challenger.name if ours is None else champion.name
+            results.append(GateResult(metric, False, f"{metric} not measured on {side} ({field}={limit:g}%)"))
+            continue
+        change = 100.0 * (ours / theirs - 1.0) if theirs else (0.0 if ours == theirs else float("inf"))
+        passed = ours <= theirs + abs(theirs) * limit / 100.0
+        results.append(GateResult(metric, passed, f"{metric} {ours:.4g} vs champion {theirs:.4g} ({change:+.1f}%, "
+                                                  f"{field}={limit:g}%: {'passed' if passed else 'FAILED'})"))
+    return results
 
 
 def _within(value: float, best: float, tolerance: float) -> bool:

@@ -2,31 +2,39 @@
 
 The winner is registered as a new model version with its lineage in tags;
 `champion` moves to it only when the decision says so (the old champion
-becomes `previous`). A champion trained on other data (a different data
-fingerprint) is not comparable by perplexity, so it does not take part in the
-decision; the reason says so.
+becomes `previous`). The current champion is re-evaluated in the same run, on the
+same held-out text, with the same code and settings (`pipelines/side_by_side.py`,
+a `champion-reeval` run), so the decision compares numbers measured side by side.
+Bits per byte compares across tokenizers, so a champion trained on other data or
+with another tokenizer takes part too; the reason says so. A champion that cannot
+be re-evaluated (files that fail their check, a variant that cannot run here) is
+kept, with the reason.
 
 Any registry error other than "no champion yet" raises `TrackingError` before
 anything moves: an unreachable registry must never look like an empty one.
 
-`gptforge promote EXPERIMENT --version N` runs the same champion/challenger
-decision for a version already registered, and `--rollback` points `champion`
-back at `previous`. Every decision is written on the version's tags
-(`promote.decision`, `promote.reason`, `promote.at`); a running endpoint follows
-the alias on its own (serve.poll_interval_s).
+`gptforge promote EXPERIMENT --version N` runs the same side-by-side decision for a
+version already registered (both measured on the held-out data that version was
+trained with), and `--rollback` points `champion` back at `previous`. Every decision
+is written on the version's tags (`promote.decision`, `promote.reason`, `promote.at`);
+a running endpoint follows the alias on its own (serve.poll_interval_s).
 """
 from __future__ import annotations
 
 import time
 
-from components.artifacts import EvalReport, TokenizedData
+from dataclasses import replace
+
+from components.artifacts import EvalReport, TokenizedData, from_json, to_json
 from components.experiment_file import ExperimentConfig, config_hash
 from components.promote import Candidate, Decision, decide
 from pipelines import registry
 from pipelines.registry import CHAMPION, CHECKSUMS_TAG, PREVIOUS
+from pipelines.side_by_side import Measured, measure_champion, measure_version
 from pipelines.tracking import RunLogger, Tracker
 
 MODEL_ARTIFACT = "model"
+DATA_TAG = "data.record"  # the data stage's record (without its stats): where the version's held-out data is
 
 
 def _decision_tags(outcome: str, reason: str, by: str) -> dict:
@@ -42,8 +50,8 @@ def promote(tracker: Tracker, cfg: ExperimentConfig, reports: list[EvalReport], 
     and to the registered version's tags.
     """
     candidates = [Candidate(r.variant, r.metrics) for r in reports]
-    incumbent, note = _incumbent(tracker, cfg.name, data.fingerprint)
-    decision = decide(candidates, incumbent, cfg.promote)
+    champion = measure_champion(tracker, cfg, data, parent or log)
+    decision, note = _decide(tracker, cfg, candidates, champion, data.fingerprint)
     winner_run = runs[decision.winner.name]
     checksums = tracker.run_tags(winner_run.run_id).get(CHECKSUMS_TAG)
     if not checksums:
@@ -55,6 +63,7 @@ def promote(tracker: Tracker, cfg: ExperimentConfig, reports: list[EvalReport], 
         "variant": decision.winner.name,
         "data.fingerprint": data.fingerprint,
         "config.hash": config_hash(cfg),
+        DATA_TAG: to_json(replace(data, stats={})),
         cfg.promote.metric: decision.winner.metrics[cfg.promote.metric],
     })
     if decision.promote:
@@ -73,12 +82,14 @@ def promote(tracker: Tracker, cfg: ExperimentConfig, reports: list[EvalReport], 
 def promote_version(tracker: Tracker, cfg: ExperimentConfig, version: str, force: bool = False) -> tuple[Decision, str]:
     """Champion/challenger for a registered version: it replaces `champion` only if it wins under `cfg.promote`.
 
-    It is compared on the metrics its run logged (the same evaluation as the champion's when
-    both were trained on the same data; otherwise it wins, as in a pipeline run). `force`
-    skips the comparison. Returns the decision and what happened ("promoted", "kept", "already").
+    Both are measured now, side by side, on the held-out data the version was trained with
+    (its `data.record` tag; the champion's when the version has none), each in a run of its
+    own; metrics not measured that way come from the runs' logs. `force` skips the
+    comparison. Returns the decision and what happened ("promoted", "kept", "already").
 
     Raises:
-        LookupError: no such version. TrackingError: the registry failed (nothing moved).
+        LookupError: no such version, or no held-out data to measure on.
+        TrackingError: the registry failed (nothing moved).
     """
     challenger = registry.model_version(tracker.tracking_uri, cfg.name, version)
     current = registry.alias_version(tracker.tracking_uri, cfg.name, CHAMPION)
@@ -88,14 +99,27 @@ def promote_version(tracker: Tracker, cfg: ExperimentConfig, version: str, force
     metrics = tracker.run_metrics(challenger.run_id) if challenger.run_id else {}
     if force:
         decision = Decision(Candidate(name, metrics), True, f"{name} promoted by hand (--force), policy not applied")
-    elif cfg.promote.metric not in metrics:
-        raise LookupError(f"{cfg.name} {name}: its run has no metric {cfg.promote.metric!r} (promote.metric) to "
-                          f"compare with the champion; use --force to promote it anyway")
     else:
-        incumbent, note = _incumbent(tracker, cfg.name, challenger.tags.get("data.fingerprint", ""))
-        decision = decide([Candidate(name, metrics)], incumbent, cfg.promote)
-        if note:
-            decision = Decision(decision.winner, decision.promote, f"{decision.reason} ({note})")
+        data = _recorded_data(challenger) or (_recorded_data(current) if current is not None else None)
+        if data is None:
+            raise LookupError(f"{cfg.name} {name}: no {DATA_TAG} tag on it or on the champion (registered before "
+                              f"promotion measured models side by side), so there is no held-out text to compare "
+                              f"them on; use --force to promote it anyway")
+        with tracker.run(f"promote-{name}", stage="promote") as log:
+            measured = measure_version(tracker, cfg, data, log, challenger)
+            if measured.failed:
+                raise LookupError(f"{cfg.name} {name} could not be measured: {measured.failed}")
+            metrics = {**metrics, **measured.metrics}
+            if cfg.promote.metric not in metrics:
+                raise LookupError(f"{cfg.name} {name}: its run has no metric {cfg.promote.metric!r} "
+                                  f"(promote.metric) to compare with the champion; use --force to promote it anyway")
+            champion = measure_champion(tracker, cfg, data, log)
+            fingerprint = challenger.tags.get("data.fingerprint", "")
+            decision, note = _decide(tracker, cfg, [Candidate(name, metrics)], champion, fingerprint)
+            if note:
+                decision = Decision(decision.winner, decision.promote, f"{decision.reason} ({note})")
+            log.set_tags({"promote.version": str(challenger.version), "promote.promoted": decision.promote,
+                          "promote.reason": decision.reason[:4000]})
     if decision.promote:
         registry.move_champion(tracker.tracking_uri, cfg.name, challenger.version)
     outcome = "champion" if decision.promote else "challenger_lost"
@@ -122,10 +146,33 @@ def rollback(tracker: Tracker, cfg: ExperimentConfig) -> tuple[str, str]:
     return previous.version, current.version
 
 
-def _incumbent(tracker: Tracker, model_name: str, fingerprint: str) -> tuple[Candidate | None, str]:
-    current = registry.alias_version(tracker.tracking_uri, model_name, CHAMPION)
-    if current is None:
-        return None, ""
-    if current.tags.get("data.fingerprint") != fingerprint:
-        return None, f"champion v{current.version} was trained on other data, so it is not compared"
-    return Candidate(f"v{current.version}", tracker.run_metrics(current.run_id)), ""
+def _decide(tracker: Tracker, cfg: ExperimentConfig, candidates: list[Candidate], champion: Measured | None,
+            fingerprint: str) -> tuple[Decision, str]:
+    """The decision against the champion measured side by side, and a note for its reason.
+
+    Metrics the champion was not re-evaluated on come from its run's log, only when it was
+    trained on the same data (`fingerprint`). A champion that could not be measured is kept.
+    """
+    if champion is None:
+        return decide(candidates, None, cfg.promote), ""
+    if champion.failed:
+        best = decide(candidates, None, cfg.promote)
+        reason = (f"{best.reason.split(';')[0]}; champion {champion.name} could not be re-evaluated "
+                  f"({champion.failed}), so it is kept; `gptforge promote {cfg.name} --version N --force` promotes "
+                  f"by hand")
+        return Decision(best.winner, False, reason), ""
+    current = registry.model_version(tracker.tracking_uri, cfg.name, champion.version)
+    logged = {}
+    if current.tags.get("data.fingerprint") == fingerprint and current.run_id:
+        logged = tracker.run_metrics(current.run_id)
+    incumbent = Candidate(champion.name, {**logged, **champion.metrics})
+    note = champion.note
+    if cfg.promote.metric not in champion.metrics:
+        note = "; ".join(n for n in (note, f"{cfg.promote.metric} of {champion.name} as logged" if logged
+                                     else f"{champion.name} has no comparable {cfg.promote.metric}") if n)
+    return decide(candidates, incumbent, cfg.promote), note
+
+
+def _recorded_data(version) -> TokenizedData | None:
+    text = version.tags.get(DATA_TAG)
+    return from_json(text) if text else None

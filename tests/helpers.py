@@ -75,29 +75,67 @@ def make_candidate(folder: Path, variant: str = "fp32", seed: int = 0) -> str:
     return write_checksums(folder)
 
 
-def promote_candidates(tracker, cfg, tmp_path, ppl_by_variant, tag=True, before_promote=lambda: None):
-    """Candidate runs as the pipeline makes them (real folders, tagged, uploaded), then the promote stage."""
-    from components.artifacts import EvalReport, TokenizedData
+def heldout_data(folder: Path, fingerprint: str = "fp-1", tokenizer_texts: tuple[str, ...] = ("def add(a, b):\n",),
+                 texts: tuple[str, ...] = ("def mul(a, b):\n    return a * b\n", "print('héllo')\n")):
+    """A real data stage record of held-out data only: tokenizer.json, heldout_text.jsonl and sft_heldout.parquet."""
+    import pyarrow as pa
+
+    from components.artifacts import TokenizedData
+    from components.heldout_text import HELDOUT_TEXT_FILE, write_heldout_text
+    from components.packing import write_rows
+    from components.sft import Pair, tokenize_pairs
+    from components.tokenizer import TOKENIZER_FILE, train_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(list(tokenizer_texts) * 20, vocab_size=300)
+    tokenizer.save(str(folder / TOKENIZER_FILE))
+    write_heldout_text(str(folder), pa.table({"doc_id": [f"d{i}" for i in range(len(texts))], "text": list(texts)}))
+    tokens, mask = tokenize_pairs([Pair("def sub(a, b):\n", "    return a - b\n", "p")], tokenizer, 32)
+    write_rows(folder / "sft_heldout.parquet", tokens, mask)
+    return TokenizedData(root=str(folder), train_uri="", val_uri="", sft_train_uri="",
+                         sft_heldout_uri=str(folder / "sft_heldout.parquet"), tokenizer_uri=str(folder / TOKENIZER_FILE),
+                         manifest_uri="", fingerprint=fingerprint, vocab_size=300, block_size=32,
+                         heldout_text_uri=str(folder / HELDOUT_TEXT_FILE))
+
+
+def promote_candidates(tracker, cfg, tmp_path, ppl_by_variant, tag=True, before_promote=lambda: None, seed=0,
+                       data=None, metrics=None):
+    """Candidate runs as the pipeline makes them (real folders, tagged, uploaded, bits per byte measured on
+    `data`'s held-out text, by default `heldout_data(tmp_path / "data")`), then the promote stage.
+
+    `metrics` (variant -> {name: value}) replaces measured values, to stand in for a candidate that
+    evaluated that way."""
+    from tokenizers import Tokenizer
+
+    from components.bpb import bpb_metrics
+    from components.artifacts import EvalReport
+    from components.quantize import load_variant
+    from components.tokenizer import TOKENIZER_FILE
     from pipelines import promotion
     from pipelines.registry import CHECKSUMS_TAG
 
-    data = TokenizedData(root="", train_uri="", val_uri="", sft_train_uri="", sft_heldout_uri="", tokenizer_uri="",
-                         manifest_uri="", fingerprint="fp-1", vocab_size=300, block_size=32)
+    data = data or heldout_data(tmp_path / "data")
     reports, runs = [], {}
     with tracker.run(f"{cfg.name}-pipeline") as parent:
         for variant, ppl in ppl_by_variant.items():
             folder = tmp_path / f"{parent.run_id}-{variant}"
             run = tracker.open_run(f"candidate-{variant}", parent, stage="candidate")
-            pin = make_candidate(folder, variant)
+            pin = make_candidate(folder, variant, seed)
             if tag:
                 run.set_tags({CHECKSUMS_TAG: pin})
             run.log_artifacts(str(folder), promotion.MODEL_ARTIFACT)
+            measured = bpb_metrics(load_variant(str(folder)), Tokenizer.from_file(str(folder / TOKENIZER_FILE)), data,
+                                   cfg.evaluate)
+            values = {**measured, "eval/val_ppl": ppl, "model/size_bytes": float((folder / "model.safetensors")
+                                                                                .stat().st_size),
+                      **(metrics or {}).get(variant, {})}
+            run.log_metrics(values)
             tracker.close_run(run)
             runs[variant] = run
-            reports.append(EvalReport(variant, {"eval/val_ppl": ppl, "model/size_bytes": float(len(variant))}))
+            reports.append(EvalReport(variant, values))
         with tracker.run("promote", parent, stage="promote") as log:
             before_promote()
-            return promotion.promote(tracker, cfg, reports, runs, data, log)
+            return promotion.promote(tracker, cfg, reports, runs, data, log, parent)
 
 
 @contextlib.contextmanager

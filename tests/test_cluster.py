@@ -190,3 +190,48 @@ def _pid_after_checkpoint(client: MlflowClient, s3: S3Server, deadline: float) -
             return int(runs[0].data.tags["train.worker_pids"].split(",")[-1])
         time.sleep(1)
     raise TimeoutError("pretraining wrote no checkpoint to the bucket in time")
+
+
+@pytest.mark.slow
+def test_serve_answers_with_its_replica_on_the_second_node(cluster, first_run):
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.helpers import free_port
+
+    port = free_port()
+    env = {**os.environ, **cluster["env"], "RAY_ADDRESS": cluster["head"].gcs_address}
+    server = subprocess.Popen(cli_command("serve", str(TINY_EXPERIMENT), f"workdir={cluster['workdir']}",
+                                          f"serve.port={port}"), cwd=cluster["root"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/healthz", timeout=5) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()[-4000:]
+            time.sleep(2)
+        request = urllib.request.Request(f"{url}/v1/completions", method="POST",
+                                         headers={"Content-Type": "application/json"},
+                                         data=json.dumps({"prompt": "def ", "max_tokens": 4}).encode())
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            assert reply.status == 200 and json.loads(reply.read())["choices"][0]["text"] is not None
+        script = ("import ray; from ray.util.state import list_actors; ray.init(address='%s', log_to_driver=False); "
+                  "print(*{a.node_id for a in list_actors(filters=[('state', '=', 'ALIVE')]) "
+                  "if 'Replica' in a.class_name})" % cluster["head"].gcs_address)
+        nodes = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        assert nodes.stdout.split() == [cluster["worker_node"]], nodes.stdout + nodes.stderr
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

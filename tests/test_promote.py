@@ -1,15 +1,20 @@
 """The promotion decision (pure) and the registry side effect on a real MLflow SQLite store."""
 import pytest
 
-from components.config import PromoteConfig as Policy
-from components.promote import Candidate, decide
+from components.config import PromoteConfig
+from components.promote import Candidate, check_gates, decide
 from pipelines import registry
 from pipelines.registry import CHAMPION, PREVIOUS
 from pipelines.tracking import Tracker
 
 
-def c(name, ppl, size):
-    return Candidate(name, {"eval/val_ppl": ppl, "model/size_bytes": size})
+def Policy(**fields):
+    """The promotion policy with the default metric and no gates (the gates have tests of their own)."""
+    return PromoteConfig(**{"max_completion_bpb_regression_pct": None, **fields})
+
+
+def c(name, value, size):
+    return Candidate(name, {"eval/val_ppl": value, "eval/val_bpb": value, "model/size_bytes": size})
 
 
 def test_best_metric_wins():
@@ -38,7 +43,7 @@ def test_better_incumbent_is_kept():
 
 
 def test_missing_metric_names_candidate_and_key():
-    with pytest.raises(ValueError, match=r"'int8'.*eval/val_ppl"):
+    with pytest.raises(ValueError, match=r"'int8'.*eval/val_bpb"):
         decide([Candidate("int8", {})], None, Policy())
 
 
@@ -69,8 +74,8 @@ def test_failed_stage_leaves_no_run_running(tmp_path):
     assert statuses == {"FAILED"}
 
 
-def _cand(name, ppl, size, speed):
-    return Candidate(name, {"eval/val_ppl": ppl, "model/size_bytes": size, "eval/tokens_per_s": speed})
+def _cand(name, value, size, speed):
+    return Candidate(name, {"eval/val_bpb": value, "model/size_bytes": size, "eval/tokens_per_s": speed})
 
 
 CANDIDATES = [_cand("fp32", 10.0, 100, 50.0), _cand("bf16", 10.01, 50, 40.0), _cand("int8", 10.15, 28, 95.0),
@@ -90,7 +95,40 @@ def test_fastest_within_two_percent_of_the_best():
 
 
 def test_a_candidate_without_the_tie_breaker_loses_the_tie():
-    no_speed = Candidate("odd", {"eval/val_ppl": 10.0, "model/size_bytes": 1})
+    no_speed = Candidate("odd", {"eval/val_bpb": 10.0, "model/size_bytes": 1})
     d = decide([no_speed, *CANDIDATES[:2]], None,
                Policy(tie_tolerance=0.01, tie_breaker="eval/tokens_per_s", tie_breaker_mode="max"))
     assert d.winner.name == "fp32"
+
+
+def test_the_default_metric_is_bits_per_byte_and_the_completion_gate_is_on():
+    policy = PromoteConfig()
+    assert (policy.metric, policy.mode) == ("eval/val_bpb", "min")
+    assert policy.max_completion_bpb_regression_pct == 5.0 and policy.max_size_growth_pct is None
+
+
+def _bpb(name, val, completion, size=100.0):
+    return Candidate(name, {"eval/val_bpb": val, "eval/completion_bpb": completion, "model/size_bytes": size})
+
+
+def test_a_challenger_that_fails_a_gate_is_not_promoted_and_every_gate_is_listed():
+    policy = PromoteConfig(max_completion_bpb_regression_pct=5.0, max_size_growth_pct=10.0)
+    champion = _bpb("v1", 2.0, 1.0, size=100.0)
+    d = decide([_bpb("fp32", 1.5, 1.2, size=105.0)], champion, policy)  # better bpb, completions 20% worse
+    assert not d.promote
+    assert "failed the gate on eval/completion_bpb" in d.reason
+    assert "eval/completion_bpb 1.2 vs champion 1 (+20.0%, max_completion_bpb_regression_pct=5%: FAILED)" in d.reason
+    assert "model/size_bytes 105 vs champion 100 (+5.0%, max_size_growth_pct=10%: passed)" in d.reason
+    d = decide([_bpb("fp32", 1.5, 1.04, size=105.0)], champion, policy)  # within both limits
+    assert d.promote and "passed" in d.reason and "FAILED" not in d.reason
+
+
+def test_gates_are_listed_when_the_metric_already_keeps_the_champion():
+    d = decide([_bpb("fp32", 3.0, 1.0)], _bpb("v1", 2.0, 1.0), PromoteConfig())
+    assert not d.promote and "is better" in d.reason and "eval/completion_bpb 1 vs champion 1" in d.reason
+
+
+def test_a_gate_that_cannot_be_checked_fails():
+    (gate,) = check_gates(Candidate("fp32", {"eval/val_bpb": 1.0}), _bpb("v1", 2.0, 1.0), PromoteConfig())
+    assert not gate.passed and "not measured on fp32" in gate.text
+    assert check_gates(_bpb("a", 1, 1), _bpb("b", 1, 1), PromoteConfig(max_completion_bpb_regression_pct=None)) == []
