@@ -215,7 +215,7 @@ def test_empty_corpus_fails_clearly_and_leaves_no_run_running(tmp_path):
     result = gptforge("run", str(TINY_EXPERIMENT), f"data.source={corpus}", f"workdir={tmp_path}", cwd=tmp_path,
                       timeout=300)
     assert result.returncode == 2
-    assert "no documents found in data.source" in result.stderr and str(corpus) in result.stderr
+    assert "no .txt/.md/.py/.jsonl/.parquet files found" in result.stderr and str(corpus) in result.stderr
     assert "Traceback" not in result.stderr
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("tiny")
