@@ -85,7 +85,7 @@ class S3Server:
         return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
     def stop(self) -> None:
-        _kill_session(self.process)
+        stop_session(self.process)
         self._log.close()
 
 
@@ -163,11 +163,12 @@ class RayNode:
         self._log.close()
 
 
-def _kill_session(process: subprocess.Popen) -> None:
+def stop_session(process: subprocess.Popen, timeout_s: float = 20) -> None:
+    """SIGTERM to the session `process` leads (started with start_new_session), SIGKILL after `timeout_s`."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=20)
+            process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()

@@ -217,3 +217,22 @@ class MlflowServer:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self._log.close()
+
+
+def stage_runs(uri: str, parent_id: str, experiment: str = "tiny") -> dict:
+    """The stage runs of one pipeline run, by stage name (`gptforge.stage`)."""
+    from mlflow import MlflowClient
+
+    from pipelines.tracking import PARENT_TAG, STAGE_TAG
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'")
+    return {r.data.tags[STAGE_TAG]: r for r in runs}
+
+
+def run_id_of(output: str) -> str:
+    """The pipeline run id a `gptforge run`/`submit` printed."""
+    import re
+
+    return re.search(r"MLflow run: ([0-9a-f]{32})", output).group(1)

@@ -12,16 +12,15 @@ and slow"`) re-run it from the stage cache, kill a training worker mid-run, and 
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
 
 import pytest
 from mlflow import MlflowClient
 
-from pipelines.tracking import CACHED_FROM_TAG, PARENT_TAG, STAGE_TAG
-from tests.cluster_processes import RayNode, S3Server, unshare_problem
-from tests.helpers import JOB_OVERRIDES, TINY_EXPERIMENT, MlflowServer, cli_command, gptforge
+from pipelines.tracking import CACHED_FROM_TAG, STAGE_TAG
+from tests.cluster_processes import RayNode, S3Server, stop_session, unshare_problem
+from tests.helpers import run_id_of, stage_runs, JOB_OVERRIDES, TINY_EXPERIMENT, MlflowServer, cli_command, gptforge
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration]
 
@@ -71,17 +70,6 @@ def _node_id(node: RayNode) -> str:
     return node_id
 
 
-def _stage_runs(uri: str, parent_id: str) -> dict:
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("tiny")
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'")
-    return {r.data.tags[STAGE_TAG]: r for r in runs}
-
-
-def _run_id(output: str) -> str:
-    return re.search(r"MLflow run: ([0-9a-f]{32})", output).group(1)
-
-
 @pytest.fixture(scope="module")
 def first_run(cluster):
     """The tiny pipeline with `storage: s3://...`, submitted with `gptforge submit --follow`."""
@@ -93,10 +81,10 @@ def first_run(cluster):
 
 
 def test_the_pipeline_runs_on_two_nodes_with_its_outputs_in_the_bucket(cluster, first_run):
-    run_id = _run_id(first_run.stdout)
+    run_id = run_id_of(first_run.stdout)
     client = MlflowClient(cluster["mlflow"].url)
     assert client.get_run(run_id).info.status == "FINISHED"
-    runs = _stage_runs(cluster["mlflow"].url, run_id)
+    runs = stage_runs(cluster["mlflow"].url, run_id)
     # The training workers and the candidate's tasks ran on the node that cannot see the head's disk.
     for stage in ("pretrain", "finetune"):
         assert set(runs[stage].data.tags["train.worker_nodes"].split(",")) == {cluster["worker_node"]}, stage
@@ -146,8 +134,8 @@ def test_an_unchanged_rerun_through_ray_address_is_served_from_the_cache_in_the_
                       env={**cluster["env"], "RAY_ADDRESS": cluster["head"].gcs_address}, timeout=1200)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
     assert result.stdout.count("    cached: reusing the output of run") == 3
-    again = _stage_runs(cluster["mlflow"].url, _run_id(result.stdout))
-    first = _stage_runs(cluster["mlflow"].url, _run_id(first_run.stdout))
+    again = stage_runs(cluster["mlflow"].url, run_id_of(result.stdout))
+    first = stage_runs(cluster["mlflow"].url, run_id_of(first_run.stdout))
     for stage in ("prepare_data", "pretrain", "finetune"):
         assert again[stage].data.tags[CACHED_FROM_TAG] == first[stage].info.run_id
     assert not (cluster["workdir"] / "runs").exists()
@@ -172,7 +160,7 @@ def test_a_training_worker_killed_on_the_second_node_continues_from_its_checkpoi
             driver.kill()
             driver.wait()
     assert driver.returncode == 0, output[-6000:]
-    runs = _stage_runs(cluster["mlflow"].url, _run_id(output))
+    runs = stage_runs(cluster["mlflow"].url, run_id_of(output))
     pretrain = runs["pretrain"]
     assert pretrain.info.status == "FINISHED"
     resumed = client.get_metric_history(pretrain.info.run_id, "train/resumed_from_step")
@@ -229,9 +217,4 @@ def test_serve_answers_with_its_replica_on_the_second_node(cluster, first_run):
         nodes = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
         assert nodes.stdout.split() == [cluster["worker_node"]], nodes.stdout + nodes.stderr
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_session(server, timeout_s=120)  # gptforge serve shuts Serve down on SIGTERM

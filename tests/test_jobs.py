@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipelines.tracking import CACHED_FROM_TAG, PARENT_TAG, STAGE_TAG
+from pipelines.tracking import CACHED_FROM_TAG, PARENT_TAG
 from tests.cluster_processes import BIN, RayNode
-from tests.helpers import JOB_OVERRIDES, REPO, TINY_EXPERIMENT, cli_command, cli_env, gptforge
+from tests.helpers import run_id_of, stage_runs, JOB_OVERRIDES, REPO, TINY_EXPERIMENT, cli_command, cli_env, gptforge
 
 pytestmark = pytest.mark.integration
 
@@ -75,17 +75,6 @@ def _pipeline_runs(uri: str) -> list:
     return [r for r in client.search_runs([exp.experiment_id], max_results=1000) if PARENT_TAG not in r.data.tags]
 
 
-def _stage_runs(uri: str, parent_id: str) -> dict:
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("tiny")
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'")
-    return {r.data.tags[STAGE_TAG]: r for r in runs}
-
-
-def _run_id(output: str) -> str:
-    return re.search(r"MLflow run: ([0-9a-f]{32})", output).group(1)
-
-
 @pytest.fixture(scope="module")
 def first_job(head, store):
     """The tiny experiment submitted with `gptforge submit --follow`: the runs every later test reuses."""
@@ -103,7 +92,7 @@ def test_submit_follow_runs_the_pipeline_as_a_ray_job(first_job, head, store):
     assert "==> pretrain" in out and "became champion" in out  # the job's own output, streamed
     assert out.rstrip().endswith(f"job {job_id}: SUCCEEDED")
     runs = _pipeline_runs(store["uri"])
-    assert [r.info.run_id for r in runs] == [_run_id(out)]  # in the store the test chose
+    assert [r.info.run_id for r in runs] == [run_id_of(out)]  # in the store the test chose
     assert runs[0].info.status == "FINISHED"
     assert not (store["workdir"] / "mlflow.db").exists()  # not in the workdir's default store
     assert MlflowClient(store["uri"]).get_model_version_by_alias("tiny", "champion") is not None
@@ -119,15 +108,15 @@ def test_an_unchanged_rerun_recomputes_nothing(first_job, store):
     print(f"unchanged re-run (embedded Ray, stages from the cache): {took:.1f}s")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert result.stdout.count("    cached: reusing the output of run") == len(CACHED_STAGES)
-    first = _stage_runs(store["uri"], _run_id(first_job.stdout))
-    again = _stage_runs(store["uri"], _run_id(result.stdout))
+    first = stage_runs(store["uri"], run_id_of(first_job.stdout))
+    again = stage_runs(store["uri"], run_id_of(result.stdout))
     for stage in CACHED_STAGES:
         assert again[stage].data.tags[CACHED_FROM_TAG] == first[stage].info.run_id  # linked to the producer
         assert "train/loss" not in again[stage].data.metrics  # nothing trained in this run
     # No training ran: only the first run's folder holds Ray Train storage (runs/<run>/<stage>/).
     runs = store["workdir"] / "runs"
     trained = sorted(p.relative_to(runs).as_posix() for stage in ("pretrain", "finetune") for p in runs.glob(f"*/{stage}"))
-    first_id = _run_id(first_job.stdout)
+    first_id = run_id_of(first_job.stdout)
     assert trained == [f"{first_id}/finetune", f"{first_id}/pretrain"]
 
 
@@ -136,8 +125,8 @@ def test_changing_finetune_lr_reruns_finetune_and_what_follows_only(first_job, s
     result = gptforge("run", str(TINY_EXPERIMENT), *JOB_OVERRIDES, "finetune.lr=5e-3", f"workdir={store['workdir']}",
                       cwd=store["root"], env=store["env"])
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    runs = _stage_runs(store["uri"], _run_id(result.stdout))
-    first = _stage_runs(store["uri"], _run_id(first_job.stdout))
+    runs = stage_runs(store["uri"], run_id_of(result.stdout))
+    first = stage_runs(store["uri"], run_id_of(first_job.stdout))
     assert runs["prepare_data"].data.tags[CACHED_FROM_TAG] == first["prepare_data"].info.run_id
     assert runs["pretrain"].data.tags[CACHED_FROM_TAG] == first["pretrain"].info.run_id
     assert CACHED_FROM_TAG not in runs["finetune"].data.tags
@@ -152,7 +141,7 @@ def test_no_cache_and_cache_false_force_the_work(first_job, store):
     result = gptforge("run", str(TINY_EXPERIMENT), *JOB_OVERRIDES, "pretrain.cache=false",
                       f"workdir={store['workdir']}", cwd=store["root"], env=store["env"])
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    runs = _stage_runs(store["uri"], _run_id(result.stdout))
+    runs = stage_runs(store["uri"], run_id_of(result.stdout))
     assert CACHED_FROM_TAG in runs["prepare_data"].data.tags
     assert CACHED_FROM_TAG not in runs["pretrain"].data.tags  # cache: false
     assert runs["pretrain"].data.metrics["train/step"] == 6  # trained again
@@ -162,7 +151,7 @@ def test_no_cache_and_cache_false_force_the_work(first_job, store):
                       cwd=store["root"], env=store["env"])
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "cached:" not in result.stdout
-    runs = _stage_runs(store["uri"], _run_id(result.stdout))
+    runs = stage_runs(store["uri"], run_id_of(result.stdout))
     assert not any(CACHED_FROM_TAG in r.data.tags for r in runs.values())
 
 
