@@ -246,12 +246,19 @@ def local_file(location: str, folder: str | Path) -> Path:
 
 @contextmanager
 def staged(location: str) -> Iterator[Path]:
-    """A local folder to write `location`'s files into: the folder itself when local, else a
-    temporary one uploaded to `location` when the block ends without an error."""
+    """A local folder to write `location`'s files into: the folder itself when local (removed again
+    if the block fails and the folder was new), else a temporary one uploaded to `location` when
+    the block ends without an error."""
     if not is_remote(location):
         path = Path(normalize(location))
+        created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
-        yield path
+        try:
+            yield path
+        except BaseException:
+            if created:  # nothing half-written stays behind where the block failed
+                shutil.rmtree(path, ignore_errors=True)
+            raise
         return
     with tempfile.TemporaryDirectory(prefix="gptforge-stage-") as tmp:
         yield Path(tmp)
