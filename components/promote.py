@@ -120,3 +120,23 @@ def check_gates(challenger: Candidate, champion: Candidate, policy: PromoteConfi
 
 def _within(value: float, best: float, tolerance: float) -> bool:
     return value <= best + abs(best) * tolerance
+
+
+def side_by_side(challenger: Candidate, champion: Candidate) -> list[dict]:
+    """Every metric both logged: the two values and the challenger's change, absolute and in percent
+    (None where the champion's value is 0). Sorted by name: the table the promote run stores."""
+    rows = []
+    for name in sorted(set(challenger.metrics) & set(champion.metrics)):
+        new, old = float(challenger.metrics[name]), float(champion.metrics[name])
+        rows.append({"metric": name, "challenger": new, "champion": old, "delta": new - old,
+                     "delta_pct": (new - old) / abs(old) * 100 if old else None})
+    return rows
+
+
+def side_by_side_markdown(rows: list[dict], challenger: str, champion: str) -> str:
+    lines = [f"| metric | {challenger} (challenger) | {champion} (champion) | delta | delta % |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        pct = "" if r["delta_pct"] is None else f"{r['delta_pct']:+.2f}"
+        lines.append(f"| {r['metric']} | {r['challenger']:.6g} | {r['champion']:.6g} | {r['delta']:+.6g} | {pct} |")
+    return "\n".join(lines) + "\n"

@@ -27,7 +27,7 @@ from dataclasses import replace
 
 from components.artifacts import EvalReport, TokenizedData, from_json, to_json
 from components.experiment_file import ExperimentConfig, config_hash
-from components.promote import Candidate, Decision, decide
+from components.promote import Candidate, Decision, decide, side_by_side, side_by_side_markdown
 from pipelines import registry
 from pipelines.registry import CHAMPION, CHECKSUMS_TAG, PREVIOUS
 from pipelines.side_by_side import Measured, measure_champion, measure_version
@@ -76,7 +76,16 @@ def promote(tracker: Tracker, cfg: ExperimentConfig, reports: list[EvalReport], 
     for run in (log, parent):
         if run is not None:
             run.set_tags(tags)
+    if champion is not None and not champion.failed:
+        _log_side_by_side(log, decision.winner, Candidate(champion.name, champion.metrics))
     return Decision(decision.winner, decision.promote, reason), version
+
+
+def _log_side_by_side(log: RunLogger, challenger: Candidate, champion: Candidate) -> None:
+    """The challenger against the champion, every metric both have, as artifacts of the promote run."""
+    rows = side_by_side(challenger, champion)
+    log.log_text(side_by_side_markdown(rows, challenger.name, champion.name), "challenger_vs_champion.md")
+    log.log_dict(rows, "challenger_vs_champion.json")
 
 
 def promote_version(tracker: Tracker, cfg: ExperimentConfig, version: str, force: bool = False) -> tuple[Decision, str]:

@@ -1,6 +1,8 @@
 """The champion is re-evaluated beside the challenger: real MLflow SQLite store, real model folders, no Ray."""
+import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -58,6 +60,14 @@ def test_a_worse_challenger_on_other_data_loses_to_the_champion_measured_beside_
     assert reeval.data.metrics["eval/val_bpb"] == pytest.approx(expected["eval/val_bpb"], rel=1e-6)
     assert reeval.data.metrics["eval/completion_bpb"] == pytest.approx(expected["eval/completion_bpb"], rel=1e-6)
     assert reeval.data.tags["reeval.version"] == str(store["v1"]) and reeval.data.tags["reeval.same_tokenizer"] == "false"
+
+    # The promote run holds the two side by side: every metric both have, both values and the change.
+    promote_run = _runs(tracker, "promote")[0]
+    table = json.loads(Path(tracker.client.download_artifacts(promote_run.info.run_id, "challenger_vs_champion.json",
+                                                              str(tmp / "table"))).read_text())
+    bpb = next(r for r in table if r["metric"] == "eval/val_bpb")
+    assert bpb["challenger"] == 50.0 and bpb["champion"] == pytest.approx(expected["eval/val_bpb"], rel=1e-6)
+    assert bpb["delta"] == pytest.approx(50.0 - expected["eval/val_bpb"], rel=1e-6)
 
 
 def test_a_challenger_that_fails_the_completion_gate_is_registered_as_lost(store):

@@ -132,3 +132,15 @@ def test_a_gate_that_cannot_be_checked_fails():
     (gate,) = check_gates(Candidate("fp32", {"eval/val_bpb": 1.0}), _bpb("v1", 2.0, 1.0), PromoteConfig())
     assert not gate.passed and "not measured on fp32" in gate.text
     assert check_gates(_bpb("a", 1, 1), _bpb("b", 1, 1), PromoteConfig(max_completion_bpb_regression_pct=None)) == []
+
+
+def test_side_by_side_lists_every_shared_metric_with_both_values_and_the_change():
+    from components.promote import side_by_side, side_by_side_markdown
+
+    rows = side_by_side(Candidate("fp32", {"eval/val_bpb": 2.0, "model/size_bytes": 0.0, "only/new": 1.0}),
+                        Candidate("v1", {"eval/val_bpb": 2.5, "model/size_bytes": 0.0, "only/old": 1.0}))
+    assert [r["metric"] for r in rows] == ["eval/val_bpb", "model/size_bytes"]
+    assert rows[0] == {"metric": "eval/val_bpb", "challenger": 2.0, "champion": 2.5, "delta": -0.5, "delta_pct": -20.0}
+    assert rows[1]["delta_pct"] is None  # no percentage of a zero
+    table = side_by_side_markdown(rows, "fp32", "v1")
+    assert "| eval/val_bpb | 2 | 2.5 | -0.5 | -20.00 |" in table and "fp32 (challenger)" in table
