@@ -18,7 +18,6 @@ Nothing here imports transformers: the folders are plain files (safetensors, JSO
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import re
@@ -28,16 +27,13 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer
 
-from components.documents import DataError
+from components.hf_files import ConversionError, parse_json, read_bytes, read_json, read_tokenizer, read_weights
 from components.files import CHECKSUMS_FILE, read_verified, write_checksums, write_json_atomic
 from components.model import CONFIG_FILE, GPT, WEIGHTS_FILE, GPTConfig, save_model
 from components.tokenizer import EOT, TOKENIZER_FILE
 
-HF_SHARD_INDEX = "model.safetensors.index.json"
-HF_PICKLE_WEIGHTS = "pytorch_model.bin"
-HF_VOCAB, HF_MERGES = "vocab.json", "merges.txt"
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 LAYER_NORM_EPS = 1e-5  # components/model.py LayerNorm's epsilon, and GPT-2's
 EXACT_GELU, TANH_GELUS = "gelu", ("gelu_new", "gelu_pytorch_tanh")
@@ -47,10 +43,6 @@ _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c
 _MASK_BUFFER = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$")
 _WTE, _HEAD = "transformer.wte.weight", "lm_head.weight"
 _MAX_LISTED = 8  # problems listed in one message before "... and N more"
-
-
-class ConversionError(DataError):
-    """A folder or checkpoint that cannot be converted; the message names the file and the key."""
 
 
 @dataclass(frozen=True)
@@ -256,15 +248,15 @@ def import_hf(src: str | Path, out: str | Path, pad_vocab_to: int = 1) -> Import
         ConversionError: naming the file (and key) that is missing, unreadable or does not fit.
     """
     src = Path(src)
-    hf_cfg = _read_json(src / CONFIG_FILE)
+    hf_cfg = read_json(src / CONFIG_FILE)
     where = str(src / CONFIG_FILE)
     activation = hf_cfg.get("activation_function", "gelu_new")
     config, hf_vocab = gpt_config_from_hf(hf_cfg, where, pad_vocab_to)
-    tokenizer, tokenizer_file = _read_hf_tokenizer(src)
+    tokenizer, tokenizer_file = read_tokenizer(src)
     tokens = _tokens(tokenizer)
     if tokens > hf_vocab:
         raise ConversionError(f"{tokenizer_file}: has ids up to {tokens - 1} but {where} says vocab_size={hf_vocab}")
-    weights, weights_file = _read_hf_weights(src)
+    weights, weights_file = read_weights(src)
     sd = from_hf_state_dict(weights, config, hf_vocab, weights_file)
     with torch.device("meta"):
         model = GPT(config)
@@ -298,8 +290,8 @@ def export_hf(folder: str | Path, out: str | Path, checksums_sha256: str | None 
         files = read_verified(folder, CANDIDATE_FILES, checksums_sha256)
     else:
         hint = f"; a gptforge model folder holds {', '.join(CANDIDATE_FILES)}"
-        files = {name: _read_bytes(folder / name, hint) for name in CANDIDATE_FILES}
-    raw = _parse_json(files[CONFIG_FILE], folder / CONFIG_FILE)
+        files = {name: read_bytes(folder / name, hint) for name in CANDIDATE_FILES}
+    raw = parse_json(files[CONFIG_FILE], folder / CONFIG_FILE)
     if raw.get("quantization", "fp32") not in ("fp32", "bf16", "fp16"):
         raise ConversionError(f"{folder / CONFIG_FILE}: holds a {raw['quantization']!r} model; export a float "
                               f"one (fp32, bf16 or fp16)")
@@ -344,75 +336,6 @@ def _write_folder(out: Path, write):
     return result
 
 
-def _read_hf_weights(src: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """The checkpoint's tensors and the file they came from; never unpickles anything but tensors."""
-    single, index = src / WEIGHTS_FILE, src / HF_SHARD_INDEX
-    try:
-        if single.exists():
-            return safetensors.torch.load_file(str(single)), str(single)
-        if index.exists():
-            shards = _read_json(index).get("weight_map", {})
-            names = sorted(set(shards.values()))
-            bad = [n for n in names if not isinstance(n, str) or Path(n).name != n]
-            if bad or not names:
-                raise ConversionError(f"{index}: weight_map must name shard files inside the folder, got {bad or names}")
-            weights = {}
-            for name in names:
-                weights.update(safetensors.torch.load_file(str(src / name)))
-            return weights, str(index)
-        pickled = src / HF_PICKLE_WEIGHTS
-        if pickled.exists():
-            return torch.load(pickled, map_location="cpu", weights_only=True), str(pickled)
-    except ConversionError:
-        raise
-    except Exception as error:  # noqa: BLE001 - safetensors and the weights-only unpickler raise many kinds
-        raise ConversionError(f"{src}: cannot read the weights ({type(error).__name__}: {error})") from None
-    raise ConversionError(f"{src}: no weights: expected {WEIGHTS_FILE}, {HF_SHARD_INDEX} or {HF_PICKLE_WEIGHTS}")
-
-
-def _read_hf_tokenizer(src: Path) -> tuple[Tokenizer, str]:
-    """The folder's tokenizer (tokenizer.json, else GPT-2's byte-level BPE from vocab.json + merges.txt)."""
-    path = src / TOKENIZER_FILE
-    try:
-        if path.exists():
-            return Tokenizer.from_file(str(path)), str(path)
-        vocab, merges = src / HF_VOCAB, src / HF_MERGES
-        if not (vocab.exists() and merges.exists()):
-            raise ConversionError(f"{src}: no tokenizer: expected {TOKENIZER_FILE}, or {HF_VOCAB} and {HF_MERGES}")
-        tokenizer = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tokenizer.decoder = decoders.ByteLevel()
-        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-        if tokenizer.token_to_id(EOT) is not None:  # keeps its id; marked special so it is never split
-            tokenizer.add_special_tokens([AddedToken(EOT, special=True)])
-        return tokenizer, str(vocab)
-    except ConversionError:
-        raise
-    except Exception as error:  # noqa: BLE001 - tokenizers raises a plain Exception
-        raise ConversionError(f"{src}: cannot read the tokenizer ({error})") from None
-
-
 def _tokens(tokenizer: Tokenizer) -> int:
     """Rows the tokenizer's ids need: its largest id + 1."""
     return max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
-
-
-def _read_bytes(path: Path, hint: str = "") -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as error:
-        raise ConversionError(f"{path}: cannot be read ({error.strerror}){hint}") from None
-
-
-def _read_json(path: Path) -> dict:
-    return _parse_json(_read_bytes(path, "; is this a Hugging Face GPT-2 folder?"), path)
-
-
-def _parse_json(data: bytes, path: Path) -> dict:
-    try:
-        value = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ConversionError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(value, dict):
-        raise ConversionError(f"{path}: expected a JSON object")
-    return value

@@ -88,7 +88,7 @@ def _registry_folder(uri: str, tracking_uri: str | None, tmp: str) -> tuple[str,
         LookupError, TrackingError, IntegrityError: as `RegistryLoader.fetch`.
     """
     from components.files import IntegrityError
-    from components.hf_gpt2 import ConversionError
+    from components.hf_files import ConversionError
     from pipelines.model_loading import RegistryLoader
     from pipelines.registry import CHECKSUMS_TAG, download_version, model_version
     from pipelines.tracking import redact
