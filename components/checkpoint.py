@@ -26,7 +26,7 @@ from torch import nn
 from components import model as gpt
 from components import storage, tensor_parallel
 from components.files import write_json_atomic
-from components.parallel import tensor_parallel_layout, unwrap
+from components.parallel import gather_from_ranks, tensor_parallel_layout, unwrap
 
 TRAINER_STATE_FILE = "trainer_state.pt"
 MANIFEST_FILE = "checkpoint.json"
@@ -56,7 +56,7 @@ def save(folder: str | None, model: nn.Module, optimizer: torch.optim.Optimizer,
     layout = tensor_parallel_layout(model)
     if layout is not None:  # c_attn's rows back in the usual q | k | v order: one file format for all
         tensor_parallel.reorder_qkv(layout, model_state, optimizer_state, to_saved=True)
-    ranks = _gather({"rng": _rng_state(), "data": data_position})
+    ranks = gather_from_ranks({"rng": _rng_state(), "data": data_position})
     if not _is_rank0():
         return
     os.makedirs(folder, exist_ok=True)
@@ -159,14 +159,6 @@ def _full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tup
     # base weights) would then change the model being trained.
     return ({k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()},
             optimizer.state_dict())
-
-
-def _gather(obj) -> list:
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _is_rank0() -> bool:

@@ -89,6 +89,15 @@ def tensor_parallel_layout(model: nn.Module) -> tensor_parallel.Layout | None:
     return getattr(unwrap(model), tensor_parallel.ATTRIBUTE, None)
 
 
+def gather_from_ranks(obj) -> list:
+    """`obj` of every rank, in rank order (a collective: every rank calls it); [obj] without torch.distributed."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def data_parallel_size(model: nn.Module) -> int:
     """Workers that train on different rows: all of them, except that a tp group shares its rows."""
     layout = tensor_parallel_layout(model)

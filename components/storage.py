@@ -13,6 +13,8 @@ it was written with, on a cache hit too.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -23,7 +25,7 @@ from typing import Callable, Iterator
 
 import pyarrow.fs as pafs
 
-from components.files import CHECKSUMS_FILE, IntegrityError, verify_checksums
+from components.files import CHECKSUMS_FILE, IntegrityError, atomic_write, verify_checksums
 
 _COPY_CHUNK = 8 << 20
 
@@ -95,13 +97,6 @@ def file_sizes(location: str) -> dict[str, int]:
     return {info.base_name: info.size for info in infos if info.type == pafs.FileType.File}
 
 
-def subfolders(location: str) -> list[str]:
-    """The folders directly in `location`, as locations (empty when it does not exist)."""
-    fs, path = resolve(location)
-    infos = _call(location, lambda: fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
-    return [join(location, info.base_name) for info in infos if info.type == pafs.FileType.Directory]
-
-
 def find_files(location: str, name: str) -> list[str]:
     """Every file called `name` anywhere below the folder `location`, as locations (sorted)."""
     fs, path = resolve(location)
@@ -130,8 +125,6 @@ def write_bytes(location: str, data: bytes) -> None:
     makes an object visible only once its upload completes, so a reader never sees half of it."""
     fs, path = resolve(location)
     if isinstance(fs, pafs.LocalFileSystem):
-        from components.files import atomic_write
-
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: tmp.write_bytes(data))
         return
@@ -198,8 +191,6 @@ def local_copy(location: str, files: tuple[str, ...] | None = None, checksums_sh
     """
     if not is_remote(location):
         return Path(normalize(location))
-    import hashlib
-
     key = hashlib.sha256(normalize(location).encode()).hexdigest()[:24]
     target = local_cache_root() / "folders" / key
     if target.is_dir():
@@ -228,8 +219,6 @@ def _verify(folder: Path, files: tuple[str, ...] | None, checksums_sha256: str |
             return
         raise IntegrityError(f"{folder}: incomplete copy (its files do not match their manifest)")
     if files is None:
-        import json
-
         files = tuple(json.loads((folder / CHECKSUMS_FILE).read_text()))
     verify_checksums(folder, files, checksums_sha256)
 

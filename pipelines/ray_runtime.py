@@ -282,6 +282,7 @@ def _train_loop_per_worker(config: dict) -> None:
 
     from components import checkpoint as ckpt
     from components import recipe
+    from components.parallel import gather_from_ranks
     from components.train import rows_from_arrow
     from pipelines.metrics_buffer import MetricsBuffer
     from pipelines.tracking import PROGRESS_TAG
@@ -311,7 +312,7 @@ def _train_loop_per_worker(config: dict) -> None:
     metrics = MetricsBuffer(logger) if logger is not None else None
 
     def started(resumed_from: int | None) -> None:
-        workers = _gather_workers()  # a collective: every rank takes part
+        workers = gather_from_ranks((os.getpid(), node_id()))  # a collective: every rank takes part
         if logger is None:
             return
         # Which processes to look at (or kill in tests), and on which Ray nodes they run.
@@ -342,8 +343,9 @@ def _train_loop_per_worker(config: dict) -> None:
     # its storage that was reported just before a crash and never registered. Both are found by
     # listing the run's storage, local or remote; the one to continue from is copied to this node.
     newest = ckpt.newest(ckpt.find_under(config["run_dir"]))
-    plan = _on_this_node(plan, newest[0] if newest else None, scratch := tempfile.mkdtemp(prefix="gptforge-in-"))
-    checkpoints = [scratch + "/resume"] if newest else []
+    scratch = tempfile.mkdtemp(prefix="gptforge-in-")
+    plan, resume_from = _on_this_node(plan, newest[0] if newest else None, scratch)
+    checkpoints = [resume_from] if resume_from else []
     try:
         # Closing the buffer sends the last steps; its error is raised only if training succeeded.
         with metrics if metrics is not None else contextlib.nullcontext():
@@ -352,37 +354,28 @@ def _train_loop_per_worker(config: dict) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _on_this_node(plan: TrainPlan, resume_from: str | None, scratch: str) -> TrainPlan:
-    """`plan` with the folders and files it starts from on this node's disk.
+def _on_this_node(plan: TrainPlan, resume_from: str | None, scratch: str) -> tuple[TrainPlan, str | None]:
+    """`plan` with the folders and files it starts from on this node's disk, and the local
+    folder of the checkpoint to resume from (None: a fresh start).
 
     The weights to start from (`init_from`) and the checkpoint to resume from may sit in remote
-    storage; they are copied here and checked against the sizes their checkpoint.json records.
-    The extra files (the tokenizer) are copied into `scratch`. `resume_from` goes to `scratch/resume`.
+    storage; they are copied here and checked against the sizes their checkpoint.json records
+    (a remote checkpoint into `scratch/resume`). Local ones are used where they are. The extra
+    files (the tokenizer) of remote storage are copied into `scratch`.
     """
     from dataclasses import replace
 
     from components import checkpoint as ckpt
 
     complete = lambda folder: ckpt.step_of(folder) is not None
-    if resume_from is not None:
-        storage.download_folder(resume_from, os.path.join(scratch, "resume"))
-        if not complete(os.path.join(scratch, "resume")):
+    if resume_from is not None and storage.is_remote(resume_from):
+        local = storage.download_folder(resume_from, os.path.join(scratch, "resume"))
+        if not complete(local):
             raise RuntimeError(f"checkpoint {resume_from}: incomplete after copying it to this node")
+        resume_from = str(local)
     init_from = plan.init_from and str(storage.local_copy(plan.init_from, check=complete))
     extra = tuple(str(storage.local_file(path, os.path.join(scratch, "extra"))) for path in plan.extra_files)
-    return replace(plan, init_from=init_from, extra_files=extra)
-
-
-def _gather_workers() -> list[tuple[int, str]]:
-    """(pid, Ray node id) of every rank, in rank order."""
-    import torch.distributed as dist
-
-    mine = (os.getpid(), node_id())
-    if not dist.is_initialized():
-        return [mine]
-    workers = [None] * dist.get_world_size()
-    dist.all_gather_object(workers, mine)
-    return workers
+    return replace(plan, init_from=init_from, extra_files=extra), resume_from
 
 
 def node_id() -> str:
