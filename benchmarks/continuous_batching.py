@@ -1,6 +1,6 @@
 """Static against continuous batching, in-process: a mixed-length load and a uniform one.
 
-    .venv/bin/python benchmarks/continuous_batching.py [--seconds 20] [--clients 32]
+    .venv/bin/python benchmarks/continuous_batching.py [--seconds 20] [--clients 32] [--rounds 4]
 
 No Serve and no HTTP: the clients are threads that submit `Work`s straight to the engine's queue,
 the endpoint's static `Batcher` (components/batching.py) or its `ContinuousBatcher`
@@ -12,7 +12,9 @@ Model: the tiny preset (4 layers, 128 wide, vocabulary 4096) with random weights
 320 tokens, so that a 256-token completion fits; greedy, and a random model practically never ends
 early, so a request does the work its `max_tokens` asks.
 
-Loads, `--seconds` each, static then continuous:
+Loads, `--seconds` each in all, split into `--rounds` rounds; in each round every load runs on both
+engines, one after the other (which goes first alternates), so that a machine whose load from other
+work drifts slows both alike and the ratios stay comparable:
 - mixed: each client sends back to back, each request's max_tokens drawn from {8, 64, 256} by its
   own random.Random(seed + client): requests/s, output tokens/s, p50/p99 latency of the 8-token requests;
 - uniform: every request asks for 16 tokens: requests/s and output tokens/s;
@@ -92,8 +94,9 @@ def _request(batcher, model, ids, max_tokens: int) -> tuple[float, int]:
     return time.perf_counter() - started, tokens[0]
 
 
-def _load(batcher, model, ids, clients: int, seconds: float, pick) -> dict:
-    results: list[tuple[int, float, int]] = []  # (max_tokens, latency, tokens)
+def _load(batcher, model, ids, clients: int, seconds: float, pick) -> tuple[list[tuple[int, float, int]], float]:
+    """Clients sending back to back for `seconds`: ([(max_tokens, latency s, tokens)], elapsed s)."""
+    results: list[tuple[int, float, int]] = []
     stop_at = time.monotonic() + seconds
 
     def client(i: int) -> None:
@@ -108,7 +111,10 @@ def _load(batcher, model, ids, clients: int, seconds: float, pick) -> dict:
         t.start()
     for t in threads:
         t.join()
-    elapsed = time.monotonic() - started
+    return results, time.monotonic() - started
+
+
+def _summary(results: list[tuple[int, float, int]], elapsed: float) -> dict:
     short = sorted(lat for m, lat, _ in results if m == 8)
     return {"requests": len(results), "rps": len(results) / elapsed,
             "tokens_s": sum(tok for _, _, tok in results) / elapsed,
@@ -120,24 +126,33 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
     model, tokenizer, text = _setup()
     ids = tokenizer.encode(PROMPT).ids
-    rows = {}
-    for kind in ("static", "continuous"):
-        batcher = _batcher(kind, model, text)
-        try:
-            _request(batcher, model, ids, 8)  # warm-up
-            alone = [_request(batcher, model, ids, 8)[0] for _ in range(30)]
-            rows[kind] = {
-                "alone_8_ms": 1000 * statistics.median(alone),
-                "mixed": _load(batcher, model, ids, args.clients, args.seconds, lambda rng: rng.choice(MIXED)),
-                "uniform": _load(batcher, model, ids, args.clients, args.seconds, lambda rng: 16),
-            }
-        finally:
+    kinds = ("static", "continuous")
+    batchers = {kind: _batcher(kind, model, text) for kind in kinds}
+    loads = {"mixed": lambda rng: rng.choice(MIXED), "uniform": lambda rng: 16}
+    runs = {kind: {"alone": [], **{load: ([], 0.0) for load in loads}} for kind in kinds}
+    try:
+        for kind in kinds:
+            _request(batchers[kind], model, ids, 8)  # warm-up
+        for r in range(args.rounds):
+            order = kinds if r % 2 == 0 else kinds[::-1]
+            for kind in order:
+                runs[kind]["alone"] += [_request(batchers[kind], model, ids, 8)[0] for _ in range(30 // args.rounds + 1)]
+            for load, pick in loads.items():
+                for kind in order:
+                    results, elapsed = _load(batchers[kind], model, ids, args.clients, args.seconds / args.rounds, pick)
+                    before, spent = runs[kind][load]
+                    runs[kind][load] = (before + results, spent + elapsed)
+    finally:
+        for batcher in batchers.values():
             batcher.stop()
+    rows = {kind: {"alone_8_ms": 1000 * statistics.median(runs[kind]["alone"]),
+                   **{load: _summary(*runs[kind][load]) for load in loads}} for kind in kinds}
     print(f"\n{datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, torch threads 1; "
-          f"{args.clients} clients, {args.seconds:.0f} s per load; prompt {PROMPT!r}, greedy")
+          f"{args.clients} clients, {args.seconds:.0f} s per load in {args.rounds} rounds; prompt {PROMPT!r}, greedy")
     print("| engine | load | requests/s | output tokens/s | 8-token p50 ms | 8-token p99 ms | requests |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for kind, r in rows.items():
@@ -145,7 +160,7 @@ def main() -> int:
             m = r[load]
             p50, p99 = (f"{m['p50_8_ms']:.0f}", f"{m['p99_8_ms']:.0f}") if load == "mixed" else ("", "")
             print(f"| {kind} | {load} | {m['rps']:.1f} | {m['tokens_s']:.0f} | {p50} | {p99} | {m['requests']} |")
-        print(f"| {kind} | one 8-token request alone | | | {r['alone_8_ms']:.0f} | | 30 |")
+        print(f"| {kind} | one 8-token request alone | | | {r['alone_8_ms']:.0f} | | {len(runs[kind]['alone'])} |")
     s, c = rows["static"], rows["continuous"]
     print(f"\nmixed load, continuous / static output tokens/s: {c['mixed']['tokens_s'] / s['mixed']['tokens_s']:.2f}x "
           f"(goal >= 2x)")

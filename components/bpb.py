@@ -34,7 +34,7 @@ from components import storage
 from components.artifacts import TokenizedData
 from components.config import EvaluateConfig
 from components.model import IGNORE_INDEX
-from components.tokenizer import EOT_ID
+from components.tokenizer import eot_id
 
 BPB_METRICS = ("eval/val_bpb", "eval/completion_bpb")
 
@@ -55,14 +55,14 @@ def bits_per_byte(model: nn.Module, tokenizer: Tokenizer, texts: Iterable[str | 
         ValueError: the texts have no bytes to score, or a text the tokenizer does not give back exactly
             (its bytes would be counted without their loss).
     """
-    windows, n_bytes = [], 0
+    windows, n_bytes, eot = [], 0, eot_id(tokenizer)
     for item in texts:
         context, text = ("", item) if isinstance(item, str) else item
-        ids, scored_from = _encode(tokenizer, context, text)
+        ids, scored_from = _encode(tokenizer, context, text, eot)
         n_bytes += len(text.encode("utf-8"))
         for start in range(0, len(ids) - 1, block_size):
             window = ids[start : start + block_size + 1]
-            targets = [t if start + i + 1 >= scored_from and t != EOT_ID else IGNORE_INDEX
+            targets = [t if start + i + 1 >= scored_from and t != eot else IGNORE_INDEX
                        for i, t in enumerate(window[1:])]
             windows.append((window[:-1], targets))
     if n_bytes == 0:
@@ -71,7 +71,7 @@ def bits_per_byte(model: nn.Module, tokenizer: Tokenizer, texts: Iterable[str | 
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size]
         width = max(len(x) for x, _ in batch)
-        x = torch.tensor([xs + [EOT_ID] * (width - len(xs)) for xs, _ in batch], dtype=torch.long, device=device)
+        x = torch.tensor([xs + [eot] * (width - len(xs)) for xs, _ in batch], dtype=torch.long, device=device)
         y = torch.tensor([ys + [IGNORE_INDEX] * (width - len(ys)) for _, ys in batch], dtype=torch.long, device=device)
         logits, _ = model(x)  # (B, T, V)
         losses = nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
@@ -80,7 +80,7 @@ def bits_per_byte(model: nn.Module, tokenizer: Tokenizer, texts: Iterable[str | 
     return nats / (math.log(2) * n_bytes)
 
 
-def _encode(tokenizer: Tokenizer, context: str, text: str) -> tuple[list[int], int]:
+def _encode(tokenizer: Tokenizer, context: str, text: str, eot: int) -> tuple[list[int], int]:
     """EOT + context ids + text ids, and where the text's ids start (context and text encoded apart,
     so the boundary falls on a token boundary)."""
     context_ids = tokenizer.encode(context, add_special_tokens=False).ids if context else []
@@ -88,7 +88,7 @@ def _encode(tokenizer: Tokenizer, context: str, text: str) -> tuple[list[int], i
     if tokenizer.decode(text_ids, skip_special_tokens=False) != text:
         raise ValueError(f"the tokenizer does not give back the text it encoded ({text[:40]!r}...), so its bytes "
                          "cannot be scored; bits per byte needs a lossless (byte-level) tokenizer")
-    return [EOT_ID, *context_ids, *text_ids], 1 + len(context_ids)
+    return [eot, *context_ids, *text_ids], 1 + len(context_ids)
 
 
 # ------------------------------------------------------------------ the held-out data
@@ -109,6 +109,14 @@ def bpb_metrics(model: nn.Module, tokenizer: Tokenizer, data: TokenizedData, cfg
             "eval/completion_bpb": bits_per_byte(model, tokenizer, pairs, block, cfg.batch_size, device)}
 
 
+def suite_bpb_metrics(model: nn.Module, tokenizer: Tokenizer, suite_view: TokenizedData,
+                      cfg: EvaluateConfig) -> dict[str, float]:
+    """`bpb_metrics` on the evaluation suite (`components.suite.Suite.view`), as `eval/suite_bpb` and
+    `eval/suite_completion_bpb`: the numbers that compare across runs whatever their data."""
+    measured = bpb_metrics(model, tokenizer, suite_view, cfg)
+    return {"eval/suite_bpb": measured["eval/val_bpb"], "eval/suite_completion_bpb": measured["eval/completion_bpb"]}
+
+
 def heldout_texts(data: TokenizedData, data_tokenizer: Tokenizer, max_bytes: int) -> list[str]:
     """The held-out documents as text, in order, until `max_bytes` UTF-8 bytes (0: all); the document
     that crosses the limit is cut there (on a character boundary).
@@ -123,8 +131,9 @@ def heldout_texts(data: TokenizedData, data_tokenizer: Tokenizer, max_bytes: int
         fs, path = storage.resolve(data.val_uri)
         rows = pq.read_table(path, columns=["tokens"], filesystem=fs).column("tokens").to_pylist()
         stream = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows]) if rows else np.zeros(0, np.int64)
-        pieces = np.split(stream, np.flatnonzero(stream == EOT_ID))
-        texts = [data_tokenizer.decode(p[p != EOT_ID].tolist()) for p in pieces]
+        eot = eot_id(data_tokenizer)
+        pieces = np.split(stream, np.flatnonzero(stream == eot))
+        texts = [data_tokenizer.decode(p[p != eot].tolist()) for p in pieces]
     return _first_bytes([t for t in texts if t], max_bytes)
 
 
@@ -132,9 +141,9 @@ def heldout_pairs(data: TokenizedData, data_tokenizer: Tokenizer) -> list[tuple[
     """The held-out (prompt, completion) pairs as text, decoded from the data stage's `sft_heldout` rows."""
     fs, path = storage.resolve(data.sft_heldout_uri)
     table = pq.read_table(path, columns=["tokens", "mask"], filesystem=fs)
-    pairs = []
+    pairs, eot = [], eot_id(data_tokenizer)
     for tokens, mask in zip(table.column("tokens").to_pylist(), table.column("mask").to_pylist()):
-        completion = [t for t, m in zip(tokens, mask) if m and t != EOT_ID]
+        completion = [t for t, m in zip(tokens, mask) if m and t != eot]
         if completion:
             pairs.append((data_tokenizer.decode(tokens[: mask.index(1)]), data_tokenizer.decode(completion)))
     return pairs

@@ -24,6 +24,7 @@ import json
 import math
 import time
 import uuid
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
@@ -66,33 +67,24 @@ def _bounds(default, **schema):
     return Field(default, json_schema_extra=schema)
 
 
-class CompletionRequest(BaseModel):
-    """The request body. Strict types: `"5"` is not a number and `1` is not `true`, as in OpenAI's API."""
+class SamplingFields(BaseModel):
+    """The fields every generating endpoint shares. Strict types: `"5"` is not a number and `1` is not
+    `true`, as in OpenAI's API."""
 
     model_config = ConfigDict(extra="forbid")
-    prompt: StrictStr | list[StrictStr] = _bounds(..., minLength=1, minItems=1)
     model: StrictStr | None = None
-    max_tokens: StrictInt | None = _bounds(16, minimum=1)
     temperature: Number | None = _bounds(1.0, minimum=0, maximum=MAX_TEMPERATURE)
     top_p: Number | None = _bounds(1.0, minimum=MIN_TOP_P, maximum=1)
     top_k: StrictInt | None = _bounds(None, minimum=1)
     stop: StrictStr | list[StrictStr] | None = _bounds(None, minLength=1, maxItems=MAX_STOP)
     n: StrictInt | None = _bounds(1, minimum=1)
     seed: StrictInt | None = _bounds(None, minimum=0, maximum=MAX_SEED)
-    echo: StrictBool | None = False
-    logprobs: StrictInt | None = _bounds(None, minimum=0, maximum=MAX_LOGPROBS)
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
-    best_of: StrictInt | None = _bounds(None, minimum=1)
     frequency_penalty: Number | None = _bounds(0, minimum=0, maximum=0)
     presence_penalty: Number | None = _bounds(0, minimum=0, maximum=0)
     logit_bias: dict[StrictStr, Number] | None = _bounds(None, maxProperties=0)
-    suffix: StrictStr | None = _bounds(None, maxLength=0)
-
-    @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -105,12 +97,38 @@ class CompletionRequest(BaseModel):
         return 1 if self.n is None else self.n
 
 
+class CompletionRequest(SamplingFields):
+    """The request body of `POST /v1/completions`."""
+
+    prompt: StrictStr | list[StrictStr] = _bounds(..., minLength=1, minItems=1)
+    max_tokens: StrictInt | None = _bounds(16, minimum=1)
+    echo: StrictBool | None = False
+    logprobs: StrictInt | None = _bounds(None, minimum=0, maximum=MAX_LOGPROBS)
+    best_of: StrictInt | None = _bounds(None, minimum=1)
+    suffix: StrictStr | None = _bounds(None, maxLength=0)
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
 def parse_request(body: bytes, limits: ServeConfig) -> CompletionRequest:
     """The validated request, or RequestError: 413 for a body over the limit, 400 naming the field otherwise.
 
     `limits` is the experiment's `serve:` section: what one request may ask for
     (`max_body_bytes`, `max_prompt_chars`, `max_tokens_cap`, `max_choices`).
     """
+    data = read_body(body, limits)
+    if isinstance(data.get("prompt"), list) and any(not isinstance(p, str) for p in data["prompt"]):
+        raise RequestError(400, "prompt: token-id prompts are not supported; send a string or a list of strings",
+                           param="prompt")
+    request = validate_body(CompletionRequest, data)
+    _check_values(request, limits)
+    return request
+
+
+def read_body(body: bytes, limits: ServeConfig) -> dict:
+    """The body as a JSON object of UTF-8 text, or RequestError (413 over `serve.max_body_bytes`, else 400)."""
     if len(body) > limits.max_body_bytes:
         raise RequestError(413, f"the request body has {len(body)} bytes, more than the limit of "
                                 f"{limits.max_body_bytes} (serve.max_body_bytes)", code="request_too_large")
@@ -121,19 +139,19 @@ def parse_request(body: bytes, limits: ServeConfig) -> CompletionRequest:
     if not isinstance(data, dict):
         raise RequestError(400, f"the request body must be a JSON object, got {type(data).__name__}")
     _check_text(data)
-    if isinstance(data.get("prompt"), list) and any(not isinstance(p, str) for p in data["prompt"]):
-        raise RequestError(400, "prompt: token-id prompts are not supported; send a string or a list of strings",
-                           param="prompt")
+    return data
+
+
+def validate_body(model: type[BaseModel], data: dict):
+    """`data` as an instance of `model`, or RequestError (400) naming every field pydantic refused."""
     try:
-        request = CompletionRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
         param = ".".join(str(p) for p in first["loc"] if not isinstance(p, int)) or None
         param = param.split(".")[0] if param else None
         problems = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {_pydantic_message(e)}" for e in error.errors()]
         raise RequestError(400, "; ".join(problems)[:2000], param=param) from None
-    _check_values(request, limits)
-    return request
 
 
 def _utf8(text: str) -> str:
@@ -184,6 +202,24 @@ def _check_values(r: CompletionRequest, limits: ServeConfig) -> None:
             problems.append((name, f"{len(p)} characters, more than the limit of {limits.max_prompt_chars}"))
     if r.max_tokens is not None and not 1 <= r.max_tokens <= limits.max_tokens_cap:
         problems.append(("max_tokens", f"must be between 1 and {limits.max_tokens_cap}, got {r.max_tokens}"))
+    if r.n is not None and r.n < 1:
+        problems.append(("n", f"must be at least 1, got {r.n}"))
+    elif len(prompts) * r.choices_per_prompt > limits.max_choices:
+        problems.append(("n", f"{len(prompts)} prompt(s) x n={r.choices_per_prompt} is more than "
+                              f"{limits.max_choices} completions in one request (serve.max_choices)"))
+    problems += sampling_problems(r)
+    if r.logprobs is not None and not 0 <= r.logprobs <= MAX_LOGPROBS:
+        problems.append(("logprobs", f"must be between 0 and {MAX_LOGPROBS}, got {r.logprobs}"))
+    if r.best_of is not None and r.best_of != r.choices_per_prompt:
+        problems.append(("best_of", f"not supported (only best_of equal to n, here {r.choices_per_prompt})"))
+    if r.suffix:
+        problems.append(("suffix", "not supported (insertion is not available)"))
+    refuse(problems)
+
+
+def sampling_problems(r: SamplingFields) -> list[tuple[str, str]]:
+    """(field, what is wrong) for each shared field a request sets outside what gptforge honours."""
+    problems: list[tuple[str, str]] = []
     if r.temperature is not None and temperature_problem(_as_float(r.temperature)):
         problems.append(("temperature", temperature_problem(_as_float(r.temperature))))
     if r.top_p is not None and top_p_problem(_as_float(r.top_p)):
@@ -192,11 +228,6 @@ def _check_values(r: CompletionRequest, limits: ServeConfig) -> None:
         problems.append(("top_k", f"must be at least 1, got {r.top_k}"))
     if r.seed is not None and seed_problem(r.seed):
         problems.append(("seed", seed_problem(r.seed)))
-    if r.n is not None and r.n < 1:
-        problems.append(("n", f"must be at least 1, got {r.n}"))
-    elif len(prompts) * r.choices_per_prompt > limits.max_choices:
-        problems.append(("n", f"{len(prompts)} prompt(s) x n={r.choices_per_prompt} is more than "
-                              f"{limits.max_choices} completions in one request (serve.max_choices)"))
     stops = r.stops
     if len(stops) > MAX_STOP:
         problems.append(("stop", f"at most {MAX_STOP} sequences, got {len(stops)}"))
@@ -204,20 +235,19 @@ def _check_values(r: CompletionRequest, limits: ServeConfig) -> None:
         problems.append(("stop", "a stop sequence must not be empty"))
     if any(len(s) > 200 for s in stops):
         problems.append(("stop", "a stop sequence may have at most 200 characters"))
-    if r.logprobs is not None and not 0 <= r.logprobs <= MAX_LOGPROBS:
-        problems.append(("logprobs", f"must be between 0 and {MAX_LOGPROBS}, got {r.logprobs}"))
     if r.stream_options is not None and not r.stream:
         problems.append(("stream_options", "only allowed with stream=true"))
-    if r.best_of is not None and r.best_of != r.choices_per_prompt:
-        problems.append(("best_of", f"not supported (only best_of equal to n, here {r.choices_per_prompt})"))
     for name in ("frequency_penalty", "presence_penalty"):
         value = getattr(r, name)
         if value not in (None, 0):
             problems.append((name, f"not supported (only 0), got {value}"))
     if r.logit_bias:
         problems.append(("logit_bias", "not supported (only an empty object)"))
-    if r.suffix:
-        problems.append(("suffix", "not supported (insertion is not available)"))
+    return problems
+
+
+def refuse(problems: list[tuple[str, str]]) -> None:
+    """A 400 naming every problem, its `param` the first one's field (`prompt[1]` is `prompt`); none: nothing."""
     if problems:
         raise RequestError(400, "; ".join(f"{name}: {why}" for name, why in problems),
                            param=problems[0][0].split("[")[0])
@@ -243,7 +273,7 @@ def sampling_of(r: CompletionRequest) -> Sampling:
     )
 
 
-def check_model(r: CompletionRequest, model_id: str) -> None:
+def check_model(r: SamplingFields, model_id: str) -> None:
     """A request may leave `model` out, or name the served version (`tiny:v3`) or its registered model (`tiny`)."""
     if r.model is not None and r.model not in (model_id, model_id.split(":")[0]):
         raise RequestError(404, f"The model {r.model!r} does not exist on this endpoint; it serves "
@@ -300,3 +330,29 @@ def chunk_body(cid: str, model_id: str, index: int, delta: Delta, want_logprobs:
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """How one request's answer is written, whole or as server-sent events (here: `text_completion`)."""
+
+    model_id: str
+    want_logprobs: bool
+    id: str = field(default_factory=new_id)
+    chunk_object = "text_completion"  # the `object` of a streamed chunk
+
+    def body(self, choices: list[list[Delta]], prompt_tokens: int) -> dict:
+        return completion_body(self.id, self.model_id, choices, self.want_logprobs, prompt_tokens)
+
+    def opening(self, choices: int) -> list[dict]:
+        """The events a stream starts with, before any text (none for completions)."""
+        return []
+
+    def chunks(self, index: int, delta: Delta) -> list[dict]:
+        """The events that carry one delta of choice `index`."""
+        return [chunk_body(self.id, self.model_id, index, delta, self.want_logprobs)]
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
+        """The last event with `stream_options.include_usage`: no choices, the request's usage."""
+        return {"id": self.id, "object": self.chunk_object, "created": int(time.time()), "model": self.model_id,
+                "choices": [], "usage": usage(prompt_tokens, completion_tokens)}

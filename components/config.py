@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from components.field_rules import (at_least_1, checked, each, fraction, must_be, new_default, non_negative, one_of,
                                     positive, reported_by, required_text)
+from components.eval_tasks import WHICH_BODY, task_spec_problem
 from components.metrics import CANDIDATE_METRICS
 from components.sampling import seed_problem, temperature_problem
 
@@ -23,6 +24,12 @@ def _min_vocab(value: int) -> str | None:
     if value < MIN_VOCAB_SIZE:
         return f"must be at least {MIN_VOCAB_SIZE} (256 bytes + {EOT}), got {value}"
     return None
+
+
+def _init_from_problem(value: str) -> str | None:
+    from components.base_model import init_from_problem
+
+    return init_from_problem(value)
 
 
 def _model_presets() -> tuple[str, ...]:
@@ -208,7 +215,9 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig(TrainingConfig):
-    pass
+    enabled: bool = True
+    """Pretrain a fresh model on `data.source`. false skips the stage; it needs `finetune.init_from`
+    (the model fine-tuning starts from instead)."""
 
 
 @dataclass(frozen=True)
@@ -223,7 +232,13 @@ class FinetuneConfig(TrainingConfig):
 
     source: str = checked("stdlib", required_text)
     """Prompt/completion pairs: `stdlib` (function signature+docstring -> body, via ast),
-    a folder of .py files, or a .jsonl with `prompt` and `completion` fields."""
+    a folder of .py files, or a .jsonl with `prompt` and `completion` fields. With
+    `format: chat`, a .jsonl or .parquet whose rows hold a `messages` list instead."""
+    format: str = checked("pairs", one_of("pairs", "chat"))
+    """`pairs`: prompt/completion, the loss on the completion. `chat`: conversations of
+    {role, content} messages (system/user/assistant) rendered with the ChatML template, the
+    loss on the assistant's turns only; `stdlib` or a .py folder gives one conversation per
+    function (the user asks for it by signature and docstring, the assistant writes its body)."""
     max_bytes: int = checked(0, non_negative)
     """Read about this many bytes of `source` to find pairs; 0 reads all of it."""
     max_pairs: int = checked(0, non_negative)
@@ -236,6 +251,13 @@ class FinetuneConfig(TrainingConfig):
     """Rank of the LoRA adapters."""
     lora_alpha: float = checked(16.0, positive)
     """LoRA scaling numerator (the update is scaled by alpha / rank)."""
+    init_from: str | None = checked(None, required_text, reported_by(_init_from_problem))
+    """The model fine-tuning starts from. Unset: the pretrain stage's output. Else a gptforge model
+    folder (path or storage URI), a Hugging Face GPT-2 folder (converted on the fly), or
+    `models:/NAME@ALIAS` / `models:/NAME/VERSION` from the MLflow registry (checked against its
+    pinned sha256). With a starting model, the data stage uses its tokenizer and `model.*` comes
+    from it (`tokenizer.file` and a differing `model.n_layer/n_head/n_embd` are refused); with
+    `pretrain.enabled: false` no pretraining runs."""
 
     @property
     def uses_lora(self) -> bool:
@@ -279,15 +301,33 @@ class EvaluateConfig:
     bpb_max_bytes: int = checked(131072, non_negative)
     """UTF-8 bytes of held-out documents that `eval/val_bpb` is measured on (0 = all the data stage
     kept, at most 1 MiB); the same text for every candidate and for the re-evaluated champion."""
+    tasks: list[str] = checked([WHICH_BODY], each(reported_by(task_spec_problem)))
+    """lm-eval tasks every candidate and the re-evaluated champion are scored on, logged as
+    `eval/task/<task>/<metric>`: `gptforge_which_body` (which of 4 held-out function bodies belongs to
+    a signature and docstring; chance 25%), the path of a local lm-eval task YAML, or an lm-eval task
+    name whose data is already in the local Hugging Face cache (nothing is downloaded). [] runs none."""
+    task_limit: int = checked(256, non_negative)
+    """Items scored per task (lm-eval's `limit`; 0 = all): 256 keeps a candidate's tasks to seconds on a
+    CPU while one item is under half a point of accuracy."""
+    suite: str = ""
+    """The evaluation suite every candidate and the champion are judged on (`eval/suite_bpb`,
+    `eval/suite_completion_bpb`, the task items): empty (the default) uses the one pinned for the
+    experiment, which its first run pins from its own held-out documents and pairs (re-pin on
+    purpose with `gptforge suite pin`); or a suite folder or URI, used as is. Its documents and
+    pairs never land on a run's training side. Its size is the data stage's held-out text (at
+    most 1 MiB), of which `bpb_max_bytes` are read."""
 
 
 @dataclass(frozen=True)
 class PromoteConfig:
-    metric: str = checked("eval/val_bpb", reported_by(_candidate_metric))
+    metric: str = checked("eval/suite_bpb", reported_by(_candidate_metric))
     """Metric that decides the best candidate and whether it replaces the champion (one of
-    components.metrics.CANDIDATE_METRICS). The champion is re-evaluated beside the candidates on
-    `eval/val_bpb`, `eval/completion_bpb` and `model/size_bytes`; other metrics are compared with the
-    value the champion logged, and only when it was trained on the same data."""
+    components.metrics.CANDIDATE_METRICS). The default, bits per byte on the experiment's
+    evaluation suite (evaluate.suite), compares across data and tokenizers. The champion is
+    re-evaluated beside the candidates on `eval/suite_bpb`, `eval/suite_completion_bpb`,
+    `eval/val_bpb`, `eval/completion_bpb` (the run's own held-out side), `model/size_bytes` and the
+    tasks (`eval/task/...`); other metrics are compared with the value the champion logged, and only
+    when it was trained on the same data."""
     mode: str = checked("min", _MIN_OR_MAX)
     """`min` or `max`: which direction of `metric` is better."""
     tie_tolerance: float = checked(
@@ -301,12 +341,19 @@ class PromoteConfig:
     tie_breaker_mode: str = checked("min", _MIN_OR_MAX)
     """`min` or `max`: which direction of `tie_breaker` wins."""
     max_completion_bpb_regression_pct: float | None = checked(5.0, non_negative)
-    """Gate: a challenger whose `eval/completion_bpb` (held-out completions after their prompts) is
-    more than this many percent above the champion's, both measured side by side, is not promoted,
-    whatever `metric` says. Unset (null) turns the gate off."""
+    """Gate: a challenger whose `eval/suite_completion_bpb` (the suite's held-out completions after
+    their prompts) is more than this many percent above the champion's, both measured side by side,
+    is not promoted, whatever `metric` says. Unset (null) turns the gate off."""
     max_size_growth_pct: float | None = checked(None, non_negative)
     """Gate: a challenger whose `model/size_bytes` is more than this many percent above the
     champion's is not promoted. Unset (null, the default) turns the gate off."""
+    max_task_accuracy_drop_points: float | None = checked(10.0, non_negative)
+    """Gate: a challenger with a task accuracy (`eval/task/<task>/acc`, `acc_norm`, `exact_match`)
+    more than this many percentage points below the champion's, both scored side by side on the
+    same items (evaluate.tasks), is not promoted. Unset (null) turns the gate off. Mind the items:
+    two different models near chance differ by luck alone by about 8 points (one standard deviation)
+    on 64 items and 4 on 256, so a limit much under 10 blocks sound retrains on a small task; raise
+    evaluate.task_limit (0: all) before tightening it."""
 
 
 @dataclass(frozen=True)
@@ -336,7 +383,7 @@ class ServeConfig:
     max_batch_size: int = checked(16, must_be(lambda v: v >= 1, "must be at least 1 (1: no batching)"))
     """Most completions decoded together in one batch (one forward pass per token); 1 turns batching off."""
     batch_wait_timeout_s: float = checked(0.01, must_be(lambda v: 0 <= v <= 10, "must be 0 to 10 seconds"))
-    """How long the first queued request waits for others to share its batch."""
+    """With `batching: static`, how long the first queued request waits for others to share its batch."""
     max_queued_rows: int = checked(64, at_least_1)
     """Completions that may wait in a replica's queue; past it a request gets 503 with Retry-After at once."""
     batching: str = checked("static", one_of("static", "continuous"))
@@ -345,9 +392,9 @@ class ServeConfig:
     (up to `max_batch_size` rows and `max_step_tokens` tokens a step), so short completions are not
     held up by long ones."""
     max_step_tokens: int = checked(512, at_least_1)
-    """With `batching: continuous`, the most tokens one step computes: the joining prompts' tokens plus
-    one per running completion. A request whose prompts would pass it waits for the next step (one
-    always joins an idle replica), so a long prompt cannot stall the running completions for long."""
+    """With `batching: continuous`, the most tokens one step computes: one per running completion plus
+    the joining prompts' tokens. A longer prompt is prefilled in chunks over the next steps (chunked
+    prefill), so a long prompt cannot stall the running completions for long."""
     max_ongoing_requests: int = checked(128, at_least_1)
     """Serve's cap on requests in flight per replica (streams included); above `max_queued_rows`
     so that a full queue answers 503 itself, quickly, rather than Serve holding requests."""

@@ -3,34 +3,31 @@
 Pure PyTorch (no Ray, no HTTP), so it is tested in one process. `ContinuousEngine` holds the
 running rows of one model, each in a slot of a `SlotCache` (components/slot_cache.py);
 `ContinuousBatcher` feeds it from the endpoint's queue on one thread (`serve.batching: continuous`).
+The evaluate stage measures generation with the same engine (components/generation.py `generate`).
 
 One `ContinuousEngine.step(joining)` is:
   1. rows that were cancelled (their client went away) leave and free their slots;
-  2. prefill step: the joining rows take the lowest free slots and their prompts run as one forward
-     of their own (right-padded, each from position 0), before and apart from the decode step, so a
-     join never touches the running rows' caches and a long prompt costs one forward, not one per token;
-  3. every row samples its next token (the joiners their first, from their prefill), in slot order,
-     with the same per-row code as the static engine (components/rows.py: sampling, healing, stop
-     sequences, logprobs, held-back streaming deltas, max_tokens);
-  4. rows that finished leave at once and free their slots;
-  5. decode step: one forward of one token for every row still running.
+  2. the joining rows take the lowest free slots;
+  3. one forward for every row: a decoding row feeds its last token, a joining row its prompt, or as
+     much of it as the step's token budget (`max_step_tokens`, one token per decoding row counted) leaves,
+     the rest at the next steps (chunked prefill). The tokens are packed into one sequence, so a join
+     costs its prompt's tokens and no forward of its own, and nothing is padded;
+  4. every row whose next-token logits are ready samples it, in slot order, with the same per-row code
+     as the static engine (components/rows.py: sampling, healing, stop sequences, logprobs, held-back
+     streaming deltas, max_tokens); greedy rows share one argmax over the batch. A request's rows start
+     sampling at the same step (they draw from one seeded generator in row order, so a seeded request
+     gives the same text alone or in company);
+  5. rows that finished leave at once and free their slots.
 
-Admission (`ContinuousBatcher`) is first come, first served and takes whole requests (a request's rows
-share one seeded generator, drawn in row order; joining together keeps that order, so a seeded request
-gives the same text alone or in company): a request joins when its rows fit in the free slots
-(`serve.max_batch_size` rows in all) and the step's tokens (its prompts' plus one per running row) stay
-within `serve.max_step_tokens`. While rows run, queued requests gather for up to
-`serve.batch_wait_timeout_s` (or until they would fill every free slot) and then join together: each
-join costs a prefill forward of its own, and on a small model that costs as much as a decode step,
-so joining one request per step would halve the decode rate. The head of the queue always joins an idle
-engine; a request that does not fit waits, and so does everything behind it, so a long prompt is never
-starved by short ones.
+Admission (`ContinuousBatcher`) is first come, first served and takes whole requests: a request joins
+at the next step when its rows fit in the free slots (`serve.max_batch_size` rows in all); one that
+does not fit waits, and so does everything behind it, so a large request is never starved by small ones.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -41,28 +38,40 @@ from components.rows import Row, TokenText, _by_request, _each_live_row, _fail, 
 from components.slot_cache import SlotCache
 
 
-@dataclass
+@dataclass(eq=False)
 class _Running:
-    """A row in a slot: its state, and the (V,) float32 logits of its next token (None: none yet)."""
+    """A row in a slot: its state, how much of its prompt is in the cache, and its next token's logits."""
 
     state: _RowState
-    logits: torch.Tensor | None = None
+    request: list = field(default_factory=list)  # the _Running of every row of its request
+    fed: int = 0  # prompt tokens in the cache
+    logits: torch.Tensor | None = None  # (V,) float32 logits of its next token; None: not computed yet
+    argmax: int | None = None  # of `logits`, computed for the batch at once
+    prompt_logits: list = field(default_factory=list)  # (n, V) per chunk, when echo + logprobs need them
     first: bool = True  # the next token is the row's first (a healed row's is constrained)
-    next_token: int = 0  # what the decode step feeds
+    next_token: int | None = None  # what the next forward feeds (None while prefilling)
+
+    def prefilling(self) -> bool:
+        return self.fed < len(self.state.context)
 
 
 class ContinuousEngine:
     """The running rows of one model, stepped one token at a time; rows may join before any step.
 
     `slots` rows at most run together; the cache is preallocated for them at the model's context.
+    `max_step_tokens` bounds the tokens one forward computes (prompt chunks plus one per decoding row).
+    `on_token(row, token)`, when set, hears every sampled token (token-level callers read them there).
     """
 
-    def __init__(self, model, vocab: TokenText, eos_id: int, slots: int):
+    def __init__(self, model, vocab: TokenText, eos_id: int, slots: int, max_step_tokens: int = 512):
         self.model, self.vocab, self.eos_id = model, vocab, eos_id
         ref = model.transformer.wpe.weight  # never quantized: its dtype is the activations' dtype
         self.device = ref.device
         self.cache = SlotCache(model.config, slots, ref.device, ref.dtype)
         self.slots: list[_Running | None] = [None] * slots
+        self.max_step_tokens = max_step_tokens
+        self.on_token: Callable[[Row, int], None] | None = None
+        self._joined: list[_Running] = []  # rows still prefilling, in the order they joined
 
     def running(self) -> int:
         return sum(r is not None for r in self.slots)
@@ -81,7 +90,7 @@ class ContinuousEngine:
 
     @torch.no_grad()
     def step(self, joining: list[Row] = ()) -> None:
-        """One iteration: cancelled rows leave, `joining` rows prefill, every row samples, the rest decode."""
+        """One iteration: cancelled rows leave, `joining` rows take slots, one forward, every ready row samples."""
         for slot, r in enumerate(self.slots):
             if r is not None and r.state.row.cancelled:
                 self._leave(slot)
@@ -89,25 +98,19 @@ class ContinuousEngine:
             raise ValueError(f"{len(joining)} rows cannot join: {self.free_slots()} of {len(self.slots)} slots are free")
         if joining:
             self._join(list(joining))
-        states = [r.state for r in self.slots if r is not None]
-        by_state = {id(r.state): r for r in self.slots if r is not None}
-
-        def sample(b: int, st: _RowState) -> None:
-            r = by_state[id(st)]
-            r.next_token = sample_next(st, r.logits, self.vocab, r.first)
-            r.first = False
-
-        _each_live_row(states, sample)  # in slot order; a row that raises fails its own request only
+        feeds = self._feeds()
+        if feeds:
+            self._run_isolating(feeds)
+        self._sample()
         for slot, r in enumerate(self.slots):
             if r is not None and r.state.finished:
                 self._leave(slot)
-        self._decode()
 
     def fail_all(self, error: BaseException) -> list:
         """A step failed for no one row's reason: every running request hears it, every slot is freed.
 
         Returns the `fail` callbacks told."""
-        states = [r.state for r in self.slots if r is not None]
+        states = self._states()
         for slot in range(len(self.slots)):
             if self.slots[slot] is not None:
                 self._leave(slot)
@@ -118,8 +121,11 @@ class ContinuousEngine:
 
     # ------------------------------------------------------------------ steps
 
+    def _states(self) -> list[_RowState]:
+        return [r.state for r in self.slots if r is not None]
+
     def _join(self, rows: list[Row]) -> None:
-        """Set up, place and prefill the joining rows; a prefill that raises is run again request by request."""
+        """Set up the joining rows and place them in the lowest free slots, in row order."""
         states, broken = [], []
         for r in rows:
             try:
@@ -128,53 +134,115 @@ class ContinuousEngine:
                 broken.append((r, error))
         for r, error in broken:
             _fail(states, r, error)
-        states = [st for st in states if not st.finished]
-        free = [slot for slot, r in enumerate(self.slots) if r is None]
-        placed = list(zip(free, states))  # the lowest free slots, in row order
+        free = (slot for slot, r in enumerate(self.slots) if r is None)
+        requests: list[list[_Running]] = []  # a request's rows share one `fail` (equal, not the same object)
+        for st in states:
+            if st.finished:
+                continue
+            same = next((rows for rows in requests if rows[0].state.row.fail == st.row.fail), None)
+            if same is None:
+                requests.append(same := [])
+            running = _Running(st, same)
+            same.append(running)
+            self.slots[next(free)] = running
+            self._joined.append(running)
+
+    def _feeds(self) -> list[tuple[int, list[int]]]:
+        """(slot, tokens) of the next forward: one token per decoding row, then prompt chunks in join order."""
+        feeds = [(slot, [r.next_token]) for slot, r in enumerate(self.slots)
+                 if r is not None and r.next_token is not None]
+        left, chunks = self.max_step_tokens - len(feeds), 0
+        for r in self._joined:
+            if not r.prefilling() or r.state.finished:
+                continue
+            # the first prompt always moves on, by one token at least, however many rows decode
+            n = min(len(r.state.context) - r.fed, left if chunks else max(left, 1))
+            if n <= 0:
+                break  # first come, first served: a later prompt does not overtake an earlier one
+            feeds.append((self.slots.index(r), r.state.context[r.fed: r.fed + n]))
+            left, chunks = left - n, chunks + 1
+        singles = [f for f in feeds if len(f[1]) == 1]  # one-token rows first: the cache attends them as a batch
+        return sorted(singles) + [f for f in feeds if len(f[1]) > 1]
+
+    def _run_isolating(self, feeds: list[tuple[int, list[int]]]) -> None:
+        """The forward; when it raises with prompts in it, the decoding rows run again without them and each
+        joining request apart, and a request that still raises fails alone. (A forward of decoding rows
+        only that raises is no one row's fault: it raises, and the batcher fails every request.)"""
         try:
-            self._prefill(placed)
-        except Exception as error:  # noqa: BLE001 - whose fault it is shows when each request runs alone
-            requests = _by_request(states)
-            if len(requests) < 2:
-                _fail(states, states[0].row, error)
-                return
-            for alone in requests:  # nothing has been sent yet: each request prefills on its own
-                mine = [(slot, st) for slot, st in placed if any(st.row is r for r in alone)]
-                try:
-                    self._prefill(mine)
-                except Exception as error:  # noqa: BLE001 - this request fails by itself
-                    _fail([st for _, st in mine], alone[0], error)
-
-    def _prefill(self, placed: list[tuple[int, _RowState]]) -> None:
-        if not placed:
+            self._run(feeds)
             return
-        lengths = [len(st.context) for _, st in placed]
-        idx = torch.full((len(placed), max(lengths)), self.eos_id, dtype=torch.long)  # (B, T), right-padded
-        for b, (_, st) in enumerate(placed):
-            idx[b, : lengths[b]] = torch.tensor(st.context, dtype=torch.long)
-        self.cache.prefill([slot for slot, _ in placed], lengths)
-        logits, _ = self.model(idx.to(self.device), cache=self.cache)  # (B, T, V)
-        states = [st for _, st in placed]
-        for b, (slot, st) in enumerate(placed):
-            self.slots[slot] = _Running(st, logits[b, lengths[b] - 1].float())
-        _each_live_row(states, lambda b, st: _send_prompt(st, logits[b, : lengths[b]], self.vocab))
+        except Exception:  # noqa: BLE001 - whose fault it is shows when each request runs alone
+            prompts = [f for f in feeds if self.slots[f[0]].next_token is None]
+            if not prompts:
+                raise
+        decoding = [f for f in feeds if self.slots[f[0]].next_token is not None]
+        if decoding:
+            self._run(decoding)
+        by_request: dict[int, list] = {}
+        for f in prompts:
+            by_request.setdefault(id(self.slots[f[0]].request), []).append(f)
+        for group in by_request.values():
+            try:
+                self._run(group)
+            except Exception as error:  # noqa: BLE001 - this request fails by itself
+                _fail(self._states(), self.slots[group[0][0]].state.row, error)
 
-    def _decode(self) -> None:
-        live = [slot for slot, r in enumerate(self.slots) if r is not None]
-        if not live:
+    def _run(self, feeds: list[tuple[int, list[int]]]) -> None:
+        """One packed forward of `feeds`; the rows whose next token it computed keep their logits."""
+        self.cache.plan([(slot, len(tokens)) for slot, tokens in feeds])
+        ids = torch.tensor([t for _, tokens in feeds for t in tokens], dtype=torch.long, device=self.device)
+        logits, _ = self.model(ids[None, :], cache=self.cache)  # (1, N, V)
+        self.cache.commit()
+        ends, at = [], 0
+        ready = []
+        for slot, tokens in feeds:
+            r, at = self.slots[slot], at + len(tokens)
+            if r.next_token is None:  # a prompt chunk
+                s = r.state.row.sampling
+                if s.echo and s.logprobs is not None:
+                    r.prompt_logits.append(logits[0, at - len(tokens): at].float())
+                r.fed += len(tokens)
+                if r.prefilling():
+                    continue
+            ends.append(at - 1)
+            ready.append(r)
+        if not ready:
             return
-        upto = live[-1] + 1
-        ids = torch.full((upto, 1), self.eos_id, dtype=torch.long)  # (B, 1): free slots feed a dummy token
-        mask = torch.zeros(upto, dtype=torch.bool)
-        for slot in live:
-            ids[slot, 0], mask[slot] = self.slots[slot].next_token, True
-        self.cache.decode(upto, mask)
-        logits, _ = self.model(ids.to(self.device), cache=self.cache)  # (B, 1, V)
-        logits = logits[:, -1, :].float()  # (B, V)
-        for slot in live:
-            self.slots[slot].logits = logits[slot]
+        chosen = logits[0, torch.tensor(ends, device=self.device)].float()  # (R, V)
+        for r, row_logits, argmax in zip(ready, chosen, chosen.argmax(dim=-1).tolist()):
+            r.logits, r.argmax = row_logits, argmax
+            if r.next_token is None:  # its prompt is in: echo it
+                prompt = torch.cat(r.prompt_logits) if r.prompt_logits else None
+                r.prompt_logits = []
+                _each_live_row([r.state], lambda b, st: _send_prompt(st, prompt, self.vocab))
+                if r.state.finished:  # its echo failed: its request stops
+                    self._stop_request(r)
+
+    def _stop_request(self, r: _Running) -> None:
+        for sibling in r.request:
+            sibling.state.finished = True
+
+    def _sample(self) -> None:
+        ready = [r for r in self.slots if r is not None and r.logits is not None and not r.state.finished
+                 and all(s.logits is not None or s.state.finished for s in r.request)]
+        if not ready:
+            return
+
+        def sample(b: int, st: _RowState) -> None:
+            r = ready[b]
+            token = sample_next(st, r.logits, self.vocab, r.first, r.argmax)
+            r.next_token, r.first, r.logits = token, False, None
+            if r in self._joined:
+                self._joined.remove(r)
+            if self.on_token is not None:
+                self.on_token(st.row, token)
+
+        _each_live_row([r.state for r in ready], sample)  # in slot order; a row that raises fails its own request
 
     def _leave(self, slot: int) -> None:
+        r = self.slots[slot]
+        if r in self._joined:
+            self._joined.remove(r)
         self.slots[slot] = None
         self.cache.free(slot)
 
@@ -198,7 +266,10 @@ class ContinuousBatcher(Batcher):
         return 0 if engine is None else engine.running()
 
     def _admit(self) -> list[Work] | None:
-        """The works that join at the next step (waiting while there is nothing to do); None once stopped."""
+        """The works that join at the next step (waiting while there is nothing to do); None once stopped.
+
+        No waiting for company: a join costs its prompt's tokens in the step's one forward, not a forward
+        of its own, so a request joins at the very next step."""
         with self._cond:
             while not self._queue and not self.running_rows() and not self._stopped:
                 self._cond.wait()
@@ -207,21 +278,16 @@ class ContinuousBatcher(Batcher):
             running = self.running_rows()
             # The running rows' model, or (idle) the next request's: one model runs at a time.
             model = self._engine_model if running else (self._queue[0].model if self._queue else None)
-            joined, rows, tokens = [], running, running
-            if running and self._queue and self._queued_rows < self.max_batch_rows - running and (
-                    time.monotonic() < self._queue[0].queued_at + self.wait_s):
-                return joined  # let joiners gather for a while: one prefill forward for several costs less
+            joined, rows = [], running
             while self._queue and self._queue[0].model is model:
                 work = self._queue[0]
-                prompt_tokens = sum(len(r.prompt_ids) for r in work.rows)
-                if (running or joined) and (rows + len(work.rows) > self.max_batch_rows
-                                            or tokens + prompt_tokens > self.max_step_tokens):
+                if (running or joined) and rows + len(work.rows) > self.max_batch_rows:
                     break  # first come, first served: nothing overtakes the head of the queue
                 self._queue.popleft()
                 self._queued_rows -= len(work.rows)
                 work.started_at = time.monotonic()
                 joined.append(work)
-                rows, tokens = rows + len(work.rows), tokens + prompt_tokens
+                rows += len(work.rows)
             return joined
 
     def _loop(self) -> None:
@@ -232,6 +298,7 @@ class ContinuousBatcher(Batcher):
             try:
                 if joined and joined[0].model is not self._engine_model:  # only when idle (see _admit)
                     self.engine, self._engine_model = self._engine_for(joined[0].model), joined[0].model
+                    self.engine.max_step_tokens = self.max_step_tokens
                 rows = []
                 for work in joined:
                     why = self.engine.fits(work.rows)

@@ -15,6 +15,7 @@ presence means the rest is complete):
     val/part-*.parquet    same
     sft_train.parquet     columns `tokens` (same type), `mask` list<int8>
     sft_heldout.parquet   same
+    tokenizer_config.json with finetune.format=chat: the chat template (`chat_template`, as transformers keeps it)
     heldout_text.jsonl    the first MiB of the val documents as raw text (components/heldout_text.py)
     manifest.json         documents read/kept/dropped and why, tokens and bytes per split,
                           the tokenizer's hash, the input fingerprint
@@ -35,13 +36,16 @@ from components.config import DataConfig, FinetuneConfig, TokenizerConfig
 from components.data_passes import (PACK_SCHEMA, SAMPLE_SCHEMA, SCAN_SCHEMA, group_files, pack_group, read_group,
                                     sample_group, scan_group)
 from components.data_plan import Plan, plan_routing
-from components.documents import SPLITS, ProblemLog
-from components.heldout_text import HELDOUT_SCHEMA, HELDOUT_TEXT_FILE, heldout_group, write_heldout_text
+from components.documents import SPLITS, ProblemLog, content_hash
+from components.heldout_text import HELDOUT_SCHEMA, HELDOUT_TEXT_FILE, write_heldout_text
 from components.packing import row_dtype, write_rows
-from components.sft import extract_function_pairs, tokenize_pairs
+from components.chat import CHAT_TOKENS, CHATML_TEMPLATE, TOKENIZER_CONFIG_FILE, save_chat_template
+from components.sft import (add_chat_tokens, extract_conversations, extract_function_pairs, tokenize_conversations,
+                            tokenize_pairs)
 from components.sources import (DataError, Document, document_split, fingerprint, iter_documents, iter_sft_documents,
                                 list_source)
-from components.tokenizer import (EOT, EOT_ID, MIN_VOCAB_SIZE, TOKENIZER_FILE, load_tokenizer, tokenizer_hash,
+from components.suite import Suite
+from components.tokenizer import (EOT, MIN_VOCAB_SIZE, TOKENIZER_FILE, eot_id, load_tokenizer, tokenizer_hash,
                                   train_tokenizer)
 
 # Bump when the on-disk format or the processing changes, so old fingerprints stop matching.
@@ -64,7 +68,8 @@ def _run(map_items: MapItems, fn: Callable[[dict], pa.Table], items: list[dict],
 
 
 def prepare_data(location: str, data: DataConfig, tokenizer: TokenizerConfig, finetune: FinetuneConfig,
-                 progress: Callable[[str], None] | None = None, map_items: MapItems = map_in_process) -> TokenizedData:
+                 progress: Callable[[str], None] | None = None, map_items: MapItems = map_in_process,
+                 suite: Suite | None = None) -> TokenizedData:
     """Turn a corpus into a tokenizer, packed pretraining rows and SFT rows at `location`.
 
     Args:
@@ -76,6 +81,8 @@ def prepare_data(location: str, data: DataConfig, tokenizer: TokenizerConfig, fi
             supervised pairs (see `components.sft.extract_function_pairs`); the rest is unused.
         progress: called with short human-readable status lines.
         map_items: how the passes run over the groups of files (`MapItems`).
+        suite: the experiment's evaluation suite: its documents go to val and its pairs to the
+            held-out side, so no run ever trains on what it is judged on.
 
     Returns:
         TokenizedData: `root` is `location`; train_uri and val_uri are folders of shards.
@@ -101,11 +108,12 @@ def prepare_data(location: str, data: DataConfig, tokenizer: TokenizerConfig, fi
                         f"column in .parquet files{_problem_summary(problems)}")
     say(f"read {meta.num_rows} documents ({pc.sum(meta['nbytes']).as_py() / 1e6:.1f} MB) from {data.source} "
         f"in {len(items)} groups{_problem_summary(problems)}")
-    plan = plan_routing(meta, data, tokenizer, partial(_text_of, items, data))
+    plan = plan_routing(meta, data, tokenizer, partial(_text_of, items, data),
+                        held_out=suite.documents if suite else frozenset())
     say(f"kept {meta.num_rows - plan.duplicates - plan.outside_subset} documents: {plan.duplicates} exact "
         f"duplicates dropped" + (f", {plan.outside_subset} outside data.max_bytes" if data.max_bytes else ""))
 
-    bpe = _tokenizer(tokenizer, data, plan, items, map_items)
+    bpe = _tokenizer(tokenizer, data, plan, items, map_items, finetune)
     say(f"{'loaded' if tokenizer.file else 'trained'} tokenizer ({bpe.get_vocab_size()} tokens"
         + ("" if tokenizer.file else f", on {plan.sample_documents} training documents") + ")")
 
@@ -121,9 +129,9 @@ def prepare_data(location: str, data: DataConfig, tokenizer: TokenizerConfig, fi
         s = splits[name]
         say(f"{name}: {s['documents']} documents, {s['tokens']} tokens in {s['rows']} rows, {len(s['files'])} shards")
 
-    heldout_text = write_heldout_text(location, _run(map_items, partial(heldout_group, data=data,
-                                                                        routing=plan.routing), items, HELDOUT_SCHEMA))
-    sft, n_pairs, pair_docs = _write_sft(location, finetune, bpe, data.block_size, dtype)
+    heldout_text = write_heldout_text(location, _heldout_table(packed))
+    sft, n_pairs, pair_docs, heldout_pairs = _write_sft(location, finetune, bpe, data.block_size, dtype,
+                                                        suite.pairs if suite else frozenset())
     say(f"sft: {sft['sft_train']} train, {sft['sft_heldout']} heldout pairs (of {n_pairs} extracted)")
 
     fp = _input_fingerprint(meta, pair_docs, config)
@@ -131,10 +139,15 @@ def prepare_data(location: str, data: DataConfig, tokenizer: TokenizerConfig, fi
     manifest = {
         "source": data.source, "sft_source": finetune.source, "fingerprint": fp, "format_version": _FORMAT_VERSION,
         "vocab_size": bpe.get_vocab_size(), "block_size": data.block_size, "tokenizer": TOKENIZER_FILE,
-        "tokenizer_sha256": tokenizer_hash(bpe), "eot_token": EOT, "eot_id": EOT_ID, "token_dtype": dtype.name,
+        "tokenizer_sha256": tokenizer_hash(bpe), "eot_token": EOT, "eot_id": eot_id(bpe), "token_dtype": dtype.name,
         "files": {name: {"train": "train/", "val": "val/"}.get(name, f"{name}.parquet")
                   for name in ("train", "val", "sft_train", "sft_heldout")} | {"heldout_text": HELDOUT_TEXT_FILE},
         "heldout_text": heldout_text,
+        # Content hashes of the held-out pairs: what an evaluation suite pinned from this output keeps
+        # out of later runs' training pairs (components/suite.py).
+        "sft_heldout_sha256": heldout_pairs,
+        "evaluation_suite": {"sha256": suite.sha256, "documents_sent_to_val": plan.suite_documents,
+                             "pairs_sent_to_heldout": sft.get("suite_pairs", 0)} if suite else None,
         "documents": {"read": plan.documents_read, "kept": plan.documents_read - plan.duplicates - plan.outside_subset,
                       "dropped": {"duplicate": plan.duplicates, "outside_max_bytes": plan.outside_subset,
                                   **{k: v for k, v in problems.counts.items() if k.startswith("skipped_")}},
@@ -178,7 +191,8 @@ def _config(data: DataConfig, tokenizer: TokenizerConfig, finetune: FinetuneConf
                 val_fraction=data.val_fraction, on_bad_utf8=data.on_bad_utf8, on_bad_json=data.on_bad_json,
                 vocab_size=tokenizer.vocab_size, tokenizer_sample_bytes=tokenizer.sample_bytes,
                 tokenizer_file=tokenizer.file, sft_source=finetune.source, sft_max_bytes=finetune.max_bytes,
-                sft_max_pairs=finetune.max_pairs, sft_heldout_fraction=finetune.heldout_fraction)
+                sft_max_pairs=finetune.max_pairs, sft_heldout_fraction=finetune.heldout_fraction,
+                sft_format=finetune.format)
 
 
 def _problems(column: pa.ChunkedArray) -> ProblemLog:
@@ -208,7 +222,11 @@ def _text_of(items: list[dict], data: DataConfig, doc_id: str) -> str:
     raise DataError(f"data.source={data.source}: {doc_id} vanished since it was scanned; run the stage again")
 
 
-def _tokenizer(tokenizer: TokenizerConfig, data: DataConfig, plan: Plan, items: list[dict], map_items: MapItems):
+def _tokenizer(tokenizer: TokenizerConfig, data: DataConfig, plan: Plan, items: list[dict], map_items: MapItems,
+               finetune: FinetuneConfig):
+    if tokenizer.file is not None and finetune.init_from:  # the starting model's: its EOT keeps its own id
+        return load_tokenizer(tokenizer.file, f"finetune.init_from={finetune.init_from!r}: tokenizer",
+                              required_eot_id=None)
     if tokenizer.file is not None:
         return load_tokenizer(tokenizer.file)
     # Sorted by doc_id: the sample's texts reach the trainer in the same order however the passes ran.
@@ -216,6 +234,14 @@ def _tokenizer(tokenizer: TokenizerConfig, data: DataConfig, plan: Plan, items: 
     sample = sample.sort_by("doc_id")
     # Tokenizer from train only, so val measures generalisation of the whole pipeline.
     return train_tokenizer(iter(sample["text"].to_pylist()), tokenizer.vocab_size)
+
+
+def _heldout_table(packed: pa.Table) -> pa.Table:
+    """The validation texts every group's pack returned, as one (doc_id, text) table."""
+    val = packed.filter(pc.equal(packed["split"], "val"))
+    ids = list(itertools.chain.from_iterable(x or [] for x in val["heldout_ids"].to_pylist()))
+    texts = list(itertools.chain.from_iterable(x or [] for x in val["heldout_texts"].to_pylist()))
+    return pa.table({"doc_id": ids, "text": texts}, schema=HELDOUT_SCHEMA)
 
 
 def _remove_old(location: str, manifest_uri: str) -> None:
@@ -253,26 +279,73 @@ def _split_counts(packed: pa.Table, plan: Plan, data: DataConfig) -> dict[str, d
     return out
 
 
-def _write_sft(location: str, finetune: FinetuneConfig, bpe, block_size: int, dtype) -> tuple[dict, int, list]:
-    """Supervised pairs, split per pair so both sides see every kind of file (small: one process)."""
-    pairs = extract_function_pairs(finetune.source, max_bytes=finetune.max_bytes, max_pairs=finetune.max_pairs)
+def _write_sft(location: str, finetune: FinetuneConfig, bpe, block_size: int, dtype,
+               held_out: frozenset = frozenset()) -> tuple[dict, int, list, list[str]]:
+    """Supervised examples, split per example so both sides see every kind of file (small: one process).
+
+    With `finetune.format: chat` the chat tokens are added to `bpe` (ids after the trained
+    vocabulary, `sft.add_chat_tokens`), tokenizer.json is written again with them, and the
+    ChatML template is stored beside it as tokenizer_config.json for the fine-tuned model.
+    The pretraining rows, tokenized before, never hold those ids. Examples whose content hash
+    is in `held_out` (the evaluation suite's) go to the held-out side whatever their split says.
+
+    Returns:
+        (the rows per side and the chat counts, the examples extracted, their documents for the
+        fingerprint, the content hashes (hex) of the held-out examples)
+    """
+    chat = finetune.format == "chat"
+    extract = extract_conversations if chat else extract_function_pairs
+    examples = extract(finetune.source, max_bytes=finetune.max_bytes, max_pairs=finetune.max_pairs)
+    if chat:
+        _write_chat_tokenizer(location, bpe, dtype)
+    else:
+        _remove_chat_template(location)
     sides = {"sft_train": [], "sft_heldout": []}
-    for p in pairs:
-        side = document_split(p.doc_id + p.prompt, finetune.heldout_fraction)
+    in_suite = 0
+    for p in examples:
+        forced = content_hash(p.text) in held_out
+        in_suite += forced
+        side = "val" if forced else document_split(p.split_key, finetune.heldout_fraction)
         sides["sft_heldout" if side == "val" else "sft_train"].append(p)
-    rows = {name: tokenize_pairs(side, bpe, block_size) for name, side in sides.items()}
-    counts = {name: len(tokens) for name, (tokens, _) in rows.items()}
+    if chat:
+        rows = {name: tokenize_conversations(side, bpe, block_size, CHATML_TEMPLATE) for name, side in sides.items()}
+    else:
+        rows = {name: (*tokenize_pairs(side, bpe, block_size), {}) for name, side in sides.items()}
+    counts = {name: len(tokens) for name, (tokens, _, _) in rows.items()}
     if counts["sft_train"] < 1 or counts["sft_heldout"] < 1:
+        skipped = ("conversations with no assistant token inside a row are dropped" if chat else
+                   "pairs whose prompt fills more than half a row are skipped")
         raise DataError(
-            f"finetune.source={finetune.source}: {len(pairs)} pairs extracted, {counts['sft_train']} train and "
-            f"{counts['sft_heldout']} heldout after tokenizing (pairs whose prompt fills more than half a row are "
-            "skipped); need at least one of each. Add documented functions (or prompt/completion lines), "
+            f"finetune.source={finetune.source}: {len(examples)} {'conversations' if chat else 'pairs'} extracted, "
+            f"{counts['sft_train']} train and {counts['sft_heldout']} heldout after tokenizing ({skipped}); need at "
+            "least one of each. Add documented functions (or prompt/completion lines, or conversations), "
             "raise data.block_size, or adjust finetune.heldout_fraction"
         )
-    for name, (tokens, mask) in rows.items():
+    for name, (tokens, mask, _) in rows.items():
         write_rows(storage.join(location, f"{name}.parquet"), tokens.astype(dtype), mask)
-    pair_docs = [Document(f"sft:{p.doc_id}", p.prompt + "\0" + p.completion) for p in pairs]
-    return counts, len(pairs), pair_docs
+    for kind in ("truncated", "dropped") if chat else ():  # the conversations cut at the block or left out
+        counts[f"conversations_{kind}"] = sum(c[kind] for _, _, c in rows.values())
+    if held_out:
+        counts["suite_pairs"] = in_suite
+    pair_docs = [Document(f"sft:{p.doc_id}", p.text) for p in examples]
+    return counts, len(examples), pair_docs, [content_hash(p.text).hex() for p in sides["sft_heldout"]]
+
+
+def _write_chat_tokenizer(location: str, bpe, dtype) -> None:
+    add_chat_tokens(bpe)
+    if row_dtype(bpe.get_vocab_size()) != dtype:
+        raise DataError(f"tokenizer.vocab_size: {bpe.get_vocab_size()} tokens with the chat tokens no longer fit the "
+                        f"rows' {dtype.name} ids; lower tokenizer.vocab_size by {len(CHAT_TOKENS)}")
+    storage.write_bytes(storage.join(location, TOKENIZER_FILE), bpe.to_str().encode("utf-8"))
+    save_chat_template(location, CHATML_TEMPLATE)
+
+
+def _remove_chat_template(location: str) -> None:
+    """A pairs run over a folder that held a chat run: its template must not reach this run's model."""
+    uri = storage.join(location, TOKENIZER_CONFIG_FILE)
+    if storage.exists(uri):
+        fs, path = storage.resolve(uri)
+        fs.delete_file(path)
 
 
 def _input_fingerprint(meta: pa.Table, pair_docs: list[Document], config: dict) -> str:
@@ -291,6 +364,9 @@ def _stats(plan: Plan, problems: ProblemLog, splits: dict, sft: dict, n_pairs: i
                   f"{split}_bytes": s["bytes"], f"{split}_tail_tokens_dropped": s["tail_tokens_dropped"]}
     stats |= {f"problems_{kind}": n for kind, n in sorted(problems.counts.items())}
     stats |= {"sft_pairs_extracted": n_pairs, "sft_train_pairs": sft["sft_train"], "sft_heldout_pairs": sft["sft_heldout"]}
+    stats |= {f"sft_{k}": n for k, n in sft.items() if k.startswith("conversations_")}  # chat: truncated, dropped
+    if "suite_pairs" in sft:  # the evaluation suite's, kept on the held-out side
+        stats |= {"suite_documents_to_val": plan.suite_documents, "suite_pairs_to_heldout": sft["suite_pairs"]}
     return stats
 
 

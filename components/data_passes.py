@@ -7,12 +7,15 @@ the driver (`components.data.prepare_data`) can run it in this process or hand i
     scan_group    -> one row per document: doc_id, content hash, UTF-8 size; problems
     sample_group  -> the texts of the tokenizer's sample
     pack_group    -> tokenizes and packs the group's kept documents, writes one shard per
-                     split to the output location, and returns what it wrote
+                     split to the output location, and returns what it wrote and the
+                     group's first validation texts (for `heldout_text.jsonl`)
 
 A group is a few MB of files (a big file is a group of its own), so a pass spreads over as
 many CPUs as there are groups, and packing per group wastes little (`encode_and_pack`).
 Every pass reads the files again rather than holding the corpus in memory between passes:
-reading and hashing cost a few percent of tokenizing.
+reading and hashing cost a few percent of tokenizing. The held-out texts come out of the pack
+pass rather than a pass of their own, since every pass also costs Ray Data a task per group;
+the sample pass runs only when a tokenizer is trained.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from components import storage
 from components.config import DataConfig
 from components.corpus_files import SourceFile, read_file
 from components.documents import SPLITS, Document, ProblemLog, Routing, content_hash
+from components.heldout_text import first_heldout
 from components.packing import encode_and_pack, write_rows
 
 # A group is about 1/64 of the corpus (so a pass keeps 64 CPUs busy), within 1-64 MB: enough
@@ -38,7 +42,9 @@ SCAN_SCHEMA = pa.schema([("doc_id", pa.string()), ("sha", pa.binary()), ("nbytes
 SAMPLE_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string())])
 PACK_SCHEMA = pa.schema([("group", pa.int64()), ("split", pa.string()), ("file", pa.string()),
                          ("documents", pa.int64()), ("bytes", pa.int64()), ("document_tokens", pa.int64()),
-                         ("rows", pa.int64()), ("problems", pa.string())])
+                         ("rows", pa.int64()), ("problems", pa.string()),
+                         # On the val row only: the group's first validation texts (components/heldout_text.py).
+                         ("heldout_ids", pa.list_(pa.string())), ("heldout_texts", pa.list_(pa.string()))])
 
 
 def group_files(files: list[SourceFile], group_bytes: int | None = None) -> list[dict]:
@@ -92,9 +98,12 @@ def pack_group(item: dict, data: DataConfig, routing: Routing, tokenizer_json: s
     """
     docs, problems = read_group(item, data)
     by_split: dict[str, list[str]] = {split: [] for split in SPLITS}
+    val_parts = []
     for doc in docs:
-        for split, _, text in routing.route(doc.doc_id, content_hash(doc.text), doc.text):
+        for split, part_id, text in routing.route(doc.doc_id, content_hash(doc.text), doc.text):
             by_split[split].append(text)
+            if split == "val":
+                val_parts.append((part_id, text))
     tokenizer = _tokenizer(tokenizer_json)
     rows = []
     for split, texts in by_split.items():
@@ -105,8 +114,10 @@ def pack_group(item: dict, data: DataConfig, routing: Routing, tokenizer_json: s
             write_rows(storage.join(out, name), packed)
         rows.append({"group": item["group"], "split": split, "file": name, "documents": len(texts),
                      "bytes": sum(len(t.encode("utf-8")) for t in texts), "document_tokens": n_tokens,
-                     "rows": len(packed), "problems": None})
+                     "rows": len(packed), "problems": None, "heldout_ids": None, "heldout_texts": None})
     rows[-1]["problems"] = problems.to_json()
+    val_row = next(r for r in rows if r["split"] == "val")
+    val_row["heldout_ids"], val_row["heldout_texts"] = first_heldout(val_parts)
     return pa.Table.from_pylist(rows, schema=PACK_SCHEMA)
 
 

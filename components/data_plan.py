@@ -29,16 +29,19 @@ class Plan:
     split_documents: dict[str, int]
     split_bytes: dict[str, int]
     sample_documents: int
+    suite_documents: int = 0  # kept documents of the evaluation suite, sent to val whatever their hash says
 
 
 def plan_routing(meta: pa.Table, data: DataConfig, tokenizer: TokenizerConfig,
-                 text_of: Callable[[str], str]) -> Plan:
+                 text_of: Callable[[str], str], held_out: frozenset = frozenset()) -> Plan:
     """Decide deduplication, the `max_bytes` subset, the split and the tokenizer's sample.
 
     Args:
         meta: one row per document read: doc_id (string), sha (binary), nbytes (int64).
         text_of: reads one document's text by doc_id (only for a single-document corpus,
             which is cut in two on a line boundary).
+        held_out: content hashes that must never be trained on (the evaluation suite's
+            documents): they go to val.
     """
     # Exact duplicates: per content hash, keep the smallest doc_id (independent of reading order).
     groups = meta.group_by("sha").aggregate([("doc_id", "min"), ("doc_id", "count")])
@@ -58,9 +61,10 @@ def plan_routing(meta: pa.Table, data: DataConfig, tokenizer: TokenizerConfig,
     kept_shas = [s for s, k in zip(shas, keep) if k]
     kept_sizes = sizes[keep]
 
-    splits = [hash_split(sha, data.val_fraction) for sha in kept_shas]
-    forced, cut_at = {}, {}
-    if len(set(splits)) < 2 and len(kept_ids) >= 2:
+    splits = ["val" if sha in held_out else hash_split(sha, data.val_fraction) for sha in kept_shas]
+    forced = {d: "val" for d, sha in zip(kept_ids, kept_shas) if sha in held_out}
+    cut_at = {}
+    if len(set(splits)) < 2 and len(kept_ids) >= 2 and not forced:
         # A tiny corpus whose hash split left a side empty: the last documents go to val.
         n_val = min(len(kept_ids) - 1, max(1, round(len(kept_ids) * data.val_fraction)))
         splits = ["train"] * (len(kept_ids) - n_val) + ["val"] * n_val
@@ -85,7 +89,7 @@ def plan_routing(meta: pa.Table, data: DataConfig, tokenizer: TokenizerConfig,
         sample_documents = int(chosen.sum())
     routing = Routing(data.val_fraction, duplicate_keep, subset_below, forced, cut_at, sample_below)
     return Plan(routing, meta.num_rows, meta.num_rows - len(ids), len(ids) - len(kept_ids), split_documents,
-                split_bytes, sample_documents)
+                split_bytes, sample_documents, len(forced) if not cut_at else 0)
 
 
 def _below(ids: list[str], sizes: np.ndarray, budget: int, key: Callable[[str], str]) -> tuple[str, np.ndarray]:

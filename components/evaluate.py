@@ -21,13 +21,15 @@ from torch import nn
 from components import storage
 from components.accounting import bytes_by_dtype, linear_bytes, parameter_counts
 from components.artifacts import EvalReport, TokenizedData
-from components.bpb import bpb_metrics
+from components.bpb import bpb_metrics, suite_bpb_metrics
 from components.config import EvaluateConfig
-from components.generation import generate
+from components.generation import complete, generate
+from components.lm_eval_model import task_metrics
 from components.metrics import (  # noqa: F401 - the names every candidate logs, re-exported
-    CANDIDATE_METRICS, DELTA_METRICS, DTYPES, QUALITY_METRICS, SIZE_METRICS, SPEED_METRICS)
+    CANDIDATE_METRICS, DELTA_METRICS, DTYPES, QUALITY_METRICS, SIZE_METRICS, SPEED_METRICS, SUITE_METRICS)
 from components.model import IGNORE_INDEX
-from components.tokenizer import EOT_ID
+from components.rows import Sampling, TokenText
+from components.tokenizer import eot_id
 from components.train import to_inputs_and_targets
 
 SPEED_PROMPTS = 8  # timed at batch 1 one after the other, then together as one batch of 8
@@ -42,6 +44,7 @@ def evaluate(
     variant: str,
     size_bytes: int,
     disk_bytes: tuple[dict[str, int], int] = ({}, 0),
+    suite: TokenizedData | None = None,
 ) -> EvalReport:
     """Measure one candidate, on the device its weights are on.
 
@@ -56,6 +59,9 @@ def evaluate(
         size_bytes: size of the candidate's stored weights file.
         disk_bytes: (bytes per dtype, Linear-layer bytes) of that file
             (`components.quantize.stored_bytes`).
+        suite: the evaluation suite as a data view (`components.suite.Suite.view`): bits per byte on
+            it (`eval/suite_bpb`, `eval/suite_completion_bpb`) and the task items come from it, so
+            they compare across runs; None: the tasks read `data`'s held-out pairs.
 
     Returns:
         EvalReport with every metric of CANDIDATE_METRICS but the DELTA_METRICS, samples
@@ -66,8 +72,11 @@ def evaluate(
     limit = cfg.max_batches * cfg.batch_size if cfg.max_batches else None
     val = _read_rows(data.val_uri, ["tokens"], limit)
     heldout = _read_rows(data.sft_heldout_uri, ["tokens", "mask"], None)
+    tokenizer = Tokenizer.from_str(storage.read_text(data.tokenizer_uri))
+    eot = eot_id(tokenizer)  # 0 in gptforge's tokenizers, 50256 in GPT-2's
+    text = TokenText(tokenizer, model.config.vocab_size)  # what the endpoint's engine decodes with
     # Generation first, before the loss passes leave their activations in the allocator.
-    metrics = generation_metrics(model, val["tokens"], cfg.gen_tokens)
+    metrics = generation_metrics(model, val["tokens"], cfg.gen_tokens, text)
     val_loss, val_accuracy = mean_loss(model, val, cfg.batch_size)
     completion_loss, completion_accuracy = mean_loss(model, heldout, cfg.batch_size)
     metrics |= {
@@ -82,26 +91,24 @@ def evaluate(
     }
     metrics |= size_metrics(model, size_bytes, disk_bytes)
 
-    tokenizer = Tokenizer.from_str(storage.read_text(data.tokenizer_uri))
     metrics |= bpb_metrics(model, tokenizer, data, cfg)  # a candidate reads text with the data's tokenizer
+    metrics |= suite_bpb_metrics(model, tokenizer, suite, cfg) if suite is not None else {}
+    metrics |= task_metrics(model, tokenizer, suite or data, cfg)  # evaluate.tasks through lm-eval: eval/task/...
     samples = []
     for tokens, mask in list(zip(heldout["tokens"], heldout["mask"]))[:cfg.num_samples]:
-        prompt_ids = tokens[: int(np.argmax(mask))]
-        idx = torch.tensor(prompt_ids, dtype=torch.long, device=device)[None, :]  # (1, P)
-        out = generate(model, idx, cfg.gen_tokens, temperature=cfg.temperature,
-                       top_k=50 if cfg.temperature > 0 else None, eos_id=EOT_ID)
+        prompt_ids = [int(t) for t in tokens[: int(np.argmax(mask))]]
+        sampling = Sampling(max_tokens=cfg.gen_tokens, temperature=cfg.temperature,
+                            top_k=50 if cfg.temperature > 0 else None)
         samples.append({
-            "prompt": tokenizer.decode(list(prompt_ids)),
-            "generated": tokenizer.decode(out[0, idx.shape[1]:].tolist()),
+            "prompt": tokenizer.decode(prompt_ids),
+            "generated": complete(model, text, prompt_ids, sampling, eot),  # as the endpoint answers
             "reference": tokenizer.decode([int(t) for t, m in zip(tokens, mask) if m]),
         })
     generations = {}
     for prompt in cfg.prompts:
-        ids = tokenizer.encode(prompt, add_special_tokens=False).ids[-model.config.block_size :] or [EOT_ID]
-        idx = torch.tensor(ids, dtype=torch.long, device=device)[None, :]  # (1, P)
-        out = generate(model, idx, cfg.gen_tokens, temperature=0.0, eos_id=EOT_ID)
-        generations[prompt] = tokenizer.decode(out[0, idx.shape[1]:].tolist())
-    missing = set(CANDIDATE_METRICS) - set(DELTA_METRICS) - set(metrics)
+        ids = tokenizer.encode(prompt, add_special_tokens=False).ids or [eot]
+        generations[prompt] = complete(model, text, ids, Sampling(max_tokens=cfg.gen_tokens, temperature=0.0), eot)
+    missing = set(CANDIDATE_METRICS) - set(DELTA_METRICS) - set(metrics) - (set() if suite else set(SUITE_METRICS))
     assert not missing, f"evaluate() forgot {sorted(missing)}"
     return EvalReport(variant=variant, metrics=metrics, samples=samples, generations=generations)
 
@@ -125,14 +132,15 @@ def size_metrics(model: nn.Module, size_bytes: int, disk_bytes: tuple[dict[str, 
 
 
 @torch.no_grad()
-def generation_metrics(model: nn.Module, rows: np.ndarray, gen_tokens: int) -> dict[str, float]:
-    """Greedy decoding with the KV cache: batch-1 and batch-8 speed, latency, peak memory.
+def generation_metrics(model: nn.Module, rows: np.ndarray, gen_tokens: int,
+                       text: TokenText | None = None) -> dict[str, float]:
+    """Greedy decoding on the endpoint's engine (`generate`): batch-1 and batch-8 speed, latency, peak memory.
 
     The prompts are the first SPEED_PROMPT_TOKENS tokens of the first SPEED_PROMPTS rows of
     `rows` (the validation split), so every candidate decodes the same inputs. Every prompt
     generates exactly `gen_tokens` (no stop at end-of-text), after a warm-up, so candidates
     are timed on the same amount of work. On CUDA each step is synchronised before its
-    timestamp, so the times are the GPU's.
+    timestamp, so the times are the GPU's. With `text`, each token is decoded as the endpoint does.
     """
     names = SPEED_METRICS[:7]
     if gen_tokens == 0 or len(rows) == 0:
@@ -156,13 +164,13 @@ def generation_metrics(model: nn.Module, rows: np.ndarray, gen_tokens: int) -> d
         stamps.clear()
         sync()
         start = time.perf_counter()
-        generate(model, row[None, :], gen_tokens, temperature=0.0, on_token=stamp)
+        generate(model, row[None, :], gen_tokens, temperature=0.0, on_token=stamp, text=text)
         total += stamps[-1] - start
         ttft.append(stamps[0] - start)
         steps += [b - a for a, b in zip(stamps, stamps[1:])]
     sync()
     start = time.perf_counter()
-    peak = _peak_memory(model, lambda: generate(model, batch, gen_tokens, temperature=0.0))
+    peak = _peak_memory(model, lambda: generate(model, batch, gen_tokens, temperature=0.0, text=text))
     sync()
     batch_seconds = time.perf_counter() - start
     tokens_per_s = len(batch) * gen_tokens / total

@@ -183,6 +183,9 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
         if section == "finetune" and cfg.finetune.uses_lora:
             errors.append("finetune.strategy: tp and fsdp+tp do not support finetune.method lora yet (the adapters "
                           "wrap the Linears that tensor parallelism splits); use method full, or strategy ddp or fsdp")
+    from components.base_model import config_problems  # finetune.init_from, pretrain.enabled, tokenizer.file
+
+    errors.extend(config_problems(cfg))
     s = cfg.serve
     if s.max_replicas and s.max_replicas < s.num_replicas:
         errors.append(f"serve.max_replicas: {s.max_replicas} is below serve.num_replicas "

@@ -3,7 +3,12 @@
 A 20-line `LoRALinear` is used instead of `peft`: peft imports transformers and
 accelerate (3-4 s in every Ray worker) and renames state-dict keys, while this
 wrapper gives the same parameter count, speed and merge error (with either, the
-merged model's outputs match the unmerged one's to about 2e-6).
+merged model's outputs match the unmerged one's to about 2e-6). Checked again with peft
+0.21: `get_peft_model` on this GPT gives the same adapter count, but its import (transformers,
+accelerate, torchao) took 10 s, and every key gains a `base_model.model.` prefix that
+checkpoints and merging would have to undo. A Hugging Face GPT-2
+changes nothing here: it is converted to this GPT first (its Conv1D weights become
+nn.Linear ones), so the same four targets and the same checkpoints serve every base.
 After training, `merge_lora` folds the adapters back into plain `nn.Linear`
 weights, so the fine-tuned model is an ordinary GPT for quantization and serving.
 """
@@ -67,3 +72,23 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+def trainable_summary(model: nn.Module) -> dict[str, float]:
+    """What fine-tuning trains, as the fine-tune run's params: trainable and total parameters, their
+    ratio, and with adapters the adapter parameters per target module (summed over the blocks).
+
+    Each tensor counts once (the tied embedding and head are one tensor).
+    """
+    tensors = {id(p): p for p in model.parameters()}.values()
+    total = sum(p.numel() for p in tensors)
+    trainable = sum(p.numel() for p in tensors if p.requires_grad)
+    out = {"finetune.total_params": total, "finetune.trainable_params": trainable,
+           "finetune.trainable_ratio": trainable / total if total else 0.0}
+    for block in getattr(getattr(model, "transformer", None), "h", ()):
+        for path in LORA_TARGETS:
+            layer = block.get_submodule(path)
+            if isinstance(layer, LoRALinear):
+                key = f"lora.adapter_params.{path}"
+                out[key] = out.get(key, 0) + layer.lora_a.numel() + layer.lora_b.numel()
+    return out

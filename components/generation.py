@@ -1,28 +1,42 @@
-"""Text generation on the KV cache: `generate` for evaluation and benchmarks, `generate_batch` for the endpoint.
+"""Text generation: `generate` and `complete` on the endpoint's continuous engine, `generate_batch` for static batches.
 
 Pure PyTorch + tokenizers (no Ray, no HTTP), so it is tested in one process.
 
-`generate` extends a batch of equal-length prompts with one set of sampling settings
-(temperature, top_k) and returns the token ids.
+`generate` extends a batch of equal-length prompts with one set of sampling settings (temperature,
+top_k) and returns the token ids; `complete` returns the text the endpoint gives for one prompt. Both
+run on the continuous engine (components/continuous.py) and its per-row sampler
+(components/rows.py), the engine the endpoint serves with, so what evaluation measures and samples is
+what the endpoint does.
 
-For the endpoint's static engine, `generate_batch` left-pads the rows' prompts (components/rows.py
-`Row`) into one (B, L) batch, runs one prefill and then one decode step per token for the whole
-batch until its longest completion ends. Each row is sampled, healed and streamed by its own
-`_RowState` (components/rows.py), which the continuous engine (components/continuous.py) shares.
+For the endpoint's static engine (`serve.batching: static`), `generate_batch` left-pads the rows'
+prompts (components/rows.py `Row`) into one (B, L) batch, runs one prefill and then one decode step
+per token for the whole batch until its longest completion ends. Each row is sampled, healed and
+streamed by its own `_RowState` (components/rows.py), which the continuous engine shares.
 A batched prefill that raises is run again one request at a time (nothing has been sent yet then).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from torch.nn import functional as F
 
 # The per-row pieces (sampling, stops, streamed deltas) are shared with the continuous engine.
-from components.rows import Row, TokenText, _by_request, _each_live_row, _fail, _RowState, _send_prompt, sample_next
+from components.rows import (Delta, Row, Sampling, TokenText, _by_request, _each_live_row, _fail, _RowState, _sample,
+                             _send_prompt, sample_next)
 
 if TYPE_CHECKING:
     from components.model import GPT
+
+
+class _NoText:
+    """What the engine needs of a TokenText, for token-level generation: no text, so no healing and no stops."""
+
+    def __init__(self, vocab_rows: int):
+        self.raw = [""] * vocab_rows
+
+    def decode(self, ids: list[int]) -> str:
+        return ""
 
 
 @torch.no_grad()
@@ -36,59 +50,109 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     on_token: Callable[[torch.Tensor], None] | None = None,
+    text: TokenText | None = None,
 ) -> torch.Tensor:
     """Extend each row of `idx` (B, T) by up to `max_new_tokens` tokens sampled from `model`.
 
-    With `use_cache`, the prompt is run once (prefill) and each later step feeds only the
-    newest token, reusing the keys and values of the earlier ones: a step costs O(context)
-    instead of O(context^2). Past `block_size` tokens the context is cropped to the last
-    `block_size`; every position then shifts, so the cache is rebuilt from the cropped
-    context at each step, exactly as without it. Both paths give the same tokens.
+    With `use_cache`, the rows run on the endpoint's continuous engine: the prompts in one forward
+    (prefill), then one token per row and step on its KV cache, sampled row by row as the endpoint
+    samples (no token healing: the ids are continued as given). Past `block_size` tokens the context is
+    cropped to the last `block_size`; every position then shifts, so each further token comes from a
+    fresh prefill of the cropped context, exactly as without the cache. Both paths give the same tokens.
 
     Args:
         temperature: softmax temperature; 0 means greedy (argmax).
         top_k: sample only among the k most likely tokens.
         eos_id: once a row has produced it, that row is padded with eos_id; generation
             stops early when every row has.
-        generator: torch.Generator for reproducible sampling.
-        use_cache: decode incrementally with a KVCache (False recomputes the whole context
-            at every step; kept as the reference the cache is tested against).
+        generator: torch.Generator for reproducible sampling (the rows draw from it in turn).
+        use_cache: decode incrementally (False recomputes the whole context at every step; kept
+            as the reference the engine is tested against).
         on_token: called with each new (B, 1) token tensor as soon as it is chosen
             (evaluation times the steps with it; streaming can send it).
+        text: the tokenizer's TokenText, so that each token is also decoded as the endpoint does
+            (evaluation times that too); without it no text is made.
 
     Returns:
         (B, T + n) long tensor, n <= max_new_tokens. Call `model.eval()` first for dropout.
     """
-    block_size = model.config.block_size
-    finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)  # (B,)
-    cache = None
-    for _ in range(max_new_tokens):
-        if not use_cache:
-            logits, _ = model(idx[:, -block_size:])  # (B, <=block_size, vocab_size)
-        elif cache is None or cache.length >= block_size:
-            cache = model.new_cache(idx.size(0), idx.device)  # prefill (again, once the context is full)
-            logits, _ = model(idx[:, -block_size:], cache=cache)
-        else:
-            logits, _ = model(idx[:, -1:], cache=cache)  # (B, 1, vocab_size): the newest token only
-        logits = logits[:, -1, :].float()  # (B, vocab_size): last position only
-        if temperature == 0:
-            idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-        else:
-            logits = logits / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k)
-                logits[logits < v[:, [-1]]] = -float("inf")
-            probs = F.softmax(logits, dim=-1)  # (B, vocab_size)
-            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-        if eos_id is not None:
-            idx_next = idx_next.masked_fill(finished.unsqueeze(1), eos_id)
-            finished |= idx_next.squeeze(1) == eos_id
-        if on_token is not None:
-            on_token(idx_next)
-        idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
-        if eos_id is not None and bool(finished.all()):
-            break
-    return idx
+    sampling = Sampling(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, heal=False)
+    out, done = idx.tolist(), [False] * idx.size(0)
+    step = _engine_steps if use_cache else _reference_steps
+    made = 0
+    while made < max_new_tokens and not all(done):
+        block = model.config.block_size
+        n = min(max_new_tokens - made, block - min(len(out[0]), block) + 1)  # the last token needs no room
+        for tokens in step(model, [row[-block:] for row in out], replace(sampling, max_tokens=n), eos_id,
+                           generator, text, done):
+            for row, token in zip(out, tokens):
+                row.append(token)
+            made += 1
+            if on_token is not None:
+                on_token(torch.tensor(tokens, dtype=torch.long, device=idx.device)[:, None])
+    return torch.tensor(out, dtype=torch.long, device=idx.device)
+
+
+def _engine_steps(model, contexts, sampling, eos_id, generator, text, done):
+    """Yield each step's tokens (eos for rows already done) while the engine extends `contexts`."""
+    from components.continuous import ContinuousEngine
+
+    eos = -1 if eos_id is None else eos_id  # no id is -1: no row ever stops early
+    engine = ContinuousEngine(model, text or _NoText(model.config.vocab_size), eos, slots=len(contexts),
+                              max_step_tokens=sum(len(c) for c in contexts))  # every prompt in the first step
+    rows = {}
+    for b, context in enumerate(contexts):
+        if not done[b]:
+            rows[b] = Row(context, "", sampling, lambda delta: None, generator)
+    index = {id(row): b for b, row in rows.items()}
+    sampled: dict[int, int] = {}
+    engine.on_token = lambda row, token: sampled.__setitem__(index[id(row)], token)
+    joining = list(rows.values())
+    while joining or engine.running():
+        engine.step(joining)
+        joining = []
+        if sampled:
+            yield _step_tokens(sampled, done, eos_id)
+            sampled.clear()
+
+
+def _reference_steps(model, contexts, sampling, eos_id, generator, text, done):
+    """What `_engine_steps` yields, without a cache: the whole context again at every step."""
+    idx = torch.tensor(contexts, dtype=torch.long, device=model.transformer.wpe.weight.device)
+    for _ in range(sampling.max_tokens):
+        logits = model(idx[:, -model.config.block_size:])[0][:, -1, :].float()  # (B, V)
+        sampled = {b: _sample(logits[b], sampling, generator) for b in range(len(contexts)) if not done[b]}
+        tokens = _step_tokens(sampled, done, eos_id)
+        yield tokens
+        if all(done):
+            return
+        idx = torch.cat((idx, torch.tensor(tokens, dtype=torch.long, device=idx.device)[:, None]), dim=1)
+
+
+def _step_tokens(sampled: dict[int, int], done: list[bool], eos_id: int | None) -> list[int]:
+    tokens = [sampled.get(b, eos_id) for b in range(len(done))]
+    for b, token in enumerate(tokens):
+        done[b] = done[b] or token == eos_id
+    return tokens
+
+
+@torch.no_grad()
+def complete(model, text: TokenText, prompt_ids: list[int], sampling: Sampling, eos_id: int,
+             generator: torch.Generator | None = None) -> str:
+    """The completion the endpoint's engine gives for one prompt (healing and stops as served).
+
+    A prompt too long for the context with `sampling.max_tokens` keeps its last tokens."""
+    from components.continuous import ContinuousEngine
+
+    block = model.config.block_size
+    sampling = replace(sampling, max_tokens=min(sampling.max_tokens, block - 1))
+    ids = list(prompt_ids)[-(block - sampling.max_tokens):] or [eos_id]
+    deltas: list[Delta] = []
+    engine = ContinuousEngine(model, text, eos_id, slots=1, max_step_tokens=block)
+    engine.step([Row(ids, text.decode(ids), sampling, deltas.append, generator)])
+    while engine.running():
+        engine.step()
+    return "".join(d.text for d in deltas)
 
 def batch_fits(rows: list[Row], block_size: int) -> bool:
     """Left padding makes every row as long as the longest prompt; the longest completion must still fit.

@@ -29,6 +29,7 @@ import safetensors.torch
 import torch
 from tokenizers import Tokenizer
 
+from components.chat import ChatError, parse_chat_template, save_chat_template
 from components.hf_files import ConversionError, parse_json, read_bytes, read_json, read_tokenizer, read_weights
 from components.files import CHECKSUMS_FILE, read_verified, write_checksums, write_json_atomic
 from components.model import CONFIG_FILE, GPT, WEIGHTS_FILE, GPTConfig, save_model
@@ -253,6 +254,8 @@ def import_hf(src: str | Path, out: str | Path, pad_vocab_to: int = 1) -> Import
     activation = hf_cfg.get("activation_function", "gelu_new")
     config, hf_vocab = gpt_config_from_hf(hf_cfg, where, pad_vocab_to)
     tokenizer, tokenizer_file = read_tokenizer(src)
+    config_file = src / HF_TOKENIZER_CONFIG
+    template = _chat_template(read_bytes(config_file, "") if config_file.exists() else None, config_file)
     tokens = _tokens(tokenizer)
     if tokens > hf_vocab:
         raise ConversionError(f"{tokenizer_file}: has ids up to {tokens - 1} but {where} says vocab_size={hf_vocab}")
@@ -266,6 +269,8 @@ def import_hf(src: str | Path, out: str | Path, pad_vocab_to: int = 1) -> Import
     def write(folder: Path) -> str:
         save_model(model, str(folder))
         tokenizer.save(str(folder / TOKENIZER_FILE))
+        if template is not None:  # the HF folder's chat template, where transformers keeps it
+            save_chat_template(str(folder), template)
         return write_checksums(folder)
 
     pin = _write_folder(Path(out), write)
@@ -283,14 +288,17 @@ def export_hf(folder: str | Path, out: str | Path, checksums_sha256: str | None 
         ConversionError: a file missing or not a float model, or weights that do not fit config.json.
         IntegrityError: the files do not match checksums.json (or the pin).
     """
-    from components.quantize import CANDIDATE_FILES
+    from components.quantize import CANDIDATE_FILES, candidate_files
 
     folder = Path(folder)
+    # tokenizer_config.json (the chat template) is optional: folders written before candidates had one, and
+    # fine-tuned models without a chat format, lack it.
+    names = candidate_files(folder)
     if checksums_sha256 is not None or (folder / CHECKSUMS_FILE).exists():
-        files = read_verified(folder, CANDIDATE_FILES, checksums_sha256)
+        files = read_verified(folder, names, checksums_sha256)
     else:
-        hint = f"; a gptforge model folder holds {', '.join(CANDIDATE_FILES)}"
-        files = {name: read_bytes(folder / name, hint) for name in CANDIDATE_FILES}
+        hint = f"; a gptforge model folder holds {', '.join(n for n in CANDIDATE_FILES if n != HF_TOKENIZER_CONFIG)}"
+        files = {name: read_bytes(folder / name, hint) for name in names}
     raw = parse_json(files[CONFIG_FILE], folder / CONFIG_FILE)
     if raw.get("quantization", "fp32") not in ("fp32", "bf16", "fp16"):
         raise ConversionError(f"{folder / CONFIG_FILE}: holds a {raw['quantization']!r} model; export a float "
@@ -302,6 +310,7 @@ def export_hf(folder: str | Path, out: str | Path, checksums_sha256: str | None 
     except Exception as error:  # noqa: BLE001 - tokenizers and safetensors raise plain exceptions
         raise ConversionError(f"{folder}: not a gptforge model folder ({error})") from None
     tokens, eot_id = _tokens(tokenizer), tokenizer.token_to_id(EOT)
+    template = _chat_template(files.get(HF_TOKENIZER_CONFIG), folder / HF_TOKENIZER_CONFIG)
     hf_sd, zero_biases = to_hf_state_dict(sd, config, tokens, str(folder / WEIGHTS_FILE))
 
     def write(target: Path) -> None:
@@ -312,7 +321,8 @@ def export_hf(folder: str | Path, out: str | Path, checksums_sha256: str | None 
         special = {f"{k}_token": EOT for k in ("bos", "eos", "unk")} if eot_id is not None else {}
         write_json_atomic(target / HF_TOKENIZER_CONFIG, {
             "tokenizer_class": "GPT2Tokenizer", "model_max_length": config.block_size,
-            "add_prefix_space": False, "add_bos_token": False, **special})
+            "add_prefix_space": False, "add_bos_token": False, **special,
+            **({"chat_template": template} if template is not None else {})})
 
     _write_folder(Path(out), write)
     return Exported(config, tokens, eot_id, zero_biases)
@@ -334,6 +344,14 @@ def _write_folder(out: Path, write):
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return result
+
+
+def _chat_template(config: bytes | None, where: Path) -> str | None:
+    """The chat template of a tokenizer_config.json's bytes (None without the file or the key)."""
+    try:
+        return parse_chat_template(config, str(where)) if config is not None else None
+    except ChatError as error:
+        raise ConversionError(str(error)) from None
 
 
 def _tokens(tokenizer: Tokenizer) -> int:

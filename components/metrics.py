@@ -17,6 +17,9 @@ QUALITY_METRICS = (
     "eval/completion_loss", "eval/completion_ppl", "eval/completion_accuracy",
     "eval/val_bpb", "eval/completion_bpb",  # bits per UTF-8 byte, each model with its own tokenizer
 )
+# On the experiment's evaluation suite (components/suite.py): the same text for every run, whatever its
+# data, so these compare a retrain with the champion. The pipeline always has a suite.
+SUITE_METRICS = ("eval/suite_bpb", "eval/suite_completion_bpb")
 SPEED_METRICS = (
     "eval/tokens_per_s",  # batch 1, KV cache, new tokens per second (prefill included)
     "eval/tokens_per_s_batch8",  # the same prompts as one batch of 8
@@ -40,5 +43,5 @@ DELTA_METRICS = (
     "eval/speedup",  # eval/tokens_per_s / the reference's
     "model/size_ratio",  # model/size_bytes / the reference's
 )
-CANDIDATE_METRICS = (*QUALITY_METRICS, *SPEED_METRICS, *SIZE_METRICS, *DELTA_METRICS)
+CANDIDATE_METRICS = (*QUALITY_METRICS, *SUITE_METRICS, *SPEED_METRICS, *SIZE_METRICS, *DELTA_METRICS)
 """Every metric a candidate run logs; `promote.metric` must be one of them."""

@@ -135,6 +135,9 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if hasattr(cache, "attend"):  # a SlotCache: the tokens of many rows packed into one sequence
+            y = cache.attend(self.layer, q, k, v).transpose(1, 2).reshape(B, T, self.n_embd)
+            return self.resid_dropout(self.c_proj(y))
         mask, causal = None, True
         if cache is not None:
             past = cache.length

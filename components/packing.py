@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components import storage
-from components.tokenizer import EOT_ID
+from components.tokenizer import EOT_ID, eot_id
 
 
 def row_dtype(vocab_size: int) -> np.dtype:
@@ -22,8 +22,8 @@ def row_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def pack_rows(docs_token_ids: Iterable[Sequence[int]], block_size: int, dtype=np.int32) -> np.ndarray:
-    """Concatenate documents (each followed by EOT) and cut into training rows.
+def pack_rows(docs_token_ids: Iterable[Sequence[int]], block_size: int, dtype=np.int32, eot: int = EOT_ID) -> np.ndarray:
+    """Concatenate documents (each followed by the EOT id `eot`) and cut into training rows.
 
     Rows are block_size + 1 long so that inputs are row[:-1] and targets row[1:].
     The copy is per document (numpy copies each list), never per token in Python.
@@ -33,7 +33,7 @@ def pack_rows(docs_token_ids: Iterable[Sequence[int]], block_size: int, dtype=np
     """
     docs = [np.asarray(ids, dtype=dtype) for ids in docs_token_ids]
     lengths = np.fromiter((len(d) + 1 for d in docs), dtype=np.int64, count=len(docs))  # +1: the EOT
-    stream = np.full(int(lengths.sum()), EOT_ID, dtype=dtype)
+    stream = np.full(int(lengths.sum()), eot, dtype=dtype)
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1])) if len(docs) else lengths
     for start, ids in zip(starts, docs):
         stream[start : start + len(ids)] = ids  # the EOT after each document is already in place
@@ -56,7 +56,7 @@ def encode_and_pack(texts: list[str], tokenizer, block_size: int, dtype) -> tupl
     """
     encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
     ids = [e.ids for e in encodings]
-    return pack_rows(ids, block_size, dtype), sum(len(x) + 1 for x in ids)
+    return pack_rows(ids, block_size, dtype, eot_id(tokenizer)), sum(len(x) + 1 for x in ids)
 
 
 def rows_table(tokens: np.ndarray, mask: np.ndarray | None = None) -> pa.Table:

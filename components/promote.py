@@ -91,7 +91,7 @@ class GateResult:
 
 # (PromoteConfig field holding the limit in percent, the metric it bounds); for every one a higher
 # value is worse, so the challenger may exceed the champion by at most the limit.
-GATES = (("max_completion_bpb_regression_pct", "eval/completion_bpb"),
+GATES = (("max_completion_bpb_regression_pct", "eval/suite_completion_bpb"),
          ("max_size_growth_pct", "model/size_bytes"))
 
 
@@ -100,6 +100,9 @@ def check_gates(challenger: Candidate, champion: Candidate, policy: PromoteConfi
 
     A gate fails when the challenger's value is more than the limit (in percent) above the champion's,
     or when either side lacks the metric (a gate that could not be checked never lets a model through).
+    The task gate (`max_task_accuracy_drop_points`) applies to every task accuracy the challenger has
+    (`task_accuracy_metrics`, the tasks of evaluate.tasks): it fails when the challenger's is more than
+    the limit, in percentage points, below the champion's, or when the champion has none to compare.
     """
     results = []
     for field, metric in GATES:
@@ -115,6 +118,34 @@ def check_gates(challenger: Candidate, champion: Candidate, policy: PromoteConfi
         passed = ours <= theirs + abs(theirs) * limit / 100.0
         results.append(GateResult(metric, passed, f"{metric} {ours:.4g} vs champion {theirs:.4g} ({change:+.1f}%, "
                                                   f"{field}={limit:g}%: {'passed' if passed else 'FAILED'})"))
+    if policy.max_task_accuracy_drop_points is not None:
+        results += _task_accuracy_gates(challenger, champion, policy.max_task_accuracy_drop_points)
+    return results
+
+
+# The task scores (eval/task/<task>/<name>, `<name>.<filter>` for a filtered one) that are accuracies
+# in [0, 1]: the task gate bounds their drop in percentage points.
+TASK_ACCURACIES = ("acc", "acc_norm", "exact_match")
+
+
+def task_accuracy_metrics(metrics: dict) -> list[str]:
+    """The task accuracies among `metrics`' names, sorted."""
+    return sorted(k for k in metrics if k.startswith("eval/task/")
+                  and k.rsplit("/", 1)[-1].split(".", 1)[0] in TASK_ACCURACIES)
+
+
+def _task_accuracy_gates(challenger: Candidate, champion: Candidate, limit: float) -> list[GateResult]:
+    """max_task_accuracy_drop_points on every task accuracy the challenger has; one the champion lacks fails."""
+    field, results = "max_task_accuracy_drop_points", []
+    for metric in task_accuracy_metrics(challenger.metrics):
+        ours, theirs = challenger.metrics[metric], champion.metrics.get(metric)
+        if theirs is None:
+            results.append(GateResult(metric, False, f"{metric} not measured on {champion.name} ({field}={limit:g})"))
+            continue
+        drop = 100.0 * (theirs - ours)
+        passed = drop <= limit
+        results.append(GateResult(metric, passed, f"{metric} {ours:.4g} vs champion {theirs:.4g} ({-drop:+.1f} "
+                                                  f"points, {field}={limit:g}: {'passed' if passed else 'FAILED'})"))
     return results
 
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from components.artifacts import QuantizedModel
+from components.chat import TOKENIZER_CONFIG_FILE, load_chat_template, save_chat_template
 from components.files import atomic_write, write_json_atomic
 from components.model import CONFIG_FILE, GPT, WEIGHTS_FILE, GPTConfig, load_model
 from components.tokenizer import TOKENIZER_FILE
@@ -54,8 +55,16 @@ VARIANTS = tuple(RUNS_ON)
 _FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _TORCHAO_VARIANTS = {"int8_weight_only": torch.float32, "int4_weight_only": torch.bfloat16}  # -> activation dtype
 _INT4_GROUP_SIZE = 128
-CANDIDATE_FILES = (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE)
+CANDIDATE_FILES = (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)
 """Exactly the files of a candidate folder (besides checksums.json); serving refuses any other set."""
+
+
+def candidate_files(folder) -> tuple[str, ...]:
+    """The files `folder` must hold: CANDIDATE_FILES, less tokenizer_config.json (the chat template)
+    where the folder has none, as candidates registered before it was added do not. One that
+    checksums.json lists must still be there (the check then names it)."""
+    has_config = os.path.exists(os.path.join(folder, TOKENIZER_CONFIG_FILE))
+    return tuple(n for n in CANDIDATE_FILES if n != TOKENIZER_CONFIG_FILE or has_config)
 
 # Keys of the int8 file, per quantized Linear `<name>`: <name>.weight_int8 (out, in) int8,
 # <name>.weight_scale and <name>.weight_zero_point ((1,) for per-tensor, (out,) for per-channel),
@@ -266,7 +275,8 @@ def quantize_model(src_folder: str, variant: str, out_folder: str, device: str =
         src_folder: folder written by `components.model.save_model`.
         variant: one of VARIANTS.
         out_folder: created if missing; gets model.safetensors, config.json (with
-            "quantization": variant) and tokenizer.json when the source has one.
+            "quantization": variant), tokenizer.json when the source has one and
+            tokenizer_config.json (the source's chat template, if any).
         device: where to quantize ("cuda" for int4_weight_only); the file is the same wherever it is made.
 
     Returns:
@@ -294,6 +304,7 @@ def quantize_model(src_folder: str, variant: str, out_folder: str, device: str =
     tokenizer = os.path.join(src_folder, TOKENIZER_FILE)
     if os.path.exists(tokenizer):
         shutil.copyfile(tokenizer, os.path.join(out_folder, TOKENIZER_FILE))
+    save_chat_template(out_folder, load_chat_template(src_folder))  # every candidate has the file, a chat one a template
     return QuantizedModel(variant=variant, uri=out_folder, size_bytes=os.path.getsize(weights))
 
 

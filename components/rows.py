@@ -40,6 +40,7 @@ class Sampling:
     stop: tuple[str, ...] = ()  # the completion ends before the first of these strings
     logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and the k most likely
     echo: bool = False  # the prompt is part of the returned text (and of the logprobs)
+    heal: bool = True  # token healing (below); off for token-level generation, which continues the ids as given
 
 
 @dataclass
@@ -115,7 +116,7 @@ class _RowState:
         ids = row.prompt_ids
         # Heal: take the last prompt token back (when something is left before it, it is not end-of-text,
         # and its text is whole characters: half of one would not be a prefix of the decoded text).
-        last = ids[-1] if len(ids) >= 2 and text.raw[ids[-1]] else None
+        last = ids[-1] if row.sampling.heal and len(ids) >= 2 and text.raw[ids[-1]] else None
         self.healed = last if last is not None and "\ufffd" not in text.decode([last]) else None
         self.context = ids[:-1] if self.healed is not None else list(ids)
         self.prefix = text.decode([self.healed]) if self.healed is not None else ""
@@ -127,9 +128,10 @@ class _RowState:
         self.sent_chars = 0  # of the completion
         self.sent_entries = 0
         self.finished = False
+        self._decoded = ""  # decode(generated), kept so that each token decodes the text once
 
     def completion(self) -> str:
-        return self.text.decode(self.generated)[len(self.prefix):]
+        return self._decoded[len(self.prefix):]
 
     def add(self, token: int, logprobs: torch.Tensor | None) -> None:
         """Record a sampled token (and its (V,) log-probabilities), then send what is safe to send."""
@@ -137,11 +139,11 @@ class _RowState:
         if token == self.eos_id:
             self._finish(self.completion(), "stop")
             return
-        before = len(self.text.decode(self.generated))
+        before = len(self._decoded)
         if not self.generated and token == self.healed:
             self.free_tokens = 1
         self.generated.append(token)
-        with_prefix = self.text.decode(self.generated)
+        with_prefix = self._decoded = self.text.decode(self.generated)
         if logprobs is not None:
             if self.echoed:  # the healed prefix is echoed as the end of the prompt: this entry covers it
                 text, offset = with_prefix[before:], len(self.echoed) - len(self.prefix) + before
@@ -177,15 +179,21 @@ class _RowState:
         self._send(text, reason)
 
 
-def sample_next(st: _RowState, logits: torch.Tensor, vocab: TokenText, first: bool) -> int:
+def sample_next(st: _RowState, logits: torch.Tensor, vocab: TokenText, first: bool, argmax: int | None = None) -> int:
     """Sample `st`'s next token from its (V,) float32 logits, record it (and send what is safe); returns it.
 
     `first`: the row's first new token, which a healed row must start with the healed token's text.
+    `argmax`: the logits' argmax when the caller computed it for many rows at once (greedy rows take it
+    instead of a per-row argmax, and a batch then needs one device sync, not one per row).
     """
     row_logits = logits
-    if first and st.healed is not None:
+    constrained = first and st.healed is not None
+    if constrained:
         row_logits = row_logits.masked_fill(~vocab.starting_with(st.healed), -math.inf)
-    token = _sample(row_logits, st.row.sampling, st.row.generator)
+    if argmax is not None and not constrained and st.row.sampling.temperature == 0:
+        token = argmax
+    else:
+        token = _sample(row_logits, st.row.sampling, st.row.generator)
     st.add(token, F.log_softmax(logits, dim=-1) if st.row.sampling.logprobs is not None else None)
     return token
 

@@ -1,36 +1,76 @@
 """The KV cache of the continuous engine: one slot per running row, each row at its own length.
 
-`GPT.forward` uses it as it uses a `KVCache` (components/kv_cache.py): position ids from
-`positions`, the attention mask from `padding_mask` (whenever `pad` is not None), the layers'
-keys and values through `update`, and `advance` once every layer has written. What differs is
-that the rows of one forward are not aligned: each slot has its own `lengths[slot]`, so a decode
-step writes each row's new key at that row's own position and masks every key past it.
+One forward of the continuous engine is one packed sequence (1, N): every row's new tokens side
+by side, a decoding row's one token and a joining row's prompt (or a chunk of it). The linear layers
+do not care which row a token belongs to, so no token is padded; only attention does, and
+`attend` (which `CausalSelfAttention` calls instead of its own attention when the cache has one)
+splits the sequence by row again:
+- the rows that feed one token attend together, as one batch over a prefix of the slots (a view of
+  the cache, no gather), each query masked to its own row's keys, and only up to the longest of
+  those rows, not the whole preallocated context;
+- a row that feeds several tokens (a prompt chunk) attends over its own slot, causally.
 
 Why preallocated, for `slots` rows and the model's whole context: it is the simplest layout in
 which a row joining the batch never copies the others' caches (it prefills into its own slot) and
 a row leaving frees its slot by forgetting its length (the stale keys stay masked until the next
-occupant's prefill overwrites them). The price is memory for every slot at full context
+occupant overwrites them). The price is memory for every slot at full context
 (`slots x n_layer x 2 x block_size x n_embd` values) whether or not it is used; paging the cache
 in blocks would save that, at the cost of gathering a row's blocks at every step.
+
+Lengths live on the host (plain ints): planning a step reads them and must not wait for the device.
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
+from torch.nn import functional as F
 
 if TYPE_CHECKING:
     from components.model import GPTConfig
 
 
+class _Plan:
+    """What one packed forward feeds: per token its slot and position; how attention splits it."""
+
+    def __init__(self, feeds: list[tuple[int, int]], lengths: list[int], device: torch.device, dtype: torch.dtype):
+        singles = [(s, n) for s, n in feeds if n == 1]
+        self.n_single = len(singles)
+        slots, positions = [], []
+        for s, n in feeds:
+            slots += [s] * n
+            positions += range(lengths[s], lengths[s] + n)
+        self.tokens = len(slots)
+        self.slot = torch.tensor(slots, dtype=torch.long, device=device)  # (N,)
+        self.position = torch.tensor(positions, dtype=torch.long, device=device)  # (N,)
+        self.chunks = []  # (slot, start, n, offset in the packed sequence) of rows feeding several tokens
+        offset = self.n_single
+        for s, n in feeds[self.n_single:]:
+            self.chunks.append((s, lengths[s], n, offset))
+            offset += n
+        if singles:
+            single_slots = [s for s, _ in singles]
+            self.upto = max(single_slots) + 1  # attention runs over slots 0 .. upto-1
+            self.keys = max(lengths[s] for s in single_slots) + 1
+            self.single_slots = self.slot[: self.n_single]
+            # Every slot of the prefix decodes (the usual case): queries and outputs need no scatter.
+            self.dense = single_slots == list(range(self.upto))
+            seen = torch.tensor(lengths[: self.upto], dtype=torch.long, device=device)  # (upto,)
+            # Row b sees keys 0 .. lengths[b] (its new one included); a slot without a one-token row
+            # sees at least key 0, so no row is all-masked (NaN).
+            allowed = torch.arange(self.keys, device=device)[None, :] <= seen[:, None]  # (upto, keys)
+            self.allowed = allowed[:, None, None, :]  # (upto, 1, 1, keys)
+            self.bias = torch.zeros(self.allowed.shape, device=device, dtype=dtype).masked_fill(~self.allowed, -math.inf)
+
+
 class SlotCache:
     """Keys and values of `slots` rows, per layer, each slot filled up to `lengths[slot]` positions.
 
-    Before each forward, say what it is: `prefill(slots, lengths)` (those slots' prompts, right-padded
-    to one (B, T) batch, from position 0) or `decode(upto, live)` (one token for each of slots
-    0 .. upto-1; the slots that hold no row feed a dummy token that writes at position 0 and is never
-    counted). Decoding over a prefix of the slots lets the keys be a view, not a gather; new rows take
-    the lowest free slots, so the prefix stays short.
+    Before each forward, `plan(feeds)` says what it is: `(slot, n)` per row, that row's next n tokens
+    (at positions lengths[slot] ..), one-token rows first, in the order of the packed sequence. Once
+    the forward has returned, `commit()` counts the new positions (not before: a forward that raised
+    half-way leaves the lengths as they were, so it can be run again).
     """
 
     def __init__(self, config: GPTConfig, slots: int, device: torch.device | str, dtype: torch.dtype):
@@ -38,24 +78,19 @@ class SlotCache:
         shape = (slots, config.n_head, config.block_size, hs)  # (S, nh, block_size, hs)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.device, self.dtype = torch.device(device), dtype
         self.block_size = config.block_size
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # (S,) positions filled per slot
-        self._slots: torch.Tensor | None = None  # prefill: the (B,) slots being filled
-        self._prompt_lengths: torch.Tensor | None = None  # prefill: their (B,) prompt lengths
-        self._upto = 0  # decode: slots 0 .. upto-1
-        self._live: torch.Tensor | None = None  # decode: (upto,) bool, the slots that hold a row
-        self._longest = 0  # decode: the longest of those rows before this step
+        self.lengths = [0] * slots  # positions filled per slot
+        self._feeds: list[tuple[int, int]] = []
+        self._plan: _Plan | None = None
 
-    # ------------------------------------------------------------------ what the next forward is
+    def plan(self, feeds: list[tuple[int, int]]) -> None:
+        self._feeds, self._plan = feeds, _Plan(feeds, self.lengths, self.device, self.dtype)
 
-    def prefill(self, slots: list[int], lengths: list[int]) -> None:
-        device = self.lengths.device
-        self._slots = torch.tensor(slots, dtype=torch.long, device=device)
-        self._prompt_lengths = torch.tensor(lengths, dtype=torch.long, device=device)
-
-    def decode(self, upto: int, live: torch.Tensor) -> None:
-        self._slots, self._upto, self._live = None, upto, live.to(self.lengths.device)
-        self._longest = int(self.lengths[:upto].max())  # read by every layer: computed once
+    def commit(self) -> None:
+        for s, n in self._feeds:
+            self.lengths[s] += n
+        self._feeds, self._plan = [], None
 
     def free(self, slot: int) -> None:
         self.lengths[slot] = 0
@@ -64,44 +99,54 @@ class SlotCache:
 
     @property
     def length(self) -> int:
-        """The longest row of this forward before it (GPT.forward checks it against the context)."""
-        return 0 if self._slots is not None else self._longest
+        """GPT.forward checks `length + T` against the context; here T counts the tokens of many rows,
+        each of which stays within the context (the engine checks them), so this never refuses a step."""
+        return min(0, self.block_size - self._plan.tokens) if self._plan is not None else 0
 
-    @property
-    def pad(self) -> torch.Tensor | None:
-        """Not None while decoding: the rows are not aligned, so attention takes `padding_mask`."""
-        return None if self._slots is not None else self.lengths[: self._upto]
+    pad = None  # attention goes through `attend`, never through a padding mask
 
     def positions(self, T: int) -> torch.Tensor:
-        """(T,) from 0 for a prefill; (B, 1), each row's own length, for a decode step."""
-        if self._slots is not None:
-            return torch.arange(T, dtype=torch.long, device=self.lengths.device)
-        return self.lengths[: self._upto, None]
-
-    def padding_mask(self, T: int) -> torch.Tensor:
-        """(B, 1, 1, longest + 1) bool for a decode step: row b sees its keys 0 .. lengths[b] only.
-
-        A slot without a row has length 0 and sees its own dummy key: never an all-masked row (NaN)."""
-        keys = torch.arange(self.length + 1, device=self.lengths.device)  # (longest + 1,)
-        return (keys[None, :] <= self.lengths[: self._upto, None])[:, None, None, :]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store `k`, `v` (B, nh, T, hs) in the slots of this forward; return the keys and values to attend to."""
-        if self._slots is not None:  # prefill from position 0: the prompt attends to itself only
-            self.k[layer][self._slots, :, : k.size(2)] = k
-            self.v[layer][self._slots, :, : v.size(2)] = v
-            return k, v
-        rows = torch.arange(self._upto, device=k.device)
-        at = self.lengths[: self._upto]  # (B,) each row's next position
-        self.k[layer][rows, :, at] = k[:, :, 0]  # (B, nh, hs)
-        self.v[layer][rows, :, at] = v[:, :, 0]
-        end = self.length + 1
-        return self.k[layer][: self._upto, :, :end], self.v[layer][: self._upto, :, :end]  # views, no copy
+        """(1, N): each packed token's position in its own row."""
+        return self._plan.position[None, :]
 
     def advance(self, T: int) -> None:
-        """Every layer has written: the slots of this forward now hold their new positions."""
-        if self._slots is not None:
-            self.lengths[self._slots] = self._prompt_lengths
-            self._slots = None
-        else:
-            self.lengths[: self._upto] += self._live.long()
+        """Nothing: `commit` counts the positions once the whole forward has returned."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store the packed `k`, `v` (1, nh, N, hs) in their slots; attention of `q` (1, nh, N, hs), each
+        token over its own row's keys. Returns (1, nh, N, hs)."""
+        p, kc, vc = self._plan, self.k[layer], self.v[layer]
+        kc[p.slot, :, p.position] = k[0].transpose(0, 1)  # (N, nh, hs)
+        vc[p.slot, :, p.position] = v[0].transpose(0, 1)
+        if p.n_single:
+            q1 = q[0, :, : p.n_single].transpose(0, 1)[:, :, None]  # (D, nh, 1, hs)
+            if not p.dense:  # slots without a one-token row query nothing useful
+                q1 = q.new_zeros(p.upto, *q1.shape[1:]).index_copy_(0, p.single_slots, q1)
+            ys = _one_query_attention(q1, kc[: p.upto, :, : p.keys], vc[: p.upto, :, : p.keys], p)
+            ys = ys[:, :, 0] if p.dense else ys[p.single_slots, :, 0]  # (D, nh, hs)
+            if not p.chunks:
+                return ys.transpose(0, 1)[None]
+        y = torch.empty_like(q[0])  # (nh, N, hs)
+        if p.n_single:
+            y[:, : p.n_single] = ys.transpose(0, 1)
+        for slot, start, n, offset in p.chunks:
+            qc = q[:, :, offset: offset + n]  # (1, nh, n, hs)
+            kr, vr = kc[slot: slot + 1, :, : start + n], vc[slot: slot + 1, :, : start + n]
+            if start == 0:
+                yc = F.scaled_dot_product_attention(qc, kr, vr, is_causal=True)
+            else:  # a later chunk: query i sits at position start + i
+                mask = torch.ones(n, start + n, dtype=torch.bool, device=q.device).tril(diagonal=start)
+                yc = F.scaled_dot_product_attention(qc, kr, vr, attn_mask=mask)
+            y[:, offset: offset + n] = yc[0]
+        return y[None]
+
+
+def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: _Plan) -> torch.Tensor:
+    """(B, nh, 1, hs) queries over strided (B, nh, K, hs) key views, masked per row.
+
+    On the CPU two batched matmuls read the views in place and beat SDPA, which copies them; on a
+    GPU SDPA's fused kernels are the faster path."""
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=p.allowed)
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.size(-1))) + p.bias  # (B, nh, 1, K)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype) @ v

@@ -46,11 +46,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def load_tokenizer(location: str, key: str = "tokenizer.file") -> Tokenizer:
-    """A `tokenizer.json` (path or storage URI) that the rows can be made with: `EOT` must be `EOT_ID`.
+def load_tokenizer(location: str, key: str = "tokenizer.file", required_eot_id: int | None = EOT_ID) -> Tokenizer:
+    """A `tokenizer.json` (path or storage URI) that the rows can be made with: `EOT` must be `required_eot_id`,
+    or any id when it is None (a starting model's tokenizer: GPT-2's is 50256; see `eot_id`).
 
     Raises:
-        DataError: the file cannot be read, is not a tokenizer, or has another id for EOT.
+        DataError: the file cannot be read, is not a tokenizer, has no EOT, or has another id for it.
     """
     try:
         tokenizer = Tokenizer.from_str(storage.read_text(location))
@@ -58,10 +59,20 @@ def load_tokenizer(location: str, key: str = "tokenizer.file") -> Tokenizer:
         raise DataError(f"{key}={location!r}: cannot be read ({error})") from None
     except Exception as error:  # tokenizers raises a plain Exception for JSON it cannot parse
         raise DataError(f"{key}={location!r}: not a tokenizers tokenizer.json ({error})") from None
-    if tokenizer.token_to_id(EOT) != EOT_ID:
-        raise DataError(f"{key}={location!r}: {EOT} must be token id {EOT_ID} (it is "
-                        f"{tokenizer.token_to_id(EOT)}); documents are separated and generation stops on it")
+    found = tokenizer.token_to_id(EOT)
+    if found is None or (required_eot_id is not None and found != required_eot_id):
+        wanted = f"token id {required_eot_id} (it is {found})" if required_eot_id is not None else "a token"
+        raise DataError(f"{key}={location!r}: {EOT} must be {wanted}; documents are separated and "
+                        f"generation stops on it")
     return tokenizer
+
+
+def eot_id(tokenizer: Tokenizer) -> int:
+    """The id of `EOT` in `tokenizer`: `EOT_ID` in every tokenizer gptforge trains, the tokenizer's own
+    in a starting model's (50256 in GPT-2's). Rows are made with this id, never with a constant."""
+    found = tokenizer.token_to_id(EOT)
+    assert found is not None, f"a tokenizer without {EOT} reached the data stage"  # load_tokenizer refuses it
+    return found
 
 
 def tokenizer_hash(tokenizer: Tokenizer) -> str:

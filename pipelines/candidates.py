@@ -18,6 +18,7 @@ from components.artifacts import Checkpoint, EvalReport, QuantizedModel, Tokeniz
 from components.experiment_file import ConfigError, ExperimentConfig
 from components.files import write_checksums
 from components.promote import Decision
+from components.suite import Suite
 from pipelines import promotion, ray_runtime
 from pipelines.progress import Progress
 from pipelines.registry import CHECKSUMS_TAG
@@ -28,7 +29,7 @@ CANDIDATE_ARTIFACTS = "candidates"  # folder of the parent run holding the compa
 
 def quantize_evaluate_promote(cfg: ExperimentConfig, tracker: Tracker, parent: RunLogger, finetuned: Checkpoint,
                               data: TokenizedData, out_dir: str, params: dict,
-                              progress: Progress) -> tuple[list[EvalReport], Decision, str]:
+                              progress: Progress, suite: Suite) -> tuple[list[EvalReport], Decision, str]:
     """Driver: the candidates from the fine-tuned model, measured and compared; the winner registered.
 
     Args:
@@ -36,6 +37,7 @@ def quantize_evaluate_promote(cfg: ExperimentConfig, tracker: Tracker, parent: R
         out_dir: the pipeline run's location on storage; candidates go to `candidates/<variant>`,
             the comparison to `comparison`.
         params: what every run logs (the config and the parameter counts).
+        suite: the evaluation suite the candidates and the champion are judged on.
 
     Returns:
         (the report of every candidate, skipped ones too, in the order of quantize.variants;
@@ -64,7 +66,7 @@ def quantize_evaluate_promote(cfg: ExperimentConfig, tracker: Tracker, parent: R
     reports = []
     with tracker.run("evaluate", parent, stage="evaluate", params=params) as log:
         for variant, (run, model) in candidates.items():
-            report = ray_runtime.run_task(evaluate, model, data, cfg, run, on_worker_nodes=True,
+            report = ray_runtime.run_task(evaluate, model, data, cfg, run, suite.view(data), on_worker_nodes=True,
                                           num_gpus=int(evaluate_wants_gpu(variant, cfg, gpus)))
             reports.append(report)
             progress.say(f"    {variant}: " + (f"skipped ({report.skipped})" if report.skipped
@@ -77,7 +79,7 @@ def quantize_evaluate_promote(cfg: ExperimentConfig, tracker: Tracker, parent: R
     progress.stage("promote")
     with tracker.run("promote", parent, stage="promote", params=params) as log:
         measured = [r for r in reports if not r.skipped]  # compare() made sure there is one
-        decision, version = promotion.promote(tracker, cfg, measured, runs, data, log, parent)
+        decision, version = promotion.promote(tracker, cfg, measured, runs, data, log, parent, suite)
     progress.done(decision.reason)
     return reports, decision, version
 
@@ -116,8 +118,10 @@ def quantize(finetuned: Checkpoint, variant: str, out_location: str, logger: Run
     return replace(result, uri=storage.normalize(out_location))
 
 
-def evaluate(candidate: QuantizedModel, data: TokenizedData, cfg: ExperimentConfig, logger: RunLogger) -> EvalReport:
+def evaluate(candidate: QuantizedModel, data: TokenizedData, cfg: ExperimentConfig, logger: RunLogger,
+             suite_view: TokenizedData | None = None) -> EvalReport:
     """Ray task: measure one candidate where it runs fastest; log its metrics, samples and generations.
+    `suite_view`: the evaluation suite (`Suite.view`), for the metrics that compare across runs.
 
     The device follows `evaluate.device` (`components.quantize.pick_device`); on the CPU with
     `evaluate.cpu_threads` threads. A candidate that cannot run here is skipped, with the reason.
@@ -136,7 +140,7 @@ def evaluate(candidate: QuantizedModel, data: TokenizedData, cfg: ExperimentConf
         return EvalReport(candidate.variant, {}, skipped=str(why))
     torch.set_num_threads(e.cpu_threads)  # every CPU candidate gets the same threads, so tokens/s compare fairly
     report = evaluate_lib.evaluate(model, e, data, variant=candidate.variant, size_bytes=candidate.size_bytes,
-                                   disk_bytes=quantize_lib.stored_bytes(folder))
+                                   disk_bytes=quantize_lib.stored_bytes(folder), suite=suite_view)
     logger.log_metrics(report.metrics)
     where = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     logger.set_tags({"candidate.status": "evaluated", "candidate.device": where,

@@ -20,7 +20,7 @@ from components.experiment_file import ConfigError, ExperimentConfig, load_confi
 from components.files import IntegrityError
 from components.sources import DataError
 from components.storage import StorageError
-from pipelines import cli_hf, cli_jobs, cli_signals
+from pipelines import cli_hf, cli_jobs, cli_signals, cli_suite
 from pipelines.cli_experiment import DEFAULT_EXPERIMENT, load_experiment
 from pipelines.jobs import JobError
 from pipelines.schedule import MISSED_POLICIES, ScheduleError
@@ -168,6 +168,7 @@ def _parser() -> argparse.ArgumentParser:
     _experiment_args(runs)
     runs.set_defaults(handler=_runs)
     cli_hf.add_commands(sub)
+    cli_suite.add_commands(sub, _experiment_args)
     return parser
 
 

@@ -20,6 +20,7 @@ import pyarrow as pa
 from components import data as data_lib
 from components.artifacts import TokenizedData
 from components.config import DataConfig, FinetuneConfig, TokenizerConfig
+from components.suite import Suite
 
 # `tokenizers` runs a batch on a thread per core; a task holds one CPU, so one thread each keeps
 # the tasks from competing for the same cores. The Rust thread pool reads it when it starts, at
@@ -29,9 +30,10 @@ _RAYON_THREADS = "RAYON_NUM_THREADS"
 
 
 def prepare_data(location: str, data: DataConfig, tokenizer: TokenizerConfig, finetune: FinetuneConfig,
-                 progress: Callable[[str], None] | None = None) -> TokenizedData:
+                 progress: Callable[[str], None] | None = None, suite: Suite | None = None) -> TokenizedData:
     """`components.data.prepare_data` with its passes on Ray Data (Ray must be initialised)."""
-    return data_lib.prepare_data(location, data, tokenizer, finetune, progress=progress, map_items=map_with_ray_data)
+    return data_lib.prepare_data(location, data, tokenizer, finetune, progress=progress, map_items=map_with_ray_data,
+                                 suite=suite)
 
 
 def map_with_ray_data(fn: Callable[[dict], pa.Table], items: list[dict]) -> list[pa.Table]:

@@ -1,9 +1,11 @@
 """The HTTP side of the endpoint: an OpenAI-compatible completions API on FastAPI.
 
 Endpoints: `POST /v1/completions` (OpenAI's fields, streaming as server-sent
-events; `components/completions.py` says which fields do what), `GET /v1/models`,
-`GET /healthz`. Every request is validated; bad input gets a 4xx in OpenAI's
-error shape (`{"error": {"message", "type", "param", "code"}}`), never a 5xx.
+events; `components/completions.py` says which fields do what), `POST /v1/chat/completions`
+(the messages rendered with the model's chat template, then the same engine path;
+`components/chat_completions.py`), `GET /v1/models`, `GET /healthz`. Every request is
+validated; bad input gets a 4xx in OpenAI's error shape
+(`{"error": {"message", "type", "param", "code"}}`), never a 5xx.
 
 Inside a replica: requests are tokenized and queued; one thread runs them in
 batches on one KV cache: static batches (`serve.batching: static`, `components/batching.py`,
@@ -17,9 +19,9 @@ they were admitted with, new ones get the new one. Every answer names the model
 version that produced it (`model` and the `x-gptforge-model-version` header).
 
 `pipelines/serving.py` mounts `api` on the Ray Serve deployment, whose endpoint
-methods call `healthz`, `models` and `complete` here with the replica's `Engine`;
+methods call `healthz`, `models`, `complete` and `chat_complete` here with the replica's `Engine`;
 `standalone_app` puts the same endpoints on a plain FastAPI app for one `Engine`, which
-any ASGI server (uvicorn) runs without Ray. Both publish the request body's JSON schema
+any ASGI server (uvicorn) runs without Ray. Both publish the request bodies' JSON schemas
 at `/openapi.json`, so schema-driven clients and fuzzers know every field.
 """
 from __future__ import annotations
@@ -38,10 +40,10 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from components import chat_completions as chat_shapes
 from components import completions as api_shapes
 from components.completions import RequestError
 from components.config import ServeConfig
-from components.tokenizer import EOT_ID
 from pipelines.model_loading import FolderLoader, LoadedModel, RegistryLoader
 
 VERSION_HEADER = "x-gptforge-model-version"
@@ -73,18 +75,22 @@ async def _bug(request: Request, error: Exception):
                                         error_type="server_error"))
 
 
+_BODIES = {"/v1/completions": api_shapes.CompletionRequest, "/v1/chat/completions": chat_shapes.ChatCompletionRequest}
+
+
 def _openapi(app: FastAPI) -> dict:
-    """FastAPI's schema, plus the completions body: the endpoint reads it itself (to cap its size
-    first), so FastAPI cannot see its fields."""
+    """FastAPI's schema, plus the request bodies: the endpoint reads them itself (to cap their size
+    first), so FastAPI cannot see their fields."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        body = api_shapes.CompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-        schema.setdefault("components", {}).setdefault("schemas", {}).update(body.pop("$defs", {}))
-        schema["components"]["schemas"]["CompletionRequest"] = body
-        post = schema.get("paths", {}).get("/v1/completions", {}).get("post")
-        if post is not None:
-            post["requestBody"] = {"required": True, "content": {"application/json": {
-                "schema": {"$ref": "#/components/schemas/CompletionRequest"}}}}
+        for path, model in _BODIES.items():
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(body.pop("$defs", {}))
+            schema["components"]["schemas"][model.__name__] = body
+            post = schema.get("paths", {}).get(path, {}).get("post")
+            if post is not None:
+                post["requestBody"] = {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
         app.openapi_schema = schema
     return app.openapi_schema
 
@@ -170,7 +176,7 @@ class Engine:
             # Slots for the largest request too: it runs alone when it is larger than max_batch_size.
             slots = max(cfg.max_batch_size, cfg.max_choices)
             self.batcher = ContinuousBatcher(
-                lambda loaded: ContinuousEngine(loaded.model, loaded.text, EOT_ID, slots), cfg)
+                lambda loaded: ContinuousEngine(loaded.model, loaded.text, loaded.eot_id, slots), cfg)
         else:
             self.batcher = Batcher(self._run_batch, cfg,
                                    fits=lambda loaded, rows: batch_fits(rows, loaded.model.config.block_size))
@@ -182,7 +188,7 @@ class Engine:
     def _run_batch(self, loaded: LoadedModel, works: list) -> None:
         from components.generation import generate_batch
 
-        generate_batch(loaded.model, loaded.text, [row for w in works for row in w.rows], EOT_ID)
+        generate_batch(loaded.model, loaded.text, [row for w in works for row in w.rows], loaded.eot_id)
 
     def _watch(self, interval_s: float) -> None:
         """Follow the registry alias: load a new version beside the old one, then swap the reference."""
@@ -228,11 +234,6 @@ def models(engine: Engine) -> JSONResponse:
 
 async def complete(engine: Engine, request: Request):
     """`POST /v1/completions`: validate, queue the rows, answer at once or as server-sent events."""
-    import torch
-
-    from components.batching import Overloaded, Work
-    from components.rows import Row
-
     received = time.monotonic()
     body = await _read_body(request, engine.cfg.max_body_bytes)
     req = api_shapes.parse_request(body, engine.cfg)
@@ -243,6 +244,31 @@ async def complete(engine: Engine, request: Request):
     ids = [loaded.tokenizer.encode(p).ids for p in prompts]
     api_shapes.check_context([len(i) for i in ids], sampling.max_tokens, loaded.model.config.block_size,
                              isinstance(req.prompt, str))
+    answer = api_shapes.Answer(loaded.model_id, req.logprobs is not None)
+    return await _generate(engine, loaded, req, prompts, ids, sampling, answer, received)
+
+
+async def chat_complete(engine: Engine, request: Request):
+    """`POST /v1/chat/completions`: the messages rendered with the model's chat template, then as `complete`."""
+    received = time.monotonic()
+    body = await _read_body(request, engine.cfg.max_body_bytes)
+    req = chat_shapes.parse_chat_request(body, engine.cfg)
+    loaded = engine.current
+    api_shapes.check_model(req, loaded.model_id)
+    prompt, ids, sampling = chat_shapes.chat_prompt(req, loaded.chat_template, loaded.tokenizer,
+                                                    loaded.model.config.block_size, engine.cfg)
+    answer = chat_shapes.ChatAnswer(loaded.model_id, bool(req.logprobs))
+    return await _generate(engine, loaded, req, [prompt], [ids], sampling, answer, received)
+
+
+async def _generate(engine: Engine, loaded: LoadedModel, req, prompts: list[str], ids: list[list[int]], sampling,
+                    answer: api_shapes.Answer, received: float):
+    """Queue the rows of a checked request (`req.n` of each prompt), answer at once or as server-sent events."""
+    import torch
+
+    from components.batching import Overloaded, Work
+    from components.rows import Row
+
     n = req.choices_per_prompt
     reply = _Reply(asyncio.get_running_loop(), len(prompts) * n, bool(req.stream))
     # One generator per request, drawn from in row order: a seed gives the same choices every time.
@@ -258,13 +284,11 @@ async def complete(engine: Engine, request: Request):
     except Overloaded as error:
         raise RequestError(503, str(error), code="overloaded", error_type="server_overloaded",
                            headers={"Retry-After": str(error.retry_after_s)}) from None
-    cid = api_shapes.new_id()
     prompt_tokens = sum(len(i) for i in ids)
     headers = {VERSION_HEADER: loaded.model_id, REPLICA_HEADER: engine.replica}
-    want_logprobs = req.logprobs is not None
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_events(reply, cid, loaded.model_id, want_logprobs, include_usage, prompt_tokens),
+        return StreamingResponse(_events(reply, answer, len(rows), include_usage, prompt_tokens),
                                  media_type="text/event-stream", headers=headers)
     choices: list[list] = [[] for _ in rows]
     try:
@@ -274,7 +298,7 @@ async def complete(engine: Engine, request: Request):
         reply.cancel()
         raise
     generated = time.monotonic()
-    content = api_shapes.completion_body(cid, loaded.model_id, choices, want_logprobs, prompt_tokens)
+    content = answer.body(choices, prompt_tokens)
     headers["Server-Timing"] = _server_timing(received, work, generated)
     return JSONResponse(content, headers=headers)
 
@@ -298,6 +322,10 @@ def standalone_app(engine: Engine) -> FastAPI:
     @app.post("/v1/completions")
     async def _completions(request: Request):
         return await complete(engine, request)
+
+    @app.post("/v1/chat/completions")
+    async def _chat_completions(request: Request):
+        return await chat_complete(engine, request)
 
     return app
 
@@ -331,21 +359,21 @@ def _server_timing(received: float, work, generated: float) -> str:
     return ", ".join(f"{name};dur={1000 * max(0.0, value):.2f}" for name, value in parts.items())
 
 
-async def _events(reply: _Reply, cid: str, model_id: str, want_logprobs: bool, include_usage: bool,
-                  prompt_tokens: int):
-    """Server-sent events in OpenAI's chunk format, then `data: [DONE]`."""
+async def _events(reply: _Reply, answer: api_shapes.Answer, choices: int, include_usage: bool, prompt_tokens: int):
+    """Server-sent events in OpenAI's chunk format (`answer`'s), then `data: [DONE]`."""
     completion_tokens = 0
     try:
+        for chunk in answer.opening(choices):
+            yield f"data: {json.dumps(chunk)}\n\n"
         async for index, delta in reply.deltas():
             completion_tokens += delta.completion_tokens
-            yield f"data: {json.dumps(api_shapes.chunk_body(cid, model_id, index, delta, want_logprobs))}\n\n"
+            for chunk in answer.chunks(index, delta):
+                yield f"data: {json.dumps(chunk)}\n\n"
     except Exception as error:  # noqa: BLE001 - the status line is sent already: report in the stream
         logging.getLogger(__name__).exception("a streamed completion failed")
         yield f"data: {json.dumps(RequestError(500, f'internal error ({type(error).__name__})', error_type='server_error').body())}\n\n"
     finally:  # a client that disconnects mid-stream closes this generator: its rows stop at the next step
         reply.cancel()
     if include_usage:
-        chunk = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model_id,
-                 "choices": [], "usage": api_shapes.usage(prompt_tokens, completion_tokens)}
-        yield f"data: {json.dumps(chunk)}\n\n"
+        yield f"data: {json.dumps(answer.usage_chunk(prompt_tokens, completion_tokens))}\n\n"
     yield "data: [DONE]\n\n"

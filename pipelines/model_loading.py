@@ -30,6 +30,7 @@ class LoadedModel:
     precision: str = "fp32"  # the stored variant: fp32, bf16, int8_dynamic, ...
     parameters: int = 0
     text: object = field(default=None, repr=False)  # components.generation.TokenText of the tokenizer
+    chat_template: str | None = None  # the Jinja chat template of tokenizer_config.json; None: no chat route
 
     def __post_init__(self):
         from components.rows import TokenText
@@ -39,6 +40,14 @@ class LoadedModel:
             self.text = TokenText(self.tokenizer, self.model.config.vocab_size)
         if not self.parameters:
             self.parameters = parameter_counts(self.model)["total"]
+
+    @property
+    def eot_id(self) -> int:
+        """The end-of-text id that ends a completion: 0 in gptforge's tokenizers, 50256 in GPT-2's."""
+        from components.tokenizer import EOT, EOT_ID
+
+        found = self.tokenizer.token_to_id(EOT)
+        return EOT_ID if found is None else found
 
     def describe(self, created: int) -> dict:
         """The /v1/models entry: OpenAI's fields plus what a caller needs to trust the model."""
@@ -65,9 +74,9 @@ class FolderLoader:
     def verify(self) -> None:
         """Raises IntegrityError naming the file that is missing, extra, unlisted or altered."""
         from components.files import verify_checksums
-        from components.quantize import CANDIDATE_FILES
+        from components.quantize import candidate_files
 
-        verify_checksums(self.folder, CANDIDATE_FILES, self.checksums_sha256)
+        verify_checksums(self.folder, candidate_files(self.folder), self.checksums_sha256)
 
     def precision(self) -> str:
         with open(os.path.join(self.folder, "config.json")) as f:
@@ -93,16 +102,25 @@ class FolderLoader:
         """
         from tokenizers import Tokenizer
 
+        from components.chat import TOKENIZER_CONFIG_FILE, ChatError, parse_chat_template
         from components.files import read_verified
         from components.model import CONFIG_FILE, WEIGHTS_FILE
-        from components.quantize import CANDIDATE_FILES, load_variant_bytes
+        from components.quantize import candidate_files, load_variant_bytes
 
-        checked = read_verified(self.folder, CANDIDATE_FILES, self.checksums_sha256)
+        checked = read_verified(self.folder, candidate_files(self.folder), self.checksums_sha256)
+        template = None
+        try:  # parsed from the verified bytes: the template served is the one checksums.json records
+            if TOKENIZER_CONFIG_FILE in checked:
+                template = parse_chat_template(checked[TOKENIZER_CONFIG_FILE],
+                                               os.path.join(self.folder, TOKENIZER_CONFIG_FILE))
+        except ChatError as error:
+            raise ServeError(str(error)) from None
         precision = json.loads(checked[CONFIG_FILE]).get("quantization", "fp32")
         self.check_device(device, precision)
         model = load_variant_bytes(checked[CONFIG_FILE], checked[WEIGHTS_FILE], device, self.folder)
         tokenizer = Tokenizer.from_str(checked[TOKENIZER_FILE].decode())
-        return LoadedModel(model, tokenizer, self.model_id, self.version, self.run_id, precision)
+        return LoadedModel(model, tokenizer, self.model_id, self.version, self.run_id, precision,
+                           chat_template=template)
 
 
 @dataclass(frozen=True)

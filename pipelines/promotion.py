@@ -28,7 +28,9 @@ from dataclasses import replace
 from components.artifacts import EvalReport, TokenizedData, from_json, to_json
 from components.experiment_file import ExperimentConfig, config_hash
 from components.promote import Candidate, Decision, decide, side_by_side, side_by_side_markdown
-from pipelines import registry
+from components.suite import Suite
+from pipelines import registry, suites
+from pipelines.init_from import lineage_tags
 from pipelines.registry import CHAMPION, CHECKSUMS_TAG, PREVIOUS
 from pipelines.side_by_side import Measured, measure_champion, measure_version
 from pipelines.tracking import RunLogger, Tracker
@@ -43,15 +45,16 @@ def _decision_tags(outcome: str, reason: str, by: str) -> dict:
 
 
 def promote(tracker: Tracker, cfg: ExperimentConfig, reports: list[EvalReport], runs: dict[str, RunLogger],
-            data: TokenizedData, log: RunLogger, parent: RunLogger | None = None) -> tuple[Decision, str | None]:
+            data: TokenizedData, log: RunLogger, parent: RunLogger | None = None,
+            suite: Suite | None = None) -> tuple[Decision, str | None]:
     """Decide, register the winner, move `champion` if it won. Returns (decision, registered version).
 
     The decision and its reason go to the promote run, to `parent` (the pipeline run) when given,
-    and to the registered version's tags.
+    and to the registered version's tags, with the evaluation `suite` it was judged on.
     """
     candidates = [Candidate(r.variant, r.metrics) for r in reports]
-    champion = measure_champion(tracker, cfg, data, parent or log)
-    decision, note = _decide(tracker, cfg, candidates, champion, data.fingerprint)
+    champion = measure_champion(tracker, cfg, data, parent or log, suite)
+    decision, note = _decide(tracker, cfg, candidates, champion, data.fingerprint, suite)
     winner_run = runs[decision.winner.name]
     checksums = tracker.run_tags(winner_run.run_id).get(CHECKSUMS_TAG)
     if not checksums:
@@ -64,7 +67,9 @@ def promote(tracker: Tracker, cfg: ExperimentConfig, reports: list[EvalReport], 
         "data.fingerprint": data.fingerprint,
         "config.hash": config_hash(cfg),
         DATA_TAG: to_json(replace(data, stats={})),
+        **({suites.VERSION_TAG: suite.sha256, "eval.suite_uri": suite.uri} if suite else {}),
         cfg.promote.metric: decision.winner.metrics[cfg.promote.metric],
+        **lineage_tags(tracker.run_tags((parent or log).run_id)),  # finetune.base*: what it was fine-tuned from
     })
     if decision.promote:
         registry.move_champion(tracker.tracking_uri, cfg.name, version)
@@ -114,17 +119,19 @@ def promote_version(tracker: Tracker, cfg: ExperimentConfig, version: str, force
             raise LookupError(f"{cfg.name} {name}: no {DATA_TAG} tag on it or on the champion (registered before "
                               f"promotion measured models side by side), so there is no held-out text to compare "
                               f"them on; use --force to promote it anyway")
+        # Without a pinned suite (an experiment older than suites) both are judged on the version's own held-out data.
+        suite = suites.current(tracker, cfg) or Suite(data.root, f"data-{data.fingerprint}")
         with tracker.run(f"promote-{name}", stage="promote") as log:
-            measured = measure_version(tracker, cfg, data, log, challenger)
+            measured = measure_version(tracker, cfg, data, log, challenger, suite)
             if measured.failed:
                 raise LookupError(f"{cfg.name} {name} could not be measured: {measured.failed}")
             metrics = {**metrics, **measured.metrics}
             if cfg.promote.metric not in metrics:
                 raise LookupError(f"{cfg.name} {name}: its run has no metric {cfg.promote.metric!r} "
                                   f"(promote.metric) to compare with the champion; use --force to promote it anyway")
-            champion = measure_champion(tracker, cfg, data, log)
+            champion = measure_champion(tracker, cfg, data, log, suite)
             fingerprint = challenger.tags.get("data.fingerprint", "")
-            decision, note = _decide(tracker, cfg, [Candidate(name, metrics)], champion, fingerprint)
+            decision, note = _decide(tracker, cfg, [Candidate(name, metrics)], champion, fingerprint, suite)
             if note:
                 decision = Decision(decision.winner, decision.promote, f"{decision.reason} ({note})")
             log.set_tags({"promote.version": str(challenger.version), "promote.promoted": decision.promote,
@@ -156,11 +163,12 @@ def rollback(tracker: Tracker, cfg: ExperimentConfig) -> tuple[str, str]:
 
 
 def _decide(tracker: Tracker, cfg: ExperimentConfig, candidates: list[Candidate], champion: Measured | None,
-            fingerprint: str) -> tuple[Decision, str]:
+            fingerprint: str, suite: Suite | None = None) -> tuple[Decision, str]:
     """The decision against the champion measured side by side, and a note for its reason.
 
     Metrics the champion was not re-evaluated on come from its run's log, only when it was
     trained on the same data (`fingerprint`). A champion that could not be measured is kept.
+    A champion registered under another evaluation suite is said so in the note.
     """
     if champion is None:
         return decide(candidates, None, cfg.promote), ""
@@ -175,7 +183,7 @@ def _decide(tracker: Tracker, cfg: ExperimentConfig, candidates: list[Candidate]
     if current.tags.get("data.fingerprint") == fingerprint and current.run_id:
         logged = tracker.run_metrics(current.run_id)
     incumbent = Candidate(champion.name, {**logged, **champion.metrics})
-    note = champion.note
+    note = "; ".join(n for n in (champion.note, suites.change_note(suite, current.tags) if suite else "") if n)
     if cfg.promote.metric not in champion.metrics:
         note = "; ".join(n for n in (note, f"{cfg.promote.metric} of {champion.name} as logged" if logged
                                      else f"{champion.name} has no comparable {cfg.promote.metric}") if n)

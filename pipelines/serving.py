@@ -67,6 +67,10 @@ def _deployment():
         async def completions(self, request: Request):
             return await http_app.complete(self.engine, request)
 
+        @http_app.api.post("/v1/chat/completions")
+        async def chat_completions(self, request: Request):
+            return await http_app.chat_complete(self.engine, request)
+
     return CompletionServer
 
 

@@ -2,8 +2,10 @@
 
 The champion a challenger is compared with is downloaded from the registry (its files
 checked against the sha256 pinned at registration), loaded, and measured with
-`components.bpb.bpb_metrics` on the challenger's held-out data, each model with its own
-tokenizer; the numbers go to a run of their own (`champion-reeval`). So the decision
+`components.bpb.bpb_metrics` on the challenger's held-out data, and on the experiment's evaluation
+suite (`components.suite`) with the tasks of `evaluate.tasks` (`components.lm_eval_model.task_metrics`,
+the same items), each model with its own tokenizer; the numbers go to a run of their own
+(`champion-reeval`). So the decision
 never compares a fresh number with one logged long ago on other data.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from components import storage
 from components.artifacts import TokenizedData
 from components.experiment_file import ExperimentConfig
 from components.files import IntegrityError
+from components.suite import Suite
 from components.tokenizer import tokenizer_hash
 from pipelines import registry
 from pipelines.model_loading import FolderLoader, RegistryLoader
@@ -38,8 +41,9 @@ class Measured:
 
 
 def measure_champion(tracker: Tracker, cfg: ExperimentConfig, data: TokenizedData,
-                     parent: RunLogger | None) -> Measured | None:
-    """The current champion re-evaluated on `data`'s held-out text, logged as `champion-reeval` in `parent`.
+                     parent: RunLogger | None, suite: Suite | None = None) -> Measured | None:
+    """The current champion re-evaluated on `data`'s held-out text and on the evaluation `suite`,
+    logged as `champion-reeval` in `parent`.
 
     Returns None when there is no champion. A champion whose files fail their check, or that
     cannot run here, comes back with `failed` set (never an exception): the caller decides.
@@ -52,36 +56,41 @@ def measure_champion(tracker: Tracker, cfg: ExperimentConfig, data: TokenizedDat
         return None
     with tempfile.TemporaryDirectory(prefix="gptforge-champion-") as cache:
         return _measure(tracker, cfg, data, parent, REEVAL_RUN, current,
-                        lambda: RegistryLoader(tracker.tracking_uri, cfg.name, cache).fetch())
+                        lambda: RegistryLoader(tracker.tracking_uri, cfg.name, cache).fetch(), suite)
 
 
 def measure_version(tracker: Tracker, cfg: ExperimentConfig, data: TokenizedData, parent: RunLogger | None,
-                    version) -> Measured:
+                    version, suite: Suite | None = None) -> Measured:
     """A registered version (an mlflow ModelVersion) measured on `data`, as `measure_champion` does."""
     with tempfile.TemporaryDirectory(prefix="gptforge-version-") as cache:
         return _measure(tracker, cfg, data, parent, f"v{version.version}-reeval", version,
-                        lambda: _version_loader(tracker.tracking_uri, cfg.name, version, cache))
+                        lambda: _version_loader(tracker.tracking_uri, cfg.name, version, cache), suite)
 
 
 def _measure(tracker: Tracker, cfg: ExperimentConfig, data: TokenizedData, parent: RunLogger | None,
-             run_name: str, version, fetch) -> Measured:
+             run_name: str, version, fetch, suite: Suite | None) -> Measured:
     import torch
     from tokenizers import Tokenizer
 
     from components import quantize as quantize_lib
-    from components.bpb import bpb_metrics
+    from components.bpb import bpb_metrics, suite_bpb_metrics
+    from components.lm_eval_model import task_metrics
     from components.model import WEIGHTS_FILE
 
     name = f"v{version.version}"
     with tracker.run(run_name, parent, stage="champion-reeval") as log:
         log.set_tags({"reeval.version": str(version.version), "reeval.run_id": version.run_id or "",
-                      "data.fingerprint": data.fingerprint,
+                      "data.fingerprint": data.fingerprint, "eval.suite_sha256": suite.sha256 if suite else "",
                       "reeval.data_fingerprint": version.tags.get("data.fingerprint", "")})
         try:
             loader = fetch()
             device = quantize_lib.pick_device(loader.precision(), cfg.evaluate.device, torch.cuda.is_available())
             loaded = loader(device)
             metrics = bpb_metrics(loaded.model, loaded.tokenizer, data, cfg.evaluate)
+            judged_on = suite.view(data) if suite is not None else data
+            if suite is not None:
+                metrics |= suite_bpb_metrics(loaded.model, loaded.tokenizer, judged_on, cfg.evaluate)
+            metrics |= task_metrics(loaded.model, loaded.tokenizer, judged_on, cfg.evaluate)  # the same task items
         except (IntegrityError, ServeError, quantize_lib.VariantUnavailable, OSError, ValueError) as why:
             log.set_tags({"reeval.status": "failed", "reeval.error": str(why)[:4000]})
             return Measured(name, str(version.version), {}, "", failed=str(why))

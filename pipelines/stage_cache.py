@@ -4,7 +4,10 @@ A stage's key is a sha256 over
 - its code version: the source of every project module (components, pipelines) that its
   entry modules import, directly or through each other,
 - its config section (without `cache` itself, which only says whether to look),
-- the keys of its inputs, and for prepare_data the fingerprint of the data sources.
+- the keys of its inputs, and for prepare_data the fingerprint of the data sources. The fine-tune
+  stage's inputs are the data's key and its starting point's: the pretrain stage's key, or the
+  sha256 of the `finetune.init_from` model's files (pipelines/init_from.py), so another starting
+  model, or an alias that moved to another version, is another key.
 Equal keys mean equal inputs, so the output recorded under a key can be reused while
 its files are still there and complete. The lookup itself is an MLflow search
 (`pipelines.run_queries.cached_outputs`); this module only computes keys and checks files.
@@ -41,7 +44,7 @@ _PACKAGES = ("components", "pipelines")  # the project's own code; the installed
 _ROOT = Path(__file__).resolve().parents[1]  # the folder holding components/ and pipelines/
 
 # The finetune keys that the data stage reads (it also builds the SFT pairs).
-_SFT_DATA_KEYS = ("source", "max_bytes", "max_pairs", "heldout_fraction")
+_SFT_DATA_KEYS = ("source", "format", "max_bytes", "max_pairs", "heldout_fraction")
 
 
 def stage_key(stage: str, cfg: ExperimentConfig, inputs: tuple[str, ...] = (), data_fingerprint: str = "") -> str:

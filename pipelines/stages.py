@@ -14,6 +14,7 @@ from components import checkpoint as ckpt
 from components import data as data_lib
 from components import model as gpt
 from components.artifacts import Checkpoint, TokenizedData
+from components.chat import TOKENIZER_CONFIG_FILE
 from components.experiment_file import ExperimentConfig
 from components.recipe import TrainPlan
 from components.sources import DataError
@@ -25,20 +26,25 @@ from pipelines.tracking import PROGRESS_TAG, RunLogger
 # ------------------------------------------------------------------- data
 
 
-def prepare_data(cfg: ExperimentConfig, location: str, logger: RunLogger) -> TokenizedData:
+def prepare_data(cfg: ExperimentConfig, location: str, logger: RunLogger,
+                 model: gpt.GPTConfig | None = None, suite=None) -> TokenizedData:
     """Driver: corpus -> tokenizer -> packed parquet shards + SFT pairs at `location` (a path or storage URI).
 
     Runs on the driver, not in a task: its passes over the corpus are Ray Data tasks on every
-    CPU of the cluster (pipelines/data_prep.py).
+    CPU of the cluster (pipelines/data_prep.py). `model`: the starting model's shape, when
+    fine-tuning starts from one (its parameter counts are logged instead of the preset's).
+    `suite` (a `components.suite.Suite`): the evaluation suite, kept out of the training side.
     """
     import tempfile
 
     from pipelines import data_prep
 
     result = data_prep.prepare_data(location, cfg.data, cfg.tokenizer, cfg.finetune,
-                                    progress=lambda message: logger.set_tags({PROGRESS_TAG: message}))
+                                    progress=lambda message: logger.set_tags({PROGRESS_TAG: message}), suite=suite)
+    if suite is not None:
+        logger.set_tags({"eval.suite_sha256": suite.sha256})
     logger.log_metrics({f"data/{k}": v for k, v in result.stats.items()})
-    logger.log_params(parameter_count_params(model_config(cfg, result)))
+    logger.log_params(parameter_count_params(model or model_config(cfg, result)))
     logger.set_tags({"data.fingerprint": result.fingerprint})
     # The tokenizer and manifest describe the data; the shards stay at the location (they grow with the
     # corpus). MLflow logs local files: a remote location's two files are copied here first.
@@ -91,21 +97,41 @@ def pretrain(cfg: ExperimentConfig, data: TokenizedData, train_storage: str, log
 
 
 def finetune(cfg: ExperimentConfig, data: TokenizedData, pretrained: Checkpoint, train_storage: str,
-             logger: RunLogger) -> Checkpoint:
-    """Driver: continue from the pretrained checkpoint on prompt/completion pairs (loss on completions)."""
+             logger: RunLogger, lineage: dict | None = None) -> Checkpoint:
+    """Driver: continue from the pretrained checkpoint (or the starting model of `finetune.init_from`) on
+    prompt/completion pairs (loss on completions). `lineage`: the base's `finetune.base*` tags."""
     ft = cfg.finetune
     _check_one_step_of_data(data.stats["sft_train_pairs"], ft, "finetune", "training pairs", "finetune.source")
-    plan = TrainPlan(ft, gpt.read_config(pretrained.uri), init_from=pretrained.uri, extra_files=(data.tokenizer_uri,))
+    # With finetune.format=chat the data stage's chat template travels with the model (tokenizer_config.json).
+    chat = (storage.join(data.root, TOKENIZER_CONFIG_FILE),) if ft.format == "chat" else ()
+    plan = TrainPlan(ft, gpt.read_config(pretrained.uri), init_from=pretrained.uri,
+                     extra_files=(data.tokenizer_uri, *chat))
+    logger.set_tags(lineage or {})
+    logger.log_params(_trainable_params(plan))
     result = ray_runtime.fit(plan, f"finetune-{logger.run_id}", data.sft_train_uri, data.sft_heldout_uri,
                              train_storage, logger)
     _log_model_files(result.checkpoint, logger)
     return Checkpoint(uri=result.checkpoint, step=ft.max_steps, metrics=logger.latest_metrics())
 
 
+def _trainable_params(plan: TrainPlan) -> dict:
+    """Trainable and total parameters of what fine-tuning trains, with its adapters (shapes only)."""
+    import torch
+
+    from components import finetune as lora
+
+    with torch.device("meta"):
+        model = gpt.GPT(plan.model)
+        if plan.lora:
+            lora.apply_lora(model, plan.lora.lora_rank, plan.lora.lora_alpha)
+    return lora.trainable_summary(model)
+
+
 def _log_model_files(folder: str, logger: RunLogger) -> None:
     """The model as later stages load it; the optimizer state stays in Ray Train's storage."""
     local = storage.local_copy(folder, check=lambda copy: ckpt.step_of(copy) is not None)
-    for name in (gpt.WEIGHTS_FILE, gpt.CONFIG_FILE, TOKENIZER_FILE):
+    chat = (TOKENIZER_CONFIG_FILE,) if os.path.exists(os.path.join(local, TOKENIZER_CONFIG_FILE)) else ()
+    for name in (gpt.WEIGHTS_FILE, gpt.CONFIG_FILE, TOKENIZER_FILE, *chat):  # chat: the chat template
         logger.log_artifact(os.path.join(local, name), "model")
 
 

@@ -307,6 +307,15 @@ class Tracker:
         with tracking_call(self.tracking_uri, f"reading run {run_id}"):
             return dict(self.client.get_run(run_id).data.metrics)
 
+    def experiment_tags(self) -> dict:
+        with tracking_call(self.tracking_uri, f"reading experiment {self.experiment_name!r}"):
+            return dict(self.client.get_experiment(self.experiment_id).tags)
+
+    def set_experiment_tags(self, tags: dict) -> None:
+        with tracking_call(self.tracking_uri, f"tagging experiment {self.experiment_name!r}"):
+            for key, value in _redacted(tags).items():
+                self.client.set_experiment_tag(self.experiment_id, key, value)
+
 
 def _failed_status(error: BaseException) -> str:
     return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"

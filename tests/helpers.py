@@ -99,15 +99,17 @@ def heldout_data(folder: Path, fingerprint: str = "fp-1", tokenizer_texts: tuple
 
 
 def promote_candidates(tracker, cfg, tmp_path, ppl_by_variant, tag=True, before_promote=lambda: None, seed=0,
-                       data=None, metrics=None):
+                       data=None, metrics=None, suite=None):
     """Candidate runs as the pipeline makes them (real folders, tagged, uploaded, bits per byte measured on
-    `data`'s held-out text, by default `heldout_data(tmp_path / "data")`), then the promote stage.
+    `data`'s held-out text, by default `heldout_data(tmp_path / "data")`, and on the evaluation `suite`,
+    by default `data`'s own folder read as one), then the promote stage.
 
     `metrics` (variant -> {name: value}) replaces measured values, to stand in for a candidate that
     evaluated that way."""
     from tokenizers import Tokenizer
 
-    from components.bpb import bpb_metrics
+    from components.bpb import bpb_metrics, suite_bpb_metrics
+    from components.suite import Suite
     from components.artifacts import EvalReport
     from components.quantize import load_variant
     from components.tokenizer import TOKENIZER_FILE
@@ -115,6 +117,7 @@ def promote_candidates(tracker, cfg, tmp_path, ppl_by_variant, tag=True, before_
     from pipelines.registry import CHECKSUMS_TAG
 
     data = data or heldout_data(tmp_path / "data")
+    suite = suite or Suite(data.root, f"suite-{data.fingerprint}")
     reports, runs = [], {}
     with tracker.run(f"{cfg.name}-pipeline") as parent:
         for variant, ppl in ppl_by_variant.items():
@@ -124,8 +127,9 @@ def promote_candidates(tracker, cfg, tmp_path, ppl_by_variant, tag=True, before_
             if tag:
                 run.set_tags({CHECKSUMS_TAG: pin})
             run.log_artifacts(str(folder), promotion.MODEL_ARTIFACT)
-            measured = bpb_metrics(load_variant(str(folder)), Tokenizer.from_file(str(folder / TOKENIZER_FILE)), data,
-                                   cfg.evaluate)
+            model, tokenizer = load_variant(str(folder)), Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+            measured = bpb_metrics(model, tokenizer, data, cfg.evaluate)
+            measured |= suite_bpb_metrics(model, tokenizer, suite.view(data), cfg.evaluate)
             values = {**measured, "eval/val_ppl": ppl, "model/size_bytes": float((folder / "model.safetensors")
                                                                                 .stat().st_size),
                       **(metrics or {}).get(variant, {})}
@@ -135,7 +139,7 @@ def promote_candidates(tracker, cfg, tmp_path, ppl_by_variant, tag=True, before_
             reports.append(EvalReport(variant, values))
         with tracker.run("promote", parent, stage="promote") as log:
             before_promote()
-            return promotion.promote(tracker, cfg, reports, runs, data, log, parent)
+            return promotion.promote(tracker, cfg, reports, runs, data, log, parent, suite)
 
 
 @contextlib.contextmanager
@@ -174,11 +178,13 @@ def write_rows(path, n, seed):
 
 
 class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 with a SQLite backend (`db`) and proxied artifacts;
-    on `port` when given (a client may already be trying it). `args` go on its command line
-    (`--app-name basic-auth`), `env` into its environment; it runs in `tmp_path`."""
+    """A real `mlflow server` on 127.0.0.1 with a SQLite backend (`db`) and proxied artifacts
+    (stored at `artifacts`: a folder by default, or an `s3://` URI with `env` pointing at the
+    S3 server); on `port` when given (a client may already be trying it). `args` go on its
+    command line (`--app-name basic-auth`), `env` into its environment; it runs in `tmp_path`."""
 
-    def __init__(self, tmp_path: Path, port: int | None = None, args: tuple[str, ...] = (), env: dict | None = None):
+    def __init__(self, tmp_path: Path, port: int | None = None, args: tuple[str, ...] = (), env: dict | None = None,
+                 artifacts: str | None = None):
         import time
         import urllib.request
 
@@ -189,7 +195,7 @@ class MlflowServer:
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.db}",
-             "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
+             "--artifacts-destination", artifacts or str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1", *args],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path,
             env={**os.environ, **(env or {})},

@@ -90,3 +90,23 @@ def test_the_byte_budget_cuts_on_a_character_boundary():
     cut = _first_bytes(["ab", "é€x", "never"], 5)  # 2 bytes, then 2 of "é€x" (é is 2, € is 3)
     assert cut == ["ab", "é"]
     assert _first_bytes(["ab", "cd"], 0) == ["ab", "cd"]
+
+
+def test_a_gpt2_style_tokenizer_with_end_of_text_last_scores_its_token_0():
+    # GPT-2's tokenizer has <|endoftext|> at the end (50256) and "!" at id 0: bits per byte must skip the
+    # former and score the latter, or a text with "!" in it would get some of its bytes for free.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from components.tokenizer import EOT
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=256, initial_alphabet=
+                                                             pre_tokenizers.ByteLevel.alphabet(), special_tokens=[]))
+    tokenizer.add_special_tokens([EOT])
+    eot = tokenizer.token_to_id(EOT)
+    assert eot == 256 and tokenizer.id_to_token(0) == "!"
+    texts = ["print('hi!')\n", "wow!!!\n"]
+    model = Constant(257, never=[eot])
+    assert bits_per_byte(model, tokenizer, texts, 8, 2, "cpu") == pytest.approx(8.0, rel=1e-7)

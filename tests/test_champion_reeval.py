@@ -24,7 +24,7 @@ OTHER_TEXTS = ("import os\nprint(os.getcwd())\n", "class Stack:\n    pass\n", "n
 
 @pytest.fixture
 def store(tmp_path):
-    store = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "cfg": load_config(None, ["name=sidebyside"]), "tmp": tmp_path}
+    store = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "cfg": load_config(None, ["name=sidebyside", "evaluate.tasks=[]"]), "tmp": tmp_path}
     store["tracker"] = Tracker(store["uri"], "sidebyside", artifact_location=str(tmp_path / "artifacts"))
     first, store["v1"] = promote_candidates(store["tracker"], store["cfg"], tmp_path, {"fp32": 10.0})
     assert first.promote and "no comparable champion" in first.reason
@@ -46,9 +46,9 @@ def test_a_worse_challenger_on_other_data_loses_to_the_champion_measured_beside_
     other = heldout_data(tmp / "other-data", fingerprint="fp-2", tokenizer_texts=OTHER_TEXTS, texts=OTHER_TEXTS)
     # Stands in for a model trained on a broken corpus: its own held-out text scores badly.
     decision, v2 = promote_candidates(tracker, cfg, tmp, {"fp32": 1.0}, data=other,
-                                      metrics={"fp32": {"eval/val_bpb": 50.0}})
+                                      metrics={"fp32": {"eval/suite_bpb": 50.0}})
     assert not decision.promote
-    assert "eval/val_bpb=50" in decision.reason and "is better" in decision.reason
+    assert "eval/suite_bpb=50" in decision.reason and "is better" in decision.reason
     assert "trained on other data and with another tokenizer; it takes part" in decision.reason
     assert registry.alias_version(store["uri"], cfg.name, CHAMPION).version == store["v1"]
     assert registry.model_version(store["uri"], cfg.name, v2).tags["promote.decision"] == "challenger_lost"
@@ -65,7 +65,7 @@ def test_a_worse_challenger_on_other_data_loses_to_the_champion_measured_beside_
     promote_run = _runs(tracker, "promote")[0]
     table = json.loads(Path(tracker.client.download_artifacts(promote_run.info.run_id, "challenger_vs_champion.json",
                                                               str(tmp / "table"))).read_text())
-    bpb = next(r for r in table if r["metric"] == "eval/val_bpb")
+    bpb = next(r for r in table if r["metric"] == "eval/suite_bpb")  # the suite here: the challenger's held-out text
     assert bpb["challenger"] == 50.0 and bpb["champion"] == pytest.approx(expected["eval/val_bpb"], rel=1e-6)
     assert bpb["delta"] == pytest.approx(50.0 - expected["eval/val_bpb"], rel=1e-6)
 
@@ -73,10 +73,10 @@ def test_a_worse_challenger_on_other_data_loses_to_the_champion_measured_beside_
 def test_a_challenger_that_fails_the_completion_gate_is_registered_as_lost(store):
     tracker, cfg = store["tracker"], store["cfg"]
     decision, v2 = promote_candidates(tracker, cfg, store["tmp"], {"fp32": 1.0},
-                                      metrics={"fp32": {"eval/val_bpb": 0.1, "eval/completion_bpb": 99.0}})
+                                      metrics={"fp32": {"eval/suite_bpb": 0.1, "eval/suite_completion_bpb": 99.0}})
     assert not decision.promote
-    assert "failed the gate on eval/completion_bpb" in decision.reason
-    assert "eval/completion_bpb 99 vs champion" in decision.reason and "FAILED" in decision.reason
+    assert "failed the gate on eval/suite_completion_bpb" in decision.reason
+    assert "eval/suite_completion_bpb 99 vs champion" in decision.reason and "FAILED" in decision.reason
     tags = registry.model_version(store["uri"], cfg.name, v2).tags
     assert tags["promote.decision"] == "challenger_lost" and "max_completion_bpb_regression_pct" in tags["promote.reason"]
 
@@ -84,10 +84,11 @@ def test_a_challenger_that_fails_the_completion_gate_is_registered_as_lost(store
 def test_promote_version_measures_both_side_by_side(store):
     tracker, cfg, tmp = store["tracker"], store["cfg"], store["tmp"]
     data = heldout_data(tmp / "data")
-    _, v2 = promote_candidates(tracker, cfg, tmp, {"fp32": 1.0}, seed=1, metrics={"fp32": {"eval/val_bpb": 50.0}})
+    _, v2 = promote_candidates(tracker, cfg, tmp, {"fp32": 1.0}, seed=1, metrics={"fp32": {"eval/suite_bpb": 50.0}})
     decision, outcome = promotion.promote_version(tracker, cfg, v2)
+    # No suite is pinned for this experiment: both are measured on v2's own held-out data.
     ours, theirs = _measured(tmp, 1, data, cfg)["eval/val_bpb"], _measured(tmp, 0, data, cfg)["eval/val_bpb"]
-    assert f"eval/val_bpb={ours:.4g}" in decision.reason and f"{theirs:.4g}" in decision.reason  # not the logged 50
+    assert f"eval/suite_bpb={ours:.4g}" in decision.reason and f"{theirs:.4g}" in decision.reason  # not the logged 50
     assert outcome == ("promoted" if decision.promote else "kept")
     assert _runs(tracker, f"v{v2}-reeval") and len(_runs(tracker, "champion-reeval")) == 2
 

@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.integration]
 
 WORKER_RESOURCE = "gptforge_worker"
 STORAGE = "s3://gptforge/tiny"
+MLFLOW_ARTIFACTS = "s3://gptforge/mlflow-artifacts"
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,9 @@ def cluster(tmp_path_factory):
     try:
         s3 = S3Server(root)
         started.append(s3)
-        mlflow = MlflowServer(root)  # the MLflow store: on the head's disk, reached over HTTP
+        # The MLflow store: its database on the head's disk, its artifacts in the bucket, as in
+        # ray_cluster.yaml; both reached over HTTP.
+        mlflow = MlflowServer(root, env=s3.env, artifacts=MLFLOW_ARTIFACTS)
         started.append(mlflow)
         node_env = {**s3.env, "GPTFORGE_WORKER_RESOURCE": WORKER_RESOURCE}  # as ray_cluster.yaml sets them
         head = RayNode(1, env=node_env)
@@ -97,9 +100,15 @@ def test_the_pipeline_runs_on_two_nodes_with_its_outputs_in_the_bucket(cluster, 
     assert any(k.endswith("prepare_data/manifest.json") for k in keys)
     assert any(k.endswith("candidates/fp32/checksums.json") for k in keys)
     assert any(k.endswith("checkpoint.json") and "/finetune/" in k for k in keys)
-    # ... and none on the head's disk, where only the MLflow store lives.
+    # ... and none on the head's disk, where only the MLflow database lives: the server keeps the
+    # runs' artifacts and the registered model in the bucket too.
     workdir = cluster["workdir"]
     assert not (workdir / "runs").exists() and not (workdir / "ray_results").exists()
+    assert not (cluster["root"] / "server-artifacts").exists()
+    champion = client.get_model_version_by_alias("tiny", "champion")
+    artifact_keys = cluster["s3"].keys("mlflow-artifacts/")
+    assert any(k.endswith("checksums.json") for k in artifact_keys), artifact_keys[:20]
+    assert champion.source and any(k.endswith("model.safetensors") for k in artifact_keys)
 
 
 def test_a_local_storage_on_that_cluster_fails_before_any_run(cluster):

@@ -485,6 +485,7 @@ def _text_fields():
 MAY_BE_EMPTY = {
     "storage": "empty means the workdir",
     "evaluate.prompts": "an empty prompt is generated from <|endoftext|>",
+    "evaluate.suite": "empty means the suite pinned for the experiment",
 }
 
 

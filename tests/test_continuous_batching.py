@@ -94,7 +94,7 @@ def test_rows_joining_and_leaving_give_each_rows_greedy_text_alone(tiny):
     assert [o[0].finish for _, o in made[:2]] == ["length", "length"]
     assert seen_slots[2] == [False, True, True]  # the 3-token row left at once; the other two run on
     assert seen_slots[4] == [True, True, True]  # the joiner took the freed lowest slot
-    assert engine.running() == 0 and int(engine.cache.lengths.sum()) == 0
+    assert engine.running() == 0 and sum(engine.cache.lengths) == 0
     with pytest.raises(ValueError, match="4 rows cannot join: 3 of 3 slots are free"):
         engine.step([made[0][0][0]] * 4)
 

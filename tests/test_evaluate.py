@@ -64,7 +64,8 @@ def _data(files) -> TokenizedData:
 
 def _evaluate(files, folder, variant):
     cfg = EvaluateConfig(max_batches=0, batch_size=16, gen_tokens=6, num_samples=2, prompts=["def f3(x):\n", "return"])
-    return evaluate(load_variant(str(folder)), cfg, _data(files), variant=variant,
+    data = _data(files)
+    return evaluate(load_variant(str(folder)), cfg, data, variant=variant, suite=data,  # its own held-out side as suite
                     size_bytes=(folder / "model.safetensors").stat().st_size, disk_bytes=stored_bytes(str(folder)))
 
 
@@ -102,7 +103,8 @@ def test_every_cpu_variant_reports_every_metric_and_deltas_against_fp32(files, t
         reports.append(_evaluate(files, tmp_path / variant, variant))
     reports = add_deltas(reports)
     for r in reports:
-        assert set(r.metrics) == set(CANDIDATE_METRICS), r.variant
+        assert {k for k in r.metrics if not k.startswith("eval/task/")} == set(CANDIDATE_METRICS), r.variant
+        assert r.metrics["eval/suite_bpb"] == r.metrics["eval/val_bpb"]  # the same text, read the same way
         assert all(math.isfinite(v) for v in r.metrics.values()), r.variant
         m = r.metrics
         assert m["eval/tokens_per_s"] > 0 and m["eval/tokens_per_s_batch8"] > 0
@@ -224,3 +226,26 @@ def test_evaluation_runs_on_the_gpu(files, tmp_path, variant):
     cpu_cfg = EvaluateConfig(max_batches=0, gen_tokens=6, num_samples=1, prompts=[])
     cpu = evaluate(load_variant(str(files / "fp32-src")), cpu_cfg, _data(files), variant="fp32", size_bytes=1).metrics
     assert m["eval/val_ppl"] == pytest.approx(cpu["eval/val_ppl"], rel=0.02)  # same data, same metric, other device
+
+
+def test_evaluation_samples_and_generations_are_what_the_endpoints_engine_answers(files):
+    from tokenizers import Tokenizer
+
+    from components.continuous import ContinuousEngine
+    from components.rows import Row, Sampling, TokenText
+    from components.tokenizer import EOT_ID
+
+    model = load_variant(str(files / "fp32-src"))
+    prompt = "def f3(x):\n"  # ends in "\n": the endpoint heals it, plain decoding would not
+    cfg = EvaluateConfig(max_batches=1, batch_size=4, gen_tokens=6, num_samples=1, temperature=0.0, prompts=[prompt])
+    report = evaluate(model, cfg, _data(files), variant="fp32", size_bytes=1)
+    tokenizer = Tokenizer.from_file(str(files / "tokenizer.json"))
+    text = TokenText(tokenizer, model.config.vocab_size)
+    engine = ContinuousEngine(model, text, EOT_ID, slots=2)  # as a replica runs it, with another request beside
+    served = {prompt: [], report.samples[0]["prompt"]: []}
+    engine.step([Row(tokenizer.encode(p, add_special_tokens=False).ids, p, Sampling(max_tokens=6, temperature=0),
+                     out.append) for p, out in served.items()])
+    while engine.running():
+        engine.step()
+    assert report.generations[prompt] == "".join(d.text for d in served[prompt])
+    assert report.samples[0]["generated"] == "".join(d.text for d in served[report.samples[0]["prompt"]])

@@ -344,3 +344,56 @@ def test_rows_without_a_fail_callback_raise_as_before(tiny):
     row = Row(tokenizer.encode("x").ids, "x", Sampling(temperature=1.0, top_k=0), lambda d: None)
     with pytest.raises(IndexError):
         generate_batch(tiny[0], tiny[2], [row], EOT_ID)
+
+
+def test_generate_runs_on_the_endpoints_continuous_engine(tiny):
+    """`generate` gives what the engine gives the same rows (greedy and seeded), in company too."""
+    from components.continuous import ContinuousEngine
+
+    model, tokenizer, text = tiny
+    ids = tokenizer.encode("x = [1, 2").ids
+    prompt = torch.tensor([ids, ids])
+    greedy = generate(model, prompt, 12, temperature=0, eos_id=EOT_ID, text=text)
+    sampled = generate(model, prompt, 12, temperature=0.9, top_k=20, eos_id=EOT_ID,
+                       generator=torch.Generator().manual_seed(5))
+    engine = ContinuousEngine(model, text, EOT_ID, slots=4)
+    tokens: dict[int, list[int]] = {}
+    engine.on_token = lambda row, token: tokens.setdefault(id(row), []).append(token)
+    noise = Row(tokenizer.encode("def f").ids, "def f", Sampling(max_tokens=20, temperature=0), lambda d: None)
+    gen = torch.Generator().manual_seed(5)
+    rows = [Row(ids, "", Sampling(max_tokens=12, temperature=0, heal=False), lambda d: None)] + [
+        Row(ids, "", Sampling(max_tokens=12, temperature=0.9, top_k=20, heal=False), lambda d: None, gen)
+        for _ in range(2)]
+    engine.step([noise])
+    engine.step(rows)
+    while engine.running():
+        engine.step()
+    got = [tokens[id(r)] for r in rows]
+    want = [out[len(ids):].tolist() for out in (greedy[0], sampled[0], sampled[1])]
+    assert [w[:len(g)] for g, w in zip(got, want)] == got  # generate pads a finished row with eos
+    assert all(w[len(g):] == [EOT_ID] * (len(w) - len(g)) or g[-1] == EOT_ID for g, w in zip(got, want))
+
+
+def test_a_long_prompt_prefills_in_chunks_beside_decoding_rows(tiny):
+    """A prompt larger than the step's token budget joins at once and prefills over several steps,
+    while the running row keeps decoding; both give their text alone."""
+    from components.continuous import ContinuousEngine
+
+    model, tokenizer, text = tiny
+    long_prompt = "x = [1, 2, 3]\nprint(x)\ndef add(a, b):\n    return a + b\nx = [1, 2"
+    alone = [_run(tiny, [p], Sampling(max_tokens=m, temperature=0))[0][0]
+             for p, m in (("def f", 20), (long_prompt, 8))]
+    engine = ContinuousEngine(model, text, EOT_ID, slots=2, max_step_tokens=4)
+    outs = [[], []]
+    first = Row(tokenizer.encode("def f").ids, "def f", Sampling(max_tokens=20, temperature=0), outs[0].append)
+    second = Row(tokenizer.encode(long_prompt).ids, long_prompt, Sampling(max_tokens=8, temperature=0),
+                 outs[1].append)
+    assert len(second.prompt_ids) > 12
+    engine.step([first])
+    engine.step([second])
+    decoded_while_prefilling = len(outs[0])
+    engine.step()
+    assert len(outs[0]) > decoded_while_prefilling and not outs[1]  # still prefilling, 3 tokens a step
+    while engine.running():
+        engine.step()
+    assert ["".join(d.text for d in out) for out in outs] == alone

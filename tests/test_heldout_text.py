@@ -55,3 +55,30 @@ def test_an_old_data_record_loads_and_reads_its_validation_rows_as_text(tmp_path
     decoded = "".join(heldout_texts(old, tokenizer, 0))
     whole = "".join(heldout_texts(data, tokenizer, 0))
     assert decoded and decoded[:200] in whole  # the packed rows are the val text (tails dropped)
+
+
+def test_the_first_bytes_of_every_group_merge_into_the_corpus_first_bytes(tmp_path, monkeypatch):
+    # Many groups of files, and a bound that the validation documents cross: the file must hold
+    # the corpus's first bytes in doc_id order, not some groups' share of them.
+    from components import data_passes
+    from components.documents import content_hash, hash_split
+
+    corpus, py = tmp_path / "corpus", write_py_corpus(tmp_path / "py")
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"doc{i:02d}.txt").write_text(f"document {i}\n" + "word " * (50 + 7 * i))
+    monkeypatch.setattr(data_passes, "_MIN_GROUP_BYTES", 1000)
+    monkeypatch.setattr(heldout_text, "HELDOUT_TEXT_MAX_BYTES", 1500)
+    data = prepare_data(str(tmp_path / "out"), DataConfig(source=str(corpus), block_size=96, val_fraction=0.4),
+                        TokenizerConfig(vocab_size=300), FinetuneConfig(source=str(py), heldout_fraction=0.3))
+    assert json.loads(Path(data.manifest_uri).read_text())["stats"]["train_documents"] > 10
+    val = sorted((p.name, p.read_text()) for p in corpus.iterdir() if hash_split(content_hash(p.read_text()), 0.4) == "val")
+    expected, total = [], 0
+    for name, text in val:
+        if total >= 1500:
+            break
+        expected.append((name, text[:1500 - total]))
+        total += len(expected[-1][1])
+    lines = [json.loads(line) for line in Path(data.heldout_text_uri).read_text().splitlines()]
+    assert len(lines) >= 3 and len(val) > len(lines)
+    assert [(d["doc_id"].rsplit("/", 1)[-1], d["text"]) for d in lines] == expected

@@ -56,3 +56,21 @@ def test_read_verified_returns_the_checked_bytes_of_a_real_candidate(tmp_path):
     contents = files.read_verified(tmp_path / "c", CANDIDATE_FILES, pin)
     assert sorted(contents) == sorted(CANDIDATE_FILES)
     assert all(contents[name] == (tmp_path / "c" / name).read_bytes() for name in CANDIDATE_FILES)
+
+
+def test_a_candidate_registered_before_chat_templates_still_loads(tmp_path):
+    # Candidates made before tokenizer_config.json was part of the format hold only the other three.
+    make_candidate(tmp_path / "c")
+    (tmp_path / "c" / "tokenizer_config.json").unlink()
+    (tmp_path / "c" / "checksums.json").unlink()
+    pin = files.write_checksums(tmp_path / "c")
+    loader = FolderLoader(str(tmp_path / "c"), checksums_sha256=pin)
+    loader.verify()
+    assert loader("cpu").chat_template is None
+
+
+def test_a_listed_template_that_was_deleted_is_refused(tmp_path):
+    pin = make_candidate(tmp_path / "c")
+    (tmp_path / "c" / "tokenizer_config.json").unlink()
+    with pytest.raises(IntegrityError, match="tokenizer_config.json"):
+        FolderLoader(str(tmp_path / "c"), checksums_sha256=pin).verify()

@@ -57,7 +57,7 @@ def test_mlflow_run_tree(pipeline):
     parent, children = _runs(pipeline)
     assert parent.info.status == "FINISHED"
     stages = {r.data.tags[STAGE_TAG]: r for r in children}
-    assert STAGES | {"candidate"} == set(stages)
+    assert STAGES | {"candidate", "suite-pin"} == set(stages)  # the first run pins the evaluation suite
     candidates = sorted(r.data.tags["mlflow.runName"] for r in children if r.data.tags[STAGE_TAG] == "candidate")
     assert candidates == ["candidate-fp32", "candidate-int8_dynamic"]
     assert all(r.info.status == "FINISHED" for r in children)
@@ -91,7 +91,9 @@ def test_training_metrics_per_step_and_candidate_metrics_share_names(pipeline):
         assert key in pretrain.data.metrics
     candidates = [r for r in children if r.data.tags[STAGE_TAG] == "candidate"]
     for run in candidates:  # the same keys for every candidate: the compare view lines them up
-        assert set(run.data.metrics) == set(CANDIDATE_METRICS), run.data.tags["mlflow.runName"]
+        names = {k for k in run.data.metrics if not k.startswith("eval/task/")}
+        assert names == set(CANDIDATE_METRICS), run.data.tags["mlflow.runName"]
+        assert {"eval/task/gptforge_which_body/acc", "eval/task/gptforge_which_body/acc_norm"} <= set(run.data.metrics)
     sizes = {r.data.params["candidate.variant"]: r.data.metrics["model/size_bytes"] for r in candidates}
     assert sizes["int8_dynamic"] < sizes["fp32"]
     fp32 = next(r for r in candidates if r.data.tags["candidate.variant"] == "fp32")
@@ -126,6 +128,20 @@ def test_champion_alias_points_at_the_winner(pipeline):
     assert version.tags["data.fingerprint"] == winner.data.tags["data.fingerprint"]
     assert len(version.tags[CHECKSUMS_TAG]) == 64  # the pin serving checks the files against
     assert version.tags[CHECKSUMS_TAG] == winner.data.tags[CHECKSUMS_TAG]
+
+
+def test_the_first_run_pins_the_evaluation_suite_and_the_version_records_it(pipeline):
+    client, cfg = pipeline["client"], pipeline["cfg"]
+    experiment = client.get_experiment_by_name(cfg.name)
+    sha = experiment.tags["gptforge.suite.sha256"]
+    assert "first run of the experiment" in experiment.tags["gptforge.suite.reason"]
+    assert experiment.tags["gptforge.suite.uri"].startswith(str(pipeline["workdir"] / "suites"))
+    parent, children = _runs(pipeline)
+    assert parent.data.tags["eval.suite_sha256"] == sha
+    version = client.get_model_version_by_alias(cfg.name, "champion")
+    assert version.tags["eval.suite_sha256"] == sha
+    for run in (r for r in children if r.data.tags[STAGE_TAG] == "candidate"):
+        assert run.data.metrics["eval/suite_bpb"] > 0 and run.data.metrics["eval/suite_completion_bpb"] > 0
 
 
 def test_runs_lists_the_pipeline_run(pipeline):

@@ -14,7 +14,7 @@ def Policy(**fields):
 
 
 def c(name, value, size):
-    return Candidate(name, {"eval/val_ppl": value, "eval/val_bpb": value, "model/size_bytes": size})
+    return Candidate(name, {"eval/val_ppl": value, "eval/suite_bpb": value, "model/size_bytes": size})
 
 
 def test_best_metric_wins():
@@ -43,7 +43,7 @@ def test_better_incumbent_is_kept():
 
 
 def test_missing_metric_names_candidate_and_key():
-    with pytest.raises(ValueError, match=r"'int8'.*eval/val_bpb"):
+    with pytest.raises(ValueError, match=r"'int8'.*eval/suite_bpb"):
         decide([Candidate("int8", {})], None, Policy())
 
 
@@ -75,7 +75,7 @@ def test_failed_stage_leaves_no_run_running(tmp_path):
 
 
 def _cand(name, value, size, speed):
-    return Candidate(name, {"eval/val_bpb": value, "model/size_bytes": size, "eval/tokens_per_s": speed})
+    return Candidate(name, {"eval/suite_bpb": value, "model/size_bytes": size, "eval/tokens_per_s": speed})
 
 
 CANDIDATES = [_cand("fp32", 10.0, 100, 50.0), _cand("bf16", 10.01, 50, 40.0), _cand("int8", 10.15, 28, 95.0),
@@ -95,7 +95,7 @@ def test_fastest_within_two_percent_of_the_best():
 
 
 def test_a_candidate_without_the_tie_breaker_loses_the_tie():
-    no_speed = Candidate("odd", {"eval/val_bpb": 10.0, "model/size_bytes": 1})
+    no_speed = Candidate("odd", {"eval/suite_bpb": 10.0, "model/size_bytes": 1})
     d = decide([no_speed, *CANDIDATES[:2]], None,
                Policy(tie_tolerance=0.01, tie_breaker="eval/tokens_per_s", tie_breaker_mode="max"))
     assert d.winner.name == "fp32"
@@ -103,12 +103,12 @@ def test_a_candidate_without_the_tie_breaker_loses_the_tie():
 
 def test_the_default_metric_is_bits_per_byte_and_the_completion_gate_is_on():
     policy = PromoteConfig()
-    assert (policy.metric, policy.mode) == ("eval/val_bpb", "min")
+    assert (policy.metric, policy.mode) == ("eval/suite_bpb", "min")
     assert policy.max_completion_bpb_regression_pct == 5.0 and policy.max_size_growth_pct is None
 
 
 def _bpb(name, val, completion, size=100.0):
-    return Candidate(name, {"eval/val_bpb": val, "eval/completion_bpb": completion, "model/size_bytes": size})
+    return Candidate(name, {"eval/suite_bpb": val, "eval/suite_completion_bpb": completion, "model/size_bytes": size})
 
 
 def test_a_challenger_that_fails_a_gate_is_not_promoted_and_every_gate_is_listed():
@@ -116,8 +116,8 @@ def test_a_challenger_that_fails_a_gate_is_not_promoted_and_every_gate_is_listed
     champion = _bpb("v1", 2.0, 1.0, size=100.0)
     d = decide([_bpb("fp32", 1.5, 1.2, size=105.0)], champion, policy)  # better bpb, completions 20% worse
     assert not d.promote
-    assert "failed the gate on eval/completion_bpb" in d.reason
-    assert "eval/completion_bpb 1.2 vs champion 1 (+20.0%, max_completion_bpb_regression_pct=5%: FAILED)" in d.reason
+    assert "failed the gate on eval/suite_completion_bpb" in d.reason
+    assert "eval/suite_completion_bpb 1.2 vs champion 1 (+20.0%, max_completion_bpb_regression_pct=5%: FAILED)" in d.reason
     assert "model/size_bytes 105 vs champion 100 (+5.0%, max_size_growth_pct=10%: passed)" in d.reason
     d = decide([_bpb("fp32", 1.5, 1.04, size=105.0)], champion, policy)  # within both limits
     assert d.promote and "passed" in d.reason and "FAILED" not in d.reason
@@ -125,11 +125,11 @@ def test_a_challenger_that_fails_a_gate_is_not_promoted_and_every_gate_is_listed
 
 def test_gates_are_listed_when_the_metric_already_keeps_the_champion():
     d = decide([_bpb("fp32", 3.0, 1.0)], _bpb("v1", 2.0, 1.0), PromoteConfig())
-    assert not d.promote and "is better" in d.reason and "eval/completion_bpb 1 vs champion 1" in d.reason
+    assert not d.promote and "is better" in d.reason and "eval/suite_completion_bpb 1 vs champion 1" in d.reason
 
 
 def test_a_gate_that_cannot_be_checked_fails():
-    (gate,) = check_gates(Candidate("fp32", {"eval/val_bpb": 1.0}), _bpb("v1", 2.0, 1.0), PromoteConfig())
+    (gate,) = check_gates(Candidate("fp32", {"eval/suite_bpb": 1.0}), _bpb("v1", 2.0, 1.0), PromoteConfig())
     assert not gate.passed and "not measured on fp32" in gate.text
     assert check_gates(_bpb("a", 1, 1), _bpb("b", 1, 1), PromoteConfig(max_completion_bpb_regression_pct=None)) == []
 
@@ -137,10 +137,40 @@ def test_a_gate_that_cannot_be_checked_fails():
 def test_side_by_side_lists_every_shared_metric_with_both_values_and_the_change():
     from components.promote import side_by_side, side_by_side_markdown
 
-    rows = side_by_side(Candidate("fp32", {"eval/val_bpb": 2.0, "model/size_bytes": 0.0, "only/new": 1.0}),
-                        Candidate("v1", {"eval/val_bpb": 2.5, "model/size_bytes": 0.0, "only/old": 1.0}))
-    assert [r["metric"] for r in rows] == ["eval/val_bpb", "model/size_bytes"]
-    assert rows[0] == {"metric": "eval/val_bpb", "challenger": 2.0, "champion": 2.5, "delta": -0.5, "delta_pct": -20.0}
+    rows = side_by_side(Candidate("fp32", {"eval/suite_bpb": 2.0, "model/size_bytes": 0.0, "only/new": 1.0}),
+                        Candidate("v1", {"eval/suite_bpb": 2.5, "model/size_bytes": 0.0, "only/old": 1.0}))
+    assert [r["metric"] for r in rows] == ["eval/suite_bpb", "model/size_bytes"]
+    assert rows[0] == {"metric": "eval/suite_bpb", "challenger": 2.0, "champion": 2.5, "delta": -0.5, "delta_pct": -20.0}
     assert rows[1]["delta_pct"] is None  # no percentage of a zero
     table = side_by_side_markdown(rows, "fp32", "v1")
-    assert "| eval/val_bpb | 2 | 2.5 | -0.5 | -20.00 |" in table and "fp32 (challenger)" in table
+    assert "| eval/suite_bpb | 2 | 2.5 | -0.5 | -20.00 |" in table and "fp32 (challenger)" in table
+
+
+def _tasks(name, acc, acc_norm, bpb=1.0):
+    task = "eval/task/gptforge_which_body"
+    return Candidate(name, {"eval/suite_bpb": bpb, f"{task}/acc": acc, f"{task}/acc_norm": acc_norm,
+                            f"{task}/acc_stderr": 0.05, f"{task}/items": 64})
+
+
+def test_a_challenger_more_than_the_limit_below_the_champion_on_a_task_accuracy_is_not_promoted():
+    policy = Policy(metric="eval/suite_bpb", max_task_accuracy_drop_points=2.0)
+    champion = _tasks("v1", 0.40, 0.50, bpb=2.0)
+    d = decide([_tasks("fp32", 0.39, 0.47)], champion, policy)  # better bpb, acc_norm 3 points lower
+    assert not d.promote and "failed the gate on eval/task/gptforge_which_body/acc_norm" in d.reason
+    assert ("eval/task/gptforge_which_body/acc_norm 0.47 vs champion 0.5 (-3.0 points, "
+            "max_task_accuracy_drop_points=2: FAILED)") in d.reason
+    assert ("eval/task/gptforge_which_body/acc 0.39 vs champion 0.4 (-1.0 points, "
+            "max_task_accuracy_drop_points=2: passed)") in d.reason
+    assert "acc_stderr" not in d.reason and "/items" not in d.reason  # only accuracies are gated
+    d = decide([_tasks("fp32", 0.385, 0.481)], champion, policy)  # 1.5 and 1.9 points lower: within the limit
+    assert d.promote and "FAILED" not in d.reason
+    gate_off = Policy(metric="eval/suite_bpb", max_task_accuracy_drop_points=None)
+    assert decide([_tasks("fp32", 0.10, 0.10)], champion, gate_off).promote
+
+
+def test_the_task_gate_is_on_by_default_and_fails_when_the_champion_has_no_task_scores():
+    assert PromoteConfig().max_task_accuracy_drop_points == 10.0
+    gates = check_gates(_tasks("fp32", 0.3, 0.3), Candidate("v1", {"eval/suite_bpb": 2.0}), Policy())
+    assert [g.passed for g in gates] == [False, False]
+    assert "eval/task/gptforge_which_body/acc not measured on v1 (max_task_accuracy_drop_points=10)" in gates[0].text
+    assert check_gates(Candidate("fp32", {"eval/suite_bpb": 1.0}), _tasks("v1", 0.3, 0.3), Policy()) == []  # no tasks run

@@ -55,7 +55,8 @@ def idx():
 def test_round_trip(variant, src, idx, tmp_path, tiny_config):
     result = quantize_model(str(src), variant, str(tmp_path))
     assert result == QuantizedModel(variant, str(tmp_path), (tmp_path / "model.safetensors").stat().st_size)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                              "tokenizer_config.json"]
     assert json.loads((tmp_path / "config.json").read_text())["quantization"] == variant
 
     model = load_variant(str(tmp_path))

@@ -92,3 +92,41 @@ def test_bf16_compiled_loop_on_the_gpu_reports_mfu_and_memory():
     assert logs[-1]["train/peak_memory_bytes"] > 0
     if devices.peak_flops(device):  # a GPU in the peak table
         assert 0 < logs[-1]["train/mfu"] < 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_the_continuous_engine_runs_on_the_gpu_in_the_candidates_dtype(dtype_name):
+    """The endpoint's engine (and `generate`, which evaluation times) on CUDA, its cache in the weights' dtype."""
+    import torch
+
+    from components.continuous import ContinuousEngine
+    from components.generation import generate, generate_batch
+    from components.model import GPT, GPTConfig
+    from components.rows import Row, Sampling, TokenText
+    from components.tokenizer import EOT_ID, train_tokenizer
+
+    dtype = getattr(torch, dtype_name)
+    tokenizer = train_tokenizer(["def add(a, b):\n    return a + b\n", "x = [1, 2, 3]\nprint(x)\n"] * 20,
+                                vocab_size=300)
+    text = TokenText(tokenizer, 300)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=300, n_layer=2, n_head=2, n_embd=64)).to("cuda", dtype).eval()
+    engine = ContinuousEngine(model, text, EOT_ID, slots=4, max_step_tokens=8)
+    assert engine.cache.k[0].is_cuda and engine.cache.k[0].dtype == dtype
+    prompts, outs = ["def add(a, b):\n", "x = [1, 2, 3]\nprint(x)\n", "print"], [[], [], []]
+    rows = [Row(tokenizer.encode(p).ids, p, Sampling(max_tokens=10, temperature=0), o.append)
+            for p, o in zip(prompts, outs)]
+    engine.step(rows[:1])
+    engine.step(rows[1:])  # joins while the first decodes; the longer prompt prefills in chunks of the budget
+    while engine.running():
+        engine.step()
+    assert all(o and o[-1].finish_reason for o in outs)
+    if dtype == torch.float32:  # the static engine on the same GPU gives the same greedy text
+        static = [[], [], []]
+        generate_batch(model, text, [Row(r.prompt_ids, r.prompt_text, r.sampling, o.append)
+                                     for r, o in zip(rows, static)], EOT_ID)
+        assert ["".join(d.text for d in o) for o in outs] == ["".join(d.text for d in o) for o in static]
+    idx = torch.tensor([tokenizer.encode("def add").ids], device="cuda")
+    out = generate(model, idx, 8, temperature=0.0, text=text)
+    assert out.is_cuda and out.shape == (1, idx.size(1) + 8)
