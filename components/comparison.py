@@ -115,3 +115,37 @@ def quality_figure(reports: list[EvalReport], x_key: str, x_label: str, x_scale:
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+# The side-by-side plot shows the metrics a decision reads; the full list is in the table beside it.
+_SIDE_BY_SIDE_PLOTTED = ("eval/suite_bpb", "eval/suite_completion_bpb", "eval/val_bpb", "eval/completion_bpb",
+                         "model/size_bytes", "eval/tokens_per_s")
+
+
+def write_side_by_side_plot(rows: list[dict], challenger: str, champion: str, path: str) -> bool:
+    """A bar per metric of `components.promote.side_by_side` rows: the challenger's change against the
+    champion in percent (task accuracies in points), so a regression stands out. Returns False (and
+    writes nothing) when no row has a change to show."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a Ray worker or a server
+    import matplotlib.pyplot as plt
+
+    shown = [(r["metric"], r["delta_pct"]) for r in rows
+             if r["metric"] in _SIDE_BY_SIDE_PLOTTED and r["delta_pct"] is not None]
+    shown += [(r["metric"], 100.0 * r["delta"]) for r in rows
+              if r["metric"].startswith("eval/task/") and r["metric"].rsplit("/", 1)[-1].startswith("acc")]
+    if not shown:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(shown) + 1.5), dpi=100)
+    names, values = [n for n, _ in shown], [v for _, v in shown]
+    ax.barh(names, values, color=["#c44" if v > 0 else "#4a4" for v in values])
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{challenger} against {champion}: change in % (task accuracies: points)")
+    ax.set_title(f"Challenger {challenger} vs champion {champion}, measured side by side")
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True

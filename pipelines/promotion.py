@@ -88,9 +88,18 @@ def promote(tracker: Tracker, cfg: ExperimentConfig, reports: list[EvalReport], 
 
 def _log_side_by_side(log: RunLogger, challenger: Candidate, champion: Candidate) -> None:
     """The challenger against the champion, every metric both have, as artifacts of the promote run."""
+    import os
+    import tempfile
+
+    from components.comparison import write_side_by_side_plot
+
     rows = side_by_side(challenger, champion)
     log.log_text(side_by_side_markdown(rows, challenger.name, champion.name), "challenger_vs_champion.md")
     log.log_dict(rows, "challenger_vs_champion.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "challenger_vs_champion.png")
+        if write_side_by_side_plot(rows, challenger.name, champion.name, path):
+            log.log_artifact(path)
 
 
 def promote_version(tracker: Tracker, cfg: ExperimentConfig, version: str, force: bool = False) -> tuple[Decision, str]:

@@ -68,6 +68,8 @@ def test_a_worse_challenger_on_other_data_loses_to_the_champion_measured_beside_
     bpb = next(r for r in table if r["metric"] == "eval/suite_bpb")  # the suite here: the challenger's held-out text
     assert bpb["challenger"] == 50.0 and bpb["champion"] == pytest.approx(expected["eval/val_bpb"], rel=1e-6)
     assert bpb["delta"] == pytest.approx(50.0 - expected["eval/val_bpb"], rel=1e-6)
+    plot = Path(tracker.client.download_artifacts(promote_run.info.run_id, "challenger_vs_champion.png", str(tmp / "p")))
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
 
 
 def test_a_challenger_that_fails_the_completion_gate_is_registered_as_lost(store):
