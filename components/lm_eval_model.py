@@ -181,21 +181,30 @@ def task_metrics(model: nn.Module, tokenizer: Tokenizer, data: TokenizedData, cf
 
     The shipped task's items are built from `data`'s held-out pairs (decoded with the data's
     tokenizer), so every candidate and the champion re-evaluated beside them answer the same items.
-    At most `cfg.task_limit` items per task (0: all).
+    At most `cfg.task_limit` items per task (0: all). Held-out pairs too few for one item of the
+    shipped task give only `eval/task/gptforge_which_body/items` = 0.
 
     Raises:
         ConfigError: a task of evaluate.tasks that lm-eval cannot load.
     """
     if not cfg.tasks:
         return {}
+    results = {}
     with tempfile.TemporaryDirectory(prefix="gptforge-tasks-") as folder:
         specs = []
         for spec in cfg.tasks:
             if spec == WHICH_BODY:
                 data_tokenizer = Tokenizer.from_str(storage.read_text(data.tokenizer_uri))
-                spec = write_which_body(heldout_pairs(data, data_tokenizer), folder)
+                try:
+                    spec = write_which_body(heldout_pairs(data, data_tokenizer), folder)
+                except ValueError:
+                    # Too few held-out functions for one item: every model measured on this data lacks the
+                    # task alike (so no task gate applies); `items` 0 says so on the run.
+                    results[f"eval/task/{WHICH_BODY}/items"] = 0.0
+                    continue
             specs.append(spec)
-        results = run_tasks(GPTForgeLM(model, tokenizer, cfg.batch_size), specs, cfg.task_limit or None)
+        if specs:
+            results |= run_tasks(GPTForgeLM(model, tokenizer, cfg.batch_size), specs, cfg.task_limit or None)
     return results
 
 

@@ -239,3 +239,14 @@ def test_a_task_name_lm_eval_does_not_know_is_a_config_error(material):
     _, tokenizer = material
     with pytest.raises(ConfigError, match=r"evaluate.tasks: 'no_such_task_xyz' not among lm-eval's tasks"):
         run_tasks(GPTForgeLM(_model(tokenizer), tokenizer), ["no_such_task_xyz"], limit=4)
+
+
+def test_too_few_held_out_functions_for_an_item_is_counted_not_an_error(tmp_path):
+    # One held-out pair cannot make a 4-way item: the models of such a run are all without the task alike.
+    from components.lm_eval_model import task_metrics
+    from tests.helpers import heldout_data
+
+    data = heldout_data(tmp_path / "data")
+    tokenizer = train_tokenizer(["def add(a, b):\n"] * 20, vocab_size=300)
+    model = GPT(GPTConfig(block_size=32, vocab_size=300, n_layer=1, n_head=2, n_embd=16)).eval()
+    assert task_metrics(model, tokenizer, data, EvaluateConfig()) == {f"eval/task/{WHICH_BODY}/items": 0.0}

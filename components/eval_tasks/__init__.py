@@ -52,7 +52,7 @@ def which_body_items(pairs: list[tuple[str, str]], n_choices: int = WHICH_BODY_C
     in two classes), is left out: it would have two right answers.
 
     Raises:
-        ValueError: fewer than `n_choices` distinct bodies to build items from.
+        ValueError: fewer than `n_choices` distinct bodies to build items from, or no item at all.
     """
     counts: dict[str, int] = {}
     for context, body in set(pairs):
@@ -75,6 +75,8 @@ def which_body_items(pairs: list[tuple[str, str]], n_choices: int = WHICH_BODY_C
         label = rng.randrange(n_choices)
         items.append({"context": context, "choices": wrong[:label] + [body] + wrong[label:], "label": label,
                       "doc_id": _digest(context, body)[:16]})
+    if not items:
+        raise ValueError(f"{WHICH_BODY}: no held-out pair has a body and a docstring of its own")
     return items
 
 
