@@ -11,8 +11,8 @@ The rule (`bits_per_byte`): every document is scored on its own, as `EOT + token
 way pretraining sees a document start; its tokens after the leading EOT are the targets,
 each exactly once, in consecutive windows of `block_size` targets (a window's first target
 sees only the tokens of that window before it: the context restarts every `block_size`
-tokens, never across documents). Special-token targets (EOT, id 0) carry no bytes and are
-not scored. A document may be a (context, text) pair: then only `text` is scored, after
+tokens, never across documents). EOT targets (id 0 in gptforge's tokenizers, 50256 in
+GPT-2's) carry no bytes and are not scored. A document may be a (context, text) pair: then only `text` is scored, after
 `context` (a held-out prompt and its completion).
 
 `bpb_metrics` is what every candidate and the re-evaluated champion log, from the same

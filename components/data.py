@@ -157,13 +157,18 @@ def prepare_data(location: str, data: DataConfig, tokenizer: TokenizerConfig, fi
     }
     storage.write_bytes(manifest_uri, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
     say(f"wrote {location}")
+    return data_record(location, manifest)
+
+
+def data_record(location: str, manifest: dict) -> TokenizedData:
+    """The record of the stage's output at `location`, from its manifest (as written, or read back)."""
     return TokenizedData(
         root=location, train_uri=storage.join(location, "train"), val_uri=storage.join(location, "val"),
         sft_train_uri=storage.join(location, "sft_train.parquet"),
         sft_heldout_uri=storage.join(location, "sft_heldout.parquet"),
-        tokenizer_uri=storage.join(location, TOKENIZER_FILE), manifest_uri=manifest_uri, fingerprint=fp,
-        vocab_size=bpe.get_vocab_size(), block_size=data.block_size, stats=stats,
-        heldout_text_uri=storage.join(location, HELDOUT_TEXT_FILE),
+        tokenizer_uri=storage.join(location, TOKENIZER_FILE), manifest_uri=storage.join(location, MANIFEST_FILE),
+        fingerprint=manifest["fingerprint"], vocab_size=manifest["vocab_size"], block_size=manifest["block_size"],
+        stats=manifest["stats"], heldout_text_uri=storage.join(location, HELDOUT_TEXT_FILE),
     )
 
 
@@ -245,9 +250,7 @@ def _heldout_table(packed: pa.Table) -> pa.Table:
 
 
 def _remove_old(location: str, manifest_uri: str) -> None:
-    if storage.exists(manifest_uri):
-        fs, path = storage.resolve(manifest_uri)
-        fs.delete_file(path)
+    storage.delete_file(manifest_uri)
     for split in SPLITS:
         storage.delete_folder(storage.join(location, split))
 
@@ -342,10 +345,7 @@ def _write_chat_tokenizer(location: str, bpe, dtype) -> None:
 
 def _remove_chat_template(location: str) -> None:
     """A pairs run over a folder that held a chat run: its template must not reach this run's model."""
-    uri = storage.join(location, TOKENIZER_CONFIG_FILE)
-    if storage.exists(uri):
-        fs, path = storage.resolve(uri)
-        fs.delete_file(path)
+    storage.delete_file(storage.join(location, TOKENIZER_CONFIG_FILE))
 
 
 def _input_fingerprint(meta: pa.Table, pair_docs: list[Document], config: dict) -> str:

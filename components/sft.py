@@ -183,7 +183,8 @@ def tokenize_conversations(convs: Iterable[Conversation], tokenizer: Tokenizer, 
     Each conversation is rendered with `template` as segments (`chat.render_for_training`),
     each encoded on its own so the mask boundaries fall on token boundaries. A row longer
     than block_size + 1 keeps its start and is cut there (truncated); one with no assistant
-    token left inside the row is dropped. Rows are right-padded with PAD_ID.
+    token left inside the row is dropped. Rows are right-padded with the tokenizer's EOT id, as
+    `tokenize_pairs` pads them.
 
     Returns:
         tokens: int32 (N, block_size + 1).
@@ -196,7 +197,7 @@ def tokenize_conversations(convs: Iterable[Conversation], tokenizer: Tokenizer, 
     missing = [t for t in CHAT_TOKENS if t in template and tokenizer.token_to_id(t) is None]
     if missing:
         raise ValueError(f"the tokenizer has no {missing}; call add_chat_tokens first")
-    row_len = block_size + 1
+    row_len, eot = block_size + 1, eot_id(tokenizer)
     rows, masks, counts = [], [], {"truncated": 0, "dropped": 0}
     for conv in convs:
         try:
@@ -213,7 +214,7 @@ def tokenize_conversations(convs: Iterable[Conversation], tokenizer: Tokenizer, 
             continue
         counts["truncated"] += len(ids) > row_len
         pad = max(0, row_len - len(ids))
-        rows.append(ids[:row_len] + [PAD_ID] * pad)
+        rows.append(ids[:row_len] + [eot] * pad)  # PAD_ID, or the starting model's own EOT id
         masks.append(mask[:row_len] + [0] * pad)
     tokens = np.array(rows, dtype=np.int32).reshape(-1, row_len)  # (N, block_size + 1)
     mask_arr = np.array(masks, dtype=np.int8).reshape(-1, row_len)  # (N, block_size + 1)

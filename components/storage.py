@@ -167,6 +167,12 @@ def delete_folder(location: str) -> None:
     _call(location, lambda: fs.delete_dir(path) if fs.get_file_info(path).type == pafs.FileType.Directory else None)
 
 
+def delete_file(location: str) -> None:
+    """Delete the file at `location`; nothing to do when there is none."""
+    fs, path = resolve(location)
+    _call(location, lambda: fs.delete_file(path) if fs.get_file_info(path).type == pafs.FileType.File else None)
+
+
 def local_cache_root() -> Path:
     """This node's cache of remote folders: `GPTFORGE_CACHE`, else ~/.cache/gptforge."""
     return Path(os.environ.get("GPTFORGE_CACHE") or Path.home() / ".cache" / "gptforge").expanduser()

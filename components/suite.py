@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from components import storage
 from components.artifacts import TokenizedData
-from components.documents import DataError, content_hash
+from components.documents import DataError
 from components.heldout_text import HELDOUT_TEXT_FILE
 from components.tokenizer import TOKENIZER_FILE
 
@@ -96,11 +96,12 @@ def pin_from_data(data: TokenizedData, suites_root: str, origin: str, data_key: 
     record = {"sha256": sha, "origin": origin, "data_key": data_key, "documents_sha256": sorted(documents),
               "pairs_sha256": sorted(manifest["sft_heldout_sha256"]),
               "files": {name: hashlib.sha256(raw).hexdigest() for name, raw in contents.items()}}
-    if not storage.exists(storage.join(location, SUITE_FILE)):  # content-addressed: an existing one is this one
-        for name, raw in contents.items():
-            storage.write_bytes(storage.join(location, name), raw)
-        storage.write_bytes(storage.join(location, SUITE_FILE), (json.dumps(record, indent=2) + "\n").encode())
-    return read_suite(location)
+    if storage.exists(storage.join(location, SUITE_FILE)):  # content-addressed: pinned before; check it is whole
+        return read_suite(location)
+    for name, raw in contents.items():
+        storage.write_bytes(storage.join(location, name), raw)
+    storage.write_bytes(storage.join(location, SUITE_FILE), (json.dumps(record, indent=2) + "\n").encode())
+    return _suite(location, sha, record)
 
 
 def read_suite(location: str) -> Suite:
@@ -112,8 +113,8 @@ def read_suite(location: str) -> Suite:
     location = storage.normalize(location)
     record_uri = storage.join(location, SUITE_FILE)
     if not storage.exists(record_uri):
-        raise DataError(f"evaluate.suite={location}: no {SUITE_FILE} there; give a folder that `gptforge suite pin` "
-                        "or a pipeline run wrote (under {storage}/suites/)")
+        raise DataError(f"evaluation suite {location}: no {SUITE_FILE} there; give a folder that `gptforge suite "
+                        "pin` or a pipeline run wrote (under {storage}/suites/)")
     try:
         record = json.loads(storage.read_text(record_uri))
         files = record["files"]
@@ -128,13 +129,12 @@ def read_suite(location: str) -> Suite:
         if hashlib.sha256(contents[name]).hexdigest() != files.get(name):
             raise DataError(f"{uri}: changed since the suite was pinned (sha256 differs from {SUITE_FILE}); "
                             "pin a new suite on purpose with `gptforge suite pin` instead of editing one")
-    return Suite(location, _identity(contents), frozenset(bytes.fromhex(h) for h in record["documents_sha256"]),
+    return _suite(location, _identity(contents), record)
+
+
+def _suite(location: str, sha256: str, record: dict) -> Suite:
+    return Suite(location, sha256, frozenset(bytes.fromhex(h) for h in record["documents_sha256"]),
                  frozenset(bytes.fromhex(h) for h in record["pairs_sha256"]), record.get("data_key", ""))
-
-
-def document_hash_hex(text: str) -> str:
-    """A document's content hash as the suite records it."""
-    return content_hash(text).hex()
 
 
 def _identity(contents: dict[str, bytes]) -> str:

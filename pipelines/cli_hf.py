@@ -87,11 +87,9 @@ def _registry_folder(uri: str, tracking_uri: str | None, tmp: str) -> tuple[str,
         ConversionError: `uri` is not models:/NAME@ALIAS or models:/NAME/VERSION.
         LookupError, TrackingError, IntegrityError: as `RegistryLoader.fetch`.
     """
-    from components.files import IntegrityError
     from components.hf_files import ConversionError
-    from pipelines.model_loading import RegistryLoader
-    from pipelines.registry import CHECKSUMS_TAG, download_version, model_version
-    from pipelines.tracking import redact
+    from pipelines.model_loading import fetch_version
+    from pipelines.registry import find_alias, model_version
 
     match = _REGISTRY_URI.fullmatch(uri)
     if not match:
@@ -100,16 +98,10 @@ def _registry_folder(uri: str, tracking_uri: str | None, tmp: str) -> tuple[str,
                               f"models:/NAME followed by @ALIAS (e.g. @champion)")
     tracking_uri = tracking_uri or _default_tracking_uri()
     name = match["name"]
-    if match["alias"]:
-        loader = RegistryLoader(tracking_uri, name, tmp, match["alias"]).fetch()
-        return loader.folder, loader.checksums_sha256
-    # RegistryLoader follows an alias; a version number is looked up directly, with the same pin.
-    version = model_version(tracking_uri, name, match["version"])
-    pin = version.tags.get(CHECKSUMS_TAG)
-    if not pin:
-        raise IntegrityError(f"{name}:v{version.version} has no {CHECKSUMS_TAG} tag in the registry at "
-                             f"{redact(tracking_uri)}, so its files cannot be verified; refusing to export it")
-    return download_version(tracking_uri, version, tmp), pin
+    version = (find_alias(tracking_uri, name, match["alias"]) if match["alias"]
+               else model_version(tracking_uri, name, match["version"]))
+    loader = fetch_version(tracking_uri, name, version, tmp, purpose="export")
+    return loader.folder, loader.checksums_sha256
 
 
 def _default_tracking_uri() -> str:

@@ -72,7 +72,7 @@ def run_pipeline(cfg: ExperimentConfig, progress: Progress, resume: InterruptedR
         if suite is None:
             suite = suites.pin_first(tracker, data, root, parent, data_key, params)
             progress.say(f"    pinned the evaluation suite {suite.short}: this run's held-out documents and pairs")
-        parent.set_tags({suites.VERSION_TAG: suite.sha256, "eval.suite_uri": suite.uri})
+        parent.set_tags(suites.judged_on(suite))
         parent.set_tags({"data.fingerprint": data.fingerprint})
         progress.done(f"{data.stats['train_tokens']:,} train tokens, {data.stats['sft_train_pairs']:,} SFT pairs")
 

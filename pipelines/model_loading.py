@@ -145,37 +145,10 @@ class RegistryLoader:
             LookupError: no such model or alias. TrackingError: the registry failed.
             IntegrityError: the files do not match the registry's record, even freshly downloaded.
         """
-        from pipelines.registry import CHECKSUMS_TAG, download_version, find_alias
-        from pipelines.tracking import redact
+        from pipelines.registry import find_alias
 
         version = find_alias(self.tracking_uri, self.model_name, self.alias)
-        model_id = f"{self.model_name}:v{version.version}"
-        pinned = version.tags.get(CHECKSUMS_TAG)
-        if not pinned:
-            raise IntegrityError(f"{model_id} has no {CHECKSUMS_TAG} tag in the registry at "
-                                 f"{redact(self.tracking_uri)}, so its files cannot be verified; refusing to serve it "
-                                 f"(register it again with `gptforge run`)")
-        target = Path(self.cache_dir) / f"{self.model_name}-v{version.version}"
-        loader = FolderLoader(str(target), model_id, pinned, str(version.version), version.run_id)
-        if target.exists():
-            try:
-                loader.verify()
-                return loader
-            except IntegrityError as error:
-                logging.getLogger(__name__).warning("discarding the damaged cached copy of %s: %s", model_id, error)
-        # A name of its own: replicas and the CLI may download the same version at once.
-        staging = target.with_name(f"{target.name}.download-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        shutil.rmtree(staging, ignore_errors=True)
-        folder = download_version(self.tracking_uri, version, str(staging))
-        shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.replace(folder, target)  # a complete folder or none under the final name
-        except OSError:
-            if not target.exists():  # otherwise another process put its verified copy there first
-                raise
-        shutil.rmtree(staging, ignore_errors=True)
-        loader.verify()
-        return loader
+        return fetch_version(self.tracking_uri, self.model_name, version, self.cache_dir)
 
     def __call__(self, device: str = "cpu") -> LoadedModel:
         return self.fetch()(device)
@@ -186,3 +159,45 @@ class RegistryLoader:
 
         return str(find_alias(self.tracking_uri, self.model_name, self.alias).version)
 
+
+def fetch_version(tracking_uri: str, model_name: str, version, cache_dir: str, purpose: str = "serve") -> FolderLoader:
+    """A registered version's files (an mlflow ModelVersion), downloaded unless cached into
+    `cache_dir/<name>-v<version>`, checked against the sha256 the registry pinned; a loader for them.
+
+    A cached copy that fails the check is discarded and downloaded once more; a fresh download
+    that fails it is refused. `purpose` says in the error what was refused (serve, export, ...).
+
+    Raises:
+        IntegrityError: no pin on the version, or files that do not match it, even freshly downloaded.
+        TrackingError: the registry failed.
+    """
+    from pipelines.registry import CHECKSUMS_TAG, download_version
+    from pipelines.tracking import redact
+
+    model_id = f"{model_name}:v{version.version}"
+    pinned = version.tags.get(CHECKSUMS_TAG)
+    if not pinned:
+        raise IntegrityError(f"{model_id} has no {CHECKSUMS_TAG} tag in the registry at "
+                             f"{redact(tracking_uri)}, so its files cannot be verified; refusing to {purpose} it "
+                             f"(register it again with `gptforge run`)")
+    target = Path(cache_dir) / f"{model_name}-v{version.version}"
+    loader = FolderLoader(str(target), model_id, pinned, str(version.version), version.run_id)
+    if target.exists():
+        try:
+            loader.verify()
+            return loader
+        except IntegrityError as error:
+            logging.getLogger(__name__).warning("discarding the damaged cached copy of %s: %s", model_id, error)
+    # A name of its own: replicas and the CLI may download the same version at once.
+    staging = target.with_name(f"{target.name}.download-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    shutil.rmtree(staging, ignore_errors=True)
+    folder = download_version(tracking_uri, version, str(staging))
+    shutil.rmtree(target, ignore_errors=True)
+    try:
+        os.replace(folder, target)  # a complete folder or none under the final name
+    except OSError:
+        if not target.exists():  # otherwise another process put its verified copy there first
+            raise
+    shutil.rmtree(staging, ignore_errors=True)
+    loader.verify()
+    return loader

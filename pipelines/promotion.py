@@ -67,7 +67,7 @@ def promote(tracker: Tracker, cfg: ExperimentConfig, reports: list[EvalReport], 
         "data.fingerprint": data.fingerprint,
         "config.hash": config_hash(cfg),
         DATA_TAG: to_json(replace(data, stats={})),
-        **({suites.VERSION_TAG: suite.sha256, "eval.suite_uri": suite.uri} if suite else {}),
+        **(suites.judged_on(suite) if suite else {}),
         cfg.promote.metric: decision.winner.metrics[cfg.promote.metric],
         **lineage_tags(tracker.run_tags((parent or log).run_id)),  # finetune.base*: what it was fine-tuned from
     })

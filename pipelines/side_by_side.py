@@ -20,9 +20,9 @@ from components.experiment_file import ExperimentConfig
 from components.files import IntegrityError
 from components.suite import Suite
 from components.tokenizer import tokenizer_hash
-from pipelines import registry
-from pipelines.model_loading import FolderLoader, RegistryLoader
-from pipelines.registry import CHAMPION, CHECKSUMS_TAG
+from pipelines import registry, suites
+from pipelines.model_loading import FolderLoader, RegistryLoader, fetch_version
+from pipelines.registry import CHAMPION
 from pipelines.serving import ServeError
 from pipelines.tracking import RunLogger, Tracker
 
@@ -80,7 +80,7 @@ def _measure(tracker: Tracker, cfg: ExperimentConfig, data: TokenizedData, paren
     name = f"v{version.version}"
     with tracker.run(run_name, parent, stage="champion-reeval") as log:
         log.set_tags({"reeval.version": str(version.version), "reeval.run_id": version.run_id or "",
-                      "data.fingerprint": data.fingerprint, "eval.suite_sha256": suite.sha256 if suite else "",
+                      "data.fingerprint": data.fingerprint, suites.VERSION_TAG: suite.sha256 if suite else "",
                       "reeval.data_fingerprint": version.tags.get("data.fingerprint", "")})
         try:
             loader = fetch()
@@ -109,12 +109,4 @@ def _measure(tracker: Tracker, cfg: ExperimentConfig, data: TokenizedData, paren
 
 def _version_loader(tracking_uri: str, model_name: str, version, cache_dir: str) -> FolderLoader:
     """A registered version's files, downloaded and checked against the sha256 pinned on it."""
-    pinned = version.tags.get(CHECKSUMS_TAG)
-    model_id = f"{model_name}:v{version.version}"
-    if not pinned:
-        raise IntegrityError(f"{model_id} has no {CHECKSUMS_TAG} tag in the registry, so its files cannot be "
-                             f"verified")
-    folder = registry.download_version(tracking_uri, version, os.path.join(cache_dir, f"v{version.version}"))
-    loader = FolderLoader(folder, model_id, pinned, str(version.version), version.run_id)
-    loader.verify()
-    return loader
+    return fetch_version(tracking_uri, model_name, version, cache_dir, purpose="measure")

@@ -19,7 +19,7 @@ from components.experiment_file import ExperimentConfig
 from components.recipe import TrainPlan
 from components.sources import DataError
 from components.tokenizer import TOKENIZER_FILE
-from pipelines import ray_runtime
+from pipelines import ray_runtime, suites
 from pipelines.tracking import PROGRESS_TAG, RunLogger
 
 
@@ -42,7 +42,7 @@ def prepare_data(cfg: ExperimentConfig, location: str, logger: RunLogger,
     result = data_prep.prepare_data(location, cfg.data, cfg.tokenizer, cfg.finetune,
                                     progress=lambda message: logger.set_tags({PROGRESS_TAG: message}), suite=suite)
     if suite is not None:
-        logger.set_tags({"eval.suite_sha256": suite.sha256})
+        logger.set_tags({suites.VERSION_TAG: suite.sha256})
     logger.log_metrics({f"data/{k}": v for k, v in result.stats.items()})
     logger.log_params(parameter_count_params(model or model_config(cfg, result)))
     logger.set_tags({"data.fingerprint": result.fingerprint})

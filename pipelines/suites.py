@@ -12,12 +12,13 @@ as is and never written to the record.
 """
 from __future__ import annotations
 
+import json
 import time
 
 from components import storage
 from components.artifacts import TokenizedData
 from components.experiment_file import ExperimentConfig
-from components.suite import Suite, pin_from_data, read_suite
+from components.suite import SUITE_FILE, Suite, pin_from_data, read_suite
 from pipelines.tracking import RunLogger, Tracker
 
 URI_TAG = "gptforge.suite.uri"
@@ -25,6 +26,7 @@ SHA_TAG = "gptforge.suite.sha256"
 REASON_TAG = "gptforge.suite.reason"
 PINNED_AT_TAG = "gptforge.suite.pinned_at"
 VERSION_TAG = "eval.suite_sha256"  # on a registered version and a run: the suite it was judged on
+VERSION_URI_TAG = "eval.suite_uri"
 PIN_RUN = "suite-pin"
 
 
@@ -38,6 +40,11 @@ def current(tracker: Tracker, cfg: ExperimentConfig) -> Suite | None:
         return read_suite(cfg.evaluate.suite)
     uri = tracker.experiment_tags().get(URI_TAG)
     return read_suite(uri) if uri else None
+
+
+def judged_on(suite: Suite) -> dict:
+    """The tags that say which suite a run or a registered version was judged on."""
+    return {VERSION_TAG: suite.sha256, VERSION_URI_TAG: suite.uri}
 
 
 def suites_root(root: str) -> str:
@@ -65,8 +72,6 @@ def pin(tracker: Tracker, location: str, root: str, reason: str) -> Suite:
     """
     if not reason.strip():
         raise ValueError("--reason: say why the suite changes; it goes on the record")
-    from components.suite import SUITE_FILE
-
     location = storage.normalize(location)
     if storage.exists(storage.join(location, SUITE_FILE)):
         suite = read_suite(location)
@@ -99,21 +104,10 @@ def change_note(suite: Suite, champion_tags: dict) -> str:
 
 def _data_folder(location: str) -> TokenizedData:
     """A data stage's output folder read back as its record (the files a suite is made of)."""
-    import json
-
-    from components.data import MANIFEST_FILE
+    from components.data import MANIFEST_FILE, data_record
     from components.documents import DataError
-    from components.heldout_text import HELDOUT_TEXT_FILE
-    from components.tokenizer import TOKENIZER_FILE
 
     manifest_uri = storage.join(location, MANIFEST_FILE)
     if not storage.exists(manifest_uri):
         raise DataError(f"{location}: neither a suite (no suite.json) nor a data stage's output (no {MANIFEST_FILE})")
-    manifest = json.loads(storage.read_text(manifest_uri))
-    return TokenizedData(
-        root=location, train_uri=storage.join(location, "train"), val_uri=storage.join(location, "val"),
-        sft_train_uri=storage.join(location, "sft_train.parquet"),
-        sft_heldout_uri=storage.join(location, "sft_heldout.parquet"),
-        tokenizer_uri=storage.join(location, TOKENIZER_FILE), manifest_uri=manifest_uri,
-        fingerprint=manifest.get("fingerprint", ""), vocab_size=manifest.get("vocab_size", 0),
-        block_size=manifest.get("block_size", 0), heldout_text_uri=storage.join(location, HELDOUT_TEXT_FILE))
+    return data_record(location, json.loads(storage.read_text(manifest_uri)))
