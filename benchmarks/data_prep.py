@@ -7,12 +7,14 @@ Method: a tokenizer is trained once on the corpus and handed to both paths (`tok
 so both do the same work: read every file, tokenize (`encode_batch_fast`), pack rows of
 block_size + 1 and write parquet.
 - baseline: one process, no Ray: list, read, one batched `tokenizers` call, `pack_rows`, one
-  parquet file. Its `tokenizers` thread pool gets as many threads as the run has CPUs.
+  parquet file. Its `tokenizers` thread pool gets as many threads as the run has CPUs; the Ray
+  Data tasks keep the pipeline's one thread each.
 - Ray Data path: `pipelines.data_prep.prepare_data` end to end (scan pass with hashing and
   deduplication, packing pass writing shards, manifest), on a local Ray of N CPUs; the SFT
   source is one small file so that the pairs cost nothing.
 Each CPU count runs in its own process pinned with `taskset` to N cores (Ray's workers inherit
-it), and the two paths alternate `--repeats` times; the best run of each counts. MB/s is
+it), and the two paths alternate `--repeats` times; the best run of each counts (the ratio of
+the medians is printed beside it, a check on a noisy machine). MB/s is
 UTF-8 text per second of wall time, tokens/s the document tokens (with one EOT each).
 """
 from __future__ import annotations
@@ -54,10 +56,11 @@ def main() -> None:
         train_tokenizer((d.text for d in iter_documents(args.source)), args.vocab_size).save(str(tokenizer))
         print(f"source {args.source}, block_size {args.block_size}, vocab {args.vocab_size}, "
               f"best of {args.repeats}; {os.cpu_count()} cores here")
-        print(f"{'CPUs':>4}  {'baseline MB/s':>13}  {'tok/s':>10}  {'Ray Data MB/s':>13}  {'tok/s':>10}  {'ratio':>6}")
+        print(f"{'CPUs':>4}  {'baseline MB/s':>13}  {'tok/s':>10}  {'Ray Data MB/s':>13}  {'tok/s':>10}  {'ratio':>6}"
+              f"  {'median ratio':>12}")
         for n in args.cpus:
             cores = ",".join(str(c) for c in range(n))
-            env = {**os.environ, "RAYON_NUM_THREADS": str(n)}
+            env = {k: v for k, v in os.environ.items() if k != "RAYON_NUM_THREADS"}
             out = subprocess.run(["taskset", "-c", cores, sys.executable, __file__, "--child", str(n),
                                   "--tokenizer", str(tokenizer), "--source", args.source, "--repeats",
                                   str(args.repeats), "--block-size", str(args.block_size)],
@@ -65,13 +68,17 @@ def main() -> None:
             r = json.loads(out.stdout.strip().splitlines()[-1])
             base, ray_ = r["baseline"], r["ray"]
             print(f"{n:>4}  {base['mb_s']:>13.2f}  {base['tok_s']:>10,.0f}  {ray_['mb_s']:>13.2f}  "
-                  f"{ray_['tok_s']:>10,.0f}  {ray_['mb_s'] / base['mb_s']:>5.2f}x")
+                  f"{ray_['tok_s']:>10,.0f}  {ray_['mb_s'] / base['mb_s']:>5.2f}x"
+                  f"  {ray_['median_mb_s'] / base['median_mb_s']:>11.2f}x")
 
 
 def _child(args) -> dict:
     from pipelines import ray_runtime
 
     ray_runtime.init_ray(num_cpus=args.child)
+    # The baseline's `tokenizers` pool gets a thread per CPU. Set after Ray has started, so that its
+    # workers keep the pipeline's own setting (one thread per task, pipelines/data_prep.py).
+    os.environ["RAYON_NUM_THREADS"] = str(args.child)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             runs = {"baseline": [], "ray": []}

@@ -34,7 +34,7 @@ from components import storage
 from components.artifacts import TokenizedData
 from components.config import DataConfig, FinetuneConfig, TokenizerConfig
 from components.data_passes import (PACK_SCHEMA, SAMPLE_SCHEMA, SCAN_SCHEMA, group_files, pack_group, read_group,
-                                    sample_group, scan_group)
+                                    sample_group, scan_group, scan_items)
 from components.data_plan import Plan, plan_routing
 from components.documents import SPLITS, ProblemLog, content_hash
 from components.heldout_text import HELDOUT_SCHEMA, HELDOUT_TEXT_FILE, write_heldout_text
@@ -98,8 +98,9 @@ def prepare_data(location: str, data: DataConfig, tokenizer: TokenizerConfig, fi
     config = _config(data, tokenizer, finetune)
 
     # Scan: every document's hash and size, and every problem, in parallel.
-    items = group_files(list_source(data.source))
-    scan = _run(map_items, partial(scan_group, data=data), items, SCAN_SCHEMA)
+    files = list_source(data.source)
+    items = group_files(files)
+    scan = _run(map_items, partial(scan_group, data=data), scan_items(files), SCAN_SCHEMA)
     problems = _problems(scan["problems"])
     meta = scan.filter(pc.is_valid(scan["doc_id"])).select(["doc_id", "sha", "nbytes"])
     if meta.num_rows == 0:
