@@ -189,26 +189,39 @@ class ContinuousEngine:
 
     def _run(self, feeds: list[tuple[int, list[int]]]) -> None:
         """One packed forward of `feeds`; the rows whose next token it computed keep their logits."""
+        # Which packed positions need logits: a row's last token when it samples next (a decoding row,
+        # a prompt's last chunk), every token of a chunk whose prompt is echoed with logprobs.
+        wanted: list[int] = []  # positions in the packed sequence, ascending
+        ready, ends, echoed = [], [], []  # rows that sample next, their rows in `wanted`; (row, rows of wanted)
+        at = 0
+        for slot, tokens in feeds:
+            r, start, at = self.slots[slot], at, at + len(tokens)
+            s = r.state.row.sampling
+            if r.next_token is None and s.echo and s.logprobs is not None:
+                echoed.append((r, len(wanted), len(wanted) + len(tokens)))
+                wanted += range(start, at)
+            elif r.next_token is not None or r.fed + len(tokens) == len(r.state.context):
+                wanted.append(at - 1)
+            if r.next_token is not None or r.fed + len(tokens) == len(r.state.context):
+                ready.append(r)
+                ends.append(len(wanted) - 1)
         self.cache.plan([(slot, len(tokens)) for slot, tokens in feeds])
         ids = torch.tensor([t for _, tokens in feeds for t in tokens], dtype=torch.long, device=self.device)
-        logits, _ = self.model(ids[None, :], cache=self.cache)  # (1, N, V)
+        every = len(wanted) == at  # (then `wanted` is 0 .. N-1)
+        logits_at = None if every else torch.tensor(wanted, dtype=torch.long, device=self.device)
+        logits, _ = self.model(ids[None, :], cache=self.cache, logits_at=logits_at)  # (1, len(wanted), V)
         self.cache.commit()
-        ends, at = [], 0
-        ready = []
-        for slot, tokens in feeds:
-            r, at = self.slots[slot], at + len(tokens)
-            if r.next_token is None:  # a prompt chunk
-                s = r.state.row.sampling
-                if s.echo and s.logprobs is not None:
-                    r.prompt_logits.append(logits[0, at - len(tokens): at].float())
+        for r, first, last in echoed:
+            r.prompt_logits.append(logits[0, first:last].float())
+        for (slot, tokens) in feeds:
+            r = self.slots[slot]
+            if r.next_token is None:
                 r.fed += len(tokens)
-                if r.prefilling():
-                    continue
-            ends.append(at - 1)
-            ready.append(r)
         if not ready:
             return
-        chosen = logits[0, torch.tensor(ends, device=self.device)].float()  # (R, V)
+        chosen = logits[0] if len(ends) == logits.size(1) else logits[0].index_select(  # (R, V)
+            0, torch.tensor(ends, dtype=torch.long, device=self.device))
+        chosen = chosen.float()
         for r, row_logits, argmax in zip(ready, chosen, chosen.argmax(dim=-1).tolist()):
             r.logits, r.argmax = row_logits, argmax
             if r.next_token is None:  # its prompt is in: echo it

@@ -186,9 +186,12 @@ def generate_batch(model, tokenizer_text: TokenText, rows: list[Row], eos_id: in
     idx = torch.full((len(states), longest), eos_id, dtype=torch.long)  # (B, L)
     for b, st in enumerate(states):
         idx[b, pad[b]:] = torch.tensor(st.context, dtype=torch.long)
+    # Only the last position's logits, unless a prompt is echoed with its log-probabilities.
+    whole = any(st.row.sampling.echo and st.row.sampling.logprobs is not None for st in states)
+    logits_at = None if whole else torch.tensor([longest - 1], device=device)
     try:
         cache = model.new_cache(len(states), device, pad=pad)
-        logits, _ = model(idx.to(device), cache=cache)  # (B, L, V)
+        logits, _ = model(idx.to(device), cache=cache, logits_at=logits_at)  # (B, L or 1, V)
     except Exception:
         requests = _by_request(states)
         if len(requests) < 2:
@@ -199,7 +202,7 @@ def generate_batch(model, tokenizer_text: TokenText, rows: list[Row], eos_id: in
             except Exception as error:  # noqa: BLE001 - this request fails by itself
                 _fail([], alone[0], error)
         return
-    _each_live_row(states, lambda b, st: _send_prompt(st, logits[b, int(pad[b]):], tokenizer_text))
+    _each_live_row(states, lambda b, st: _send_prompt(st, logits[b, int(pad[b]):] if whole else None, tokenizer_text))
     logits = logits[:, -1, :].float()  # (B, V)
     first = True
     while True:

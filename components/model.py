@@ -219,7 +219,8 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for every position, and the mean next-token loss when targets are given.
 
@@ -229,9 +230,13 @@ class GPT(nn.Module):
                 (padding, prompt tokens in finetuning).
             cache: keys and values of earlier positions (`new_cache`); `idx` continues them,
                 at positions cache.length .. cache.length + T - 1, and the cache grows by T.
+            logits_at: (n,) long indices into T: only those positions' logits are computed (decoding
+                needs the next token's, not a whole prompt's; the vocabulary projection is the largest
+                matmul of a small model's step). Not with targets.
 
         Returns:
-            logits (B, T, vocab_size) in the model's dtype, and the loss (float32 scalar) or None.
+            logits (B, T, vocab_size) in the model's dtype, or (B, n, vocab_size) with `logits_at`, and
+            the loss (float32 scalar) or None.
         """
         B, T = idx.size()
         start = cache.length if cache is not None else 0
@@ -248,8 +253,12 @@ class GPT(nn.Module):
             x = block(x, cache)
         if cache is not None:
             cache.advance(T)
+        if logits_at is not None:
+            if targets is not None:
+                raise ValueError("logits_at leaves out positions the loss needs; pass one or the other")
+            x = x.index_select(1, logits_at)  # (B, n, C)
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab_size)
+        logits = self.lm_head(x)  # (B, T or n, vocab_size)
         loss = None
         if targets is not None:
             # float32 so that bf16/fp16 runs get a stable softmax and a comparable loss value

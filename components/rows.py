@@ -29,6 +29,8 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
+from components.detokenize import IncrementalDecoder
+
 @dataclass(frozen=True)
 class Sampling:
     """How one completion is sampled and what it reports (the OpenAI completions fields)."""
@@ -128,7 +130,8 @@ class _RowState:
         self.sent_chars = 0  # of the completion
         self.sent_entries = 0
         self.finished = False
-        self._decoded = ""  # decode(generated), kept so that each token decodes the text once
+        self._decoded = ""  # decode(generated)
+        self._decoder = IncrementalDecoder(text.decode)  # keeps it at a cost that does not grow with the row
 
     def completion(self) -> str:
         return self._decoded[len(self.prefix):]
@@ -143,7 +146,7 @@ class _RowState:
         if not self.generated and token == self.healed:
             self.free_tokens = 1
         self.generated.append(token)
-        with_prefix = self._decoded = self.text.decode(self.generated)
+        with_prefix = self._decoded = self._decoder.append(token)
         if logprobs is not None:
             if self.echoed:  # the healed prefix is echoed as the end of the prompt: this entry covers it
                 text, offset = with_prefix[before:], len(self.echoed) - len(self.prefix) + before
@@ -275,10 +278,11 @@ def _by_request(states: list[_RowState]) -> list[list[Row]]:
     return requests
 
 
-def _send_prompt(st: _RowState, logits: torch.Tensor, vocab: TokenText) -> None:
+def _send_prompt(st: _RowState, logits: torch.Tensor | None, vocab: TokenText) -> None:
     """Echo: the row's prompt goes out first, with its tokens' log-probabilities when asked.
 
-    `logits` (P, V): the row's prefill logits past its padding; row p predicts token p+1.
+    `logits` (P, V): the row's prefill logits past its padding; row p predicts token p+1
+    (None when the row asks for no prompt log-probabilities).
     """
     s = st.row.sampling
     entries = []

@@ -6,24 +6,28 @@ do not care which row a token belongs to, so no token is padded; only attention 
 `attend` (which `CausalSelfAttention` calls instead of its own attention when the cache has one)
 splits the sequence by row again:
 - the rows that feed one token attend together, as one batch over a prefix of the slots (a view of
-  the cache, no gather), each query masked to its own row's keys, and only up to the longest of
-  those rows, not the whole preallocated context;
+  the cache, no gather), each query masked to its own row's keys;
 - a row that feeds several tokens (a prompt chunk) attends over its own slot, causally.
 
-Why preallocated, for `slots` rows and the model's whole context: it is the simplest layout in
-which a row joining the batch never copies the others' caches (it prefills into its own slot) and
-a row leaving frees its slot by forgetting its length (the stale keys stay masked until the next
-occupant overwrites them). The price is memory for every slot at full context
-(`slots x n_layer x 2 x block_size x n_embd` values) whether or not it is used; paging the cache
-in blocks would save that, at the cost of gathering a row's blocks at every step.
+Why one slot per row, each up to `capacity` positions: it is the simplest layout in which a row
+joining the batch never copies the others' caches (it prefills into its own slot) and a row leaving
+frees its slot by forgetting its length (the stale keys stay masked until the next occupant
+overwrites them). The slots are allocated once; their positions are not: `capacity` grows in steps of
+`POSITION_STEP` as the longest row needs them (never past the model's context) and shrinks back once
+the rows that needed them have left (when what the rows need fits in half). So memory follows the
+longest running row (`slots x n_layer x 2 x capacity x n_embd` values), and a short load's attention
+reads a short cache. Paging the cache in blocks would follow every row's own length, at the cost of
+gathering a row's blocks at every step.
 
-Why one attention batch over the slots, up to the longest row, when most rows of a mixed batch are
-far shorter: on a CPU that attention is bound by reading the cache, so reading each row only up to
-its own length looks like a win. It was measured (2 cores, the tiny model, the mixed load of
-benchmarks/continuous_batching.py replayed in one thread): keeping the rows in join order (moving
-the rows behind a leaver down one slot) and attending in groups of 8 neighbouring slots, each up to
-its own longest row, cut attention from 0.94 to 0.73 ms a layer, but the moves (~0.4 ms a step) and
-the extra calls took it back: 3,650 against 3,660 output tokens/s, within the noise. Not adopted.
+Why the one-token rows attend over the whole capacity, masked, rather than over a view of the keys up
+to the longest row: on a CPU a batched matmul over one contiguous tensor runs about twice as fast as
+over a strided view of a larger one, more than the masked keys cost (2 cores, 32 rows, 4 heads of 32:
+0.68 ms a layer over a 256-position cache against 1.41 ms over the first 251 positions of a 320-position
+one; at 21 keys, 0.10 against 0.31 ms). Reading each row only up to its own length was measured too
+(the mixed load of benchmarks/continuous_batching.py, replayed in one thread): keeping the rows in
+join order (moving the rows behind a leaver down one slot) and attending in groups of 8 neighbouring
+slots, each up to its own longest row, cut attention by a fifth, but the moves (~0.4 ms a step) and
+the extra calls took it back. Not adopted.
 
 Lengths live on the host (plain ints): planning a step reads them and must not wait for the device.
 """
@@ -42,7 +46,8 @@ if TYPE_CHECKING:
 class _Plan:
     """What one packed forward feeds: per token its slot and position; how attention splits it."""
 
-    def __init__(self, feeds: list[tuple[int, int]], lengths: list[int], device: torch.device, dtype: torch.dtype):
+    def __init__(self, feeds: list[tuple[int, int]], lengths: list[int], capacity: int, device: torch.device,
+                 dtype: torch.dtype):
         singles = [(s, n) for s, n in feeds if n == 1]
         self.n_single = len(singles)
         slots, positions = [], []
@@ -60,16 +65,18 @@ class _Plan:
         if singles:
             single_slots = [s for s, _ in singles]
             self.upto = max(single_slots) + 1  # attention runs over slots 0 .. upto-1
-            self.keys = max(lengths[s] for s in single_slots) + 1
             self.single_slots = self.slot[: self.n_single]
             # Every slot of the prefix decodes (the usual case): queries and outputs need no scatter.
             self.dense = single_slots == list(range(self.upto))
             seen = torch.tensor(lengths[: self.upto], dtype=torch.long, device=device)  # (upto,)
             # Row b sees keys 0 .. lengths[b] (its new one included); a slot without a one-token row
             # sees at least key 0, so no row is all-masked (NaN).
-            allowed = torch.arange(self.keys, device=device)[None, :] <= seen[:, None]  # (upto, keys)
-            self.allowed = allowed[:, None, None, :]  # (upto, 1, 1, keys)
+            allowed = torch.arange(capacity, device=device)[None, :] <= seen[:, None]  # (upto, capacity)
+            self.allowed = allowed[:, None, None, :]  # (upto, 1, 1, capacity)
             self.bias = torch.zeros(self.allowed.shape, device=device, dtype=dtype).masked_fill(~self.allowed, -math.inf)
+
+
+POSITION_STEP = 32  # the cache's positions per slot grow and shrink in steps of this many
 
 
 class SlotCache:
@@ -82,18 +89,36 @@ class SlotCache:
     """
 
     def __init__(self, config: GPTConfig, slots: int, device: torch.device | str, dtype: torch.dtype):
-        hs = config.n_embd // config.n_head
-        shape = (slots, config.n_head, config.block_size, hs)  # (S, nh, block_size, hs)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self._shape = (slots, config.n_head, config.n_embd // config.n_head)  # (S, nh, hs)
         self.device, self.dtype = torch.device(device), dtype
         self.block_size = config.block_size
+        self.capacity = 0  # positions allocated per slot
+        self.k = [self._empty(0) for _ in range(config.n_layer)]  # per layer (S, nh, capacity, hs)
+        self.v = [self._empty(0) for _ in range(config.n_layer)]
         self.lengths = [0] * slots  # positions filled per slot
         self._feeds: list[tuple[int, int]] = []
         self._plan: _Plan | None = None
 
     def plan(self, feeds: list[tuple[int, int]]) -> None:
-        self._feeds, self._plan = feeds, _Plan(feeds, self.lengths, self.device, self.dtype)
+        needed = max([self.lengths[s] + n for s, n in feeds] + self.lengths)
+        fitting = min(self.block_size, -(-needed // POSITION_STEP) * POSITION_STEP)
+        if needed > self.capacity or fitting <= self.capacity // 2:
+            self._resize(fitting)
+        self._feeds = feeds
+        self._plan = _Plan(feeds, self.lengths, self.capacity, self.device, self.dtype)
+
+    def _empty(self, capacity: int) -> torch.Tensor:
+        S, nh, hs = self._shape
+        return torch.zeros((S, nh, capacity, hs), device=self.device, dtype=self.dtype)
+
+    def _resize(self, capacity: int) -> None:
+        """Every layer's keys and values in new tensors of `capacity` positions, the filled ones copied."""
+        keep = min(self.capacity, capacity)
+        for cache in (self.k, self.v):
+            for layer, old in enumerate(cache):
+                cache[layer] = self._empty(capacity)
+                cache[layer][:, :, :keep] = old[:, :, :keep]
+        self.capacity = capacity
 
     def commit(self) -> None:
         for s, n in self._feeds:
@@ -130,7 +155,7 @@ class SlotCache:
             q1 = q[0, :, : p.n_single].transpose(0, 1)[:, :, None]  # (D, nh, 1, hs)
             if not p.dense:  # slots without a one-token row query nothing useful
                 q1 = q.new_zeros(p.upto, *q1.shape[1:]).index_copy_(0, p.single_slots, q1)
-            ys = _one_query_attention(q1, kc[: p.upto, :, : p.keys], vc[: p.upto, :, : p.keys], p)
+            ys = _one_query_attention(q1, kc[: p.upto], vc[: p.upto], p)
             ys = ys[:, :, 0] if p.dense else ys[p.single_slots, :, 0]  # (D, nh, hs)
             if not p.chunks:
                 return ys.transpose(0, 1)[None]
@@ -150,10 +175,10 @@ class SlotCache:
 
 
 def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: _Plan) -> torch.Tensor:
-    """(B, nh, 1, hs) queries over strided (B, nh, K, hs) key views, masked per row.
+    """(B, nh, 1, hs) queries over contiguous (B, nh, capacity, hs) keys and values, masked per row.
 
-    On the CPU two batched matmuls read the views in place and beat SDPA, which copies them; on a
-    GPU SDPA's fused kernels are the faster path."""
+    On the CPU two batched matmuls beat SDPA (0.72 against 1.04 ms a layer over 251 contiguous
+    positions, 32 rows, 4 heads of 32); on a GPU SDPA's fused kernels are the faster path."""
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=p.allowed)
     scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.size(-1))) + p.bias  # (B, nh, 1, K)

@@ -99,6 +99,22 @@ def test_rows_joining_and_leaving_give_each_rows_greedy_text_alone(tiny):
         engine.step([made[0][0][0]] * 4)
 
 
+def test_the_cache_grows_with_the_longest_row_and_shrinks_after_it_left(tiny):
+    model, _, text = tiny
+    long_row, short_row = (PROMPTS[4], 40), (PROMPTS[0], 20)
+    alone = [_alone_static(tiny, p, Sampling(max_tokens=m, temperature=0))[0] for p, m in (long_row, short_row)]
+    engine = ContinuousEngine(model, text, EOT_ID, slots=2)
+    made = [_rows(tiny, p, Sampling(max_tokens=m, temperature=0)) for p, m in (long_row, short_row)]
+    capacities = []
+    # the short row joins late enough to be half-way when the long one (past 32 positions) leaves
+    _drive(engine, {0: made[0][0], 30: made[1][0]}, on_step=lambda s: capacities.append(engine.cache.capacity))
+    assert capacities[0] == 32 and max(capacities) == 64 == model.config.block_size
+    assert capacities[-1] == 32  # shrunk while the short row ran on (its keys copied across)
+    assert engine.cache.k[0].shape[2] == 32
+    for (_, outs), want in zip(made, alone):
+        assert outs[0].text == want.text and outs[0].finish == "length"
+
+
 def test_seeded_sampling_is_the_same_alone_and_in_company(tiny):
     model, _, text = tiny
     sampling = Sampling(max_tokens=12, temperature=0.9, top_k=40, top_p=0.9)

@@ -35,6 +35,17 @@ def test_forward_shapes(model):
     assert loss.shape == () and loss.dtype == torch.float32
 
 
+def test_logits_at_computes_those_positions_only(model):
+    idx = torch.randint(0, model.config.vocab_size, (2, 10))
+    full, _ = model(idx)
+    at = torch.tensor([0, 4, 9])
+    some, _ = model(idx, logits_at=at)
+    assert some.shape == (2, 3, model.config.vocab_size)
+    torch.testing.assert_close(some, full[:, at])
+    with pytest.raises(ValueError, match="logits_at"):
+        model(idx, targets=idx, logits_at=at)
+
+
 def test_forward_rejects_too_long_input(model):
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 17, dtype=torch.long))
