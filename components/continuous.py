@@ -222,7 +222,8 @@ class ContinuousEngine:
         chosen = logits[0] if len(ends) == logits.size(1) else logits[0].index_select(  # (R, V)
             0, torch.tensor(ends, dtype=torch.long, device=self.device))
         chosen = chosen.float()
-        for r, row_logits, argmax in zip(ready, chosen, chosen.argmax(dim=-1).tolist()):
+        # max(...).indices, not argmax: the same first maximum, at about two thirds of the time on a CPU
+        for r, row_logits, argmax in zip(ready, chosen, chosen.max(dim=-1).indices.tolist()):
             r.logits, r.argmax = row_logits, argmax
             if r.next_token is None:  # its prompt is in: echo it
                 prompt = torch.cat(r.prompt_logits) if r.prompt_logits else None
@@ -319,7 +320,14 @@ class ContinuousBatcher(Batcher):
                         rows += work.rows
                     else:
                         _tell(work, ValueError(why))
+                expected = self.engine.running() + len(rows)
                 self.engine.step(rows)
+                # Each row that finished told its listener; give their threads the interpreter now (one
+                # turn each), between steps, so that what they do with the answer (send the next request,
+                # stream the last delta) happens before the next step is planned and not during its
+                # forward. Measured on the uniform load: ~1 more running row a step, and shorter steps.
+                for _ in range(expected - self.engine.running()):
+                    time.sleep(0)
             except BaseException as error:  # noqa: BLE001 - a failed step fails its requests, not the loop
                 logging.getLogger(__name__).exception("a continuous batching step failed")
                 told = self.engine.fail_all(error) if self.engine is not None else []

@@ -55,8 +55,7 @@ class _Plan:
             slots += [s] * n
             positions += range(lengths[s], lengths[s] + n)
         self.tokens = len(slots)
-        self.slot = torch.tensor(slots, dtype=torch.long, device=device)  # (N,)
-        self.position = torch.tensor(positions, dtype=torch.long, device=device)  # (N,)
+        self.slot, self.position = torch.tensor((slots, positions), dtype=torch.long, device=device)  # 2 x (N,)
         self.chunks = []  # (slot, start, n, offset in the packed sequence) of rows feeding several tokens
         offset = self.n_single
         for s, n in feeds[self.n_single:]:
