@@ -1,6 +1,6 @@
 """Static against continuous batching, in-process: a mixed-length load and a uniform one.
 
-    .venv/bin/python benchmarks/continuous_batching.py [--seconds 20] [--clients 32] [--rounds 4]
+    .venv/bin/python benchmarks/continuous_batching.py [--seconds 20] [--clients 32] [--rounds 4] [--alone 16]
 
 No Serve and no HTTP: the clients are threads that submit `Work`s straight to the engine's queue,
 the endpoint's static `Batcher` (components/batching.py) or its `ContinuousBatcher`
@@ -18,7 +18,8 @@ work drifts slows both alike and the ratios stay comparable:
 - mixed: each client sends back to back, each request's max_tokens drawn from {8, 64, 256} by its
   own random.Random(seed + client): requests/s, output tokens/s, p50/p99 latency of the 8-token requests;
 - uniform: every request asks for 16 tokens: requests/s and output tokens/s;
-- alone: one 8-token request at a time (the latency the mixed load's 8-token requests are compared with).
+- alone: `--alone` 8-token requests one at a time in each round (the latency the mixed load's 8-token
+  requests are compared with; a median of many, as a single one moves with the machine's noise).
 """
 from __future__ import annotations
 
@@ -127,6 +128,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--alone", type=int, default=16, help="8-token requests alone per round and engine")
     args = parser.parse_args()
     model, tokenizer, text = _setup()
     ids = tokenizer.encode(PROMPT).ids
@@ -140,7 +142,7 @@ def main() -> int:
         for r in range(args.rounds):
             order = kinds if r % 2 == 0 else kinds[::-1]
             for kind in order:
-                runs[kind]["alone"] += [_request(batchers[kind], model, ids, 8)[0] for _ in range(30 // args.rounds + 1)]
+                runs[kind]["alone"] += [_request(batchers[kind], model, ids, 8)[0] for _ in range(args.alone)]
             for load, pick in loads.items():
                 for kind in order:
                     results, elapsed = _load(batchers[kind], model, ids, args.clients, args.seconds / args.rounds, pick)

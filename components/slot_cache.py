@@ -72,7 +72,8 @@ class _Plan:
             # sees at least key 0, so no row is all-masked (NaN).
             allowed = torch.arange(capacity, device=device)[None, :] <= seen[:, None]  # (upto, capacity)
             self.allowed = allowed[:, None, None, :]  # (upto, 1, 1, capacity)
-            self.bias = torch.zeros(self.allowed.shape, device=device, dtype=dtype).masked_fill(~self.allowed, -math.inf)
+            if device.type == "cpu":  # the CPU path adds it to the scores (`_one_query_attention`)
+                self.bias = torch.where(self.allowed, 0.0, -math.inf).to(dtype)
 
 
 POSITION_STEP = 32  # the cache's positions per slot grow and shrink in steps of this many
