@@ -192,8 +192,8 @@ def main() -> int:
 
     print(f"\nmodel folder: {args.folder or 'tiny preset, random weights'}; prompt {PROMPT!r}, "
           f"max_tokens {args.max_tokens}, greedy; {args.seconds:.0f} s per point; {os.cpu_count()} CPUs")
-    print(f"| batching | clients | requests/s | p50 ms | p99 ms | requests | errors |")
-    print(f"|---|---:|---:|---:|---:|---:|---:|")
+    print("| batching | clients | requests/s | p50 ms | p99 ms | requests | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         mode = f"on ({r['batch']})" if r["batch"] > 1 else "off"
         print(f"| {mode} | {r['clients']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "

@@ -58,7 +58,7 @@ class _Running:
 class ContinuousEngine:
     """The running rows of one model, stepped one token at a time; rows may join before any step.
 
-    `slots` rows at most run together; the cache is preallocated for them at the model's context.
+    `slots` rows at most run together, each in a slot of the cache (whose positions grow with the longest row).
     `max_step_tokens` bounds the tokens one forward computes (prompt chunks plus one per decoding row).
     `on_token(row, token)`, when set, hears every sampled token (token-level callers read them there).
     """
@@ -197,12 +197,13 @@ class ContinuousEngine:
         for slot, tokens in feeds:
             r, start, at = self.slots[slot], at, at + len(tokens)
             s = r.state.row.sampling
+            samples_next = r.next_token is not None or r.fed + len(tokens) == len(r.state.context)
             if r.next_token is None and s.echo and s.logprobs is not None:
                 echoed.append((r, len(wanted), len(wanted) + len(tokens)))
                 wanted += range(start, at)
-            elif r.next_token is not None or r.fed + len(tokens) == len(r.state.context):
+            elif samples_next:
                 wanted.append(at - 1)
-            if r.next_token is not None or r.fed + len(tokens) == len(r.state.context):
+            if samples_next:
                 ready.append(r)
                 ends.append(len(wanted) - 1)
         self.cache.plan([(slot, len(tokens)) for slot, tokens in feeds])
