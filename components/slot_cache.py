@@ -20,10 +20,13 @@ reads a short cache. Paging the cache in blocks would follow every row's own len
 gathering a row's blocks at every step.
 
 Why the one-token rows attend over the whole capacity, masked, rather than over a view of the keys up
-to the longest row: on a CPU a batched matmul over one contiguous tensor runs about twice as fast as
-over a strided view of a larger one, more than the masked keys cost (2 cores, 32 rows, 4 heads of 32:
+to the longest row: on one 2-core CPU a batched matmul over one contiguous tensor ran about twice as
+fast as over a strided view of a larger one, more than the masked keys cost (32 rows, 4 heads of 32:
 0.68 ms a layer over a 256-position cache against 1.41 ms over the first 251 positions of a 320-position
-one; at 21 keys, 0.10 against 0.31 ms). Reading each row only up to its own length was measured too
+one; at 21 keys, 0.10 against 0.31 ms). On another (an AVX-512 Xeon) a view cost in proportion to its
+length (1.06-1.19x a contiguous tensor's time), so there the capacity's rounding up, at most 31
+positions, is all the contiguous layout costs. Either way every row reads as far as the longest: on a
+mixed load that is over twice what the rows need, and it is where a step's time goes. Reading each row only up to its own length was measured too
 (the mixed load of benchmarks/continuous_batching.py, replayed in one thread): keeping the rows in
 join order (moving the rows behind a leaver down one slot) and attending in groups of 8 neighbouring
 slots, each up to its own longest row, cut attention by a fifth, but the moves (~0.4 ms a step) and
