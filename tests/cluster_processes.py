@@ -4,6 +4,7 @@
 - `RayNode`: `ray start` on 127.0.0.1 with its own ports and temp dir; the worker node can be
   started inside a private mount namespace (`unshare --mount`, root only) in which chosen
   folders are hidden behind an empty tmpfs, so that node reaches data only through storage.
+  Its nodes run with token authentication, as a cluster's do (`ensure_ray_token`).
 
 Every process is stopped by pid: its session's processes and any naming its temp dir, never
 with a bare `ray stop`, which would stop every Ray of this user on the machine.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shlex
 import signal
 import subprocess
@@ -89,6 +91,21 @@ class S3Server:
         self._log.close()
 
 
+def ensure_ray_token() -> None:
+    """Give this test process, and every process it starts, a Ray auth token, unless one is there.
+
+    Ray 2.60's `ray start --head` under RAY_AUTH_MODE=token refuses to start without a token (the
+    README has users create one with `ray get-auth-token --generate`, in ~/.ray/auth_token). Tests
+    must not write to the user's home, so on a machine without one the token lives in this
+    process's environment (RAY_AUTH_TOKEN), which the nodes, their jobs and the CLI runs inherit.
+    Outside token mode Ray ignores it."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    if (Path.home() / ".ray" / "auth_token").is_file():
+        return
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+
+
 class RayNode:
     """One `ray start` node on 127.0.0.1; the head when `head_address` is None.
 
@@ -101,6 +118,7 @@ class RayNode:
 
     def __init__(self, num_cpus: int, head_address: str | None = None, resources: dict | None = None,
                  hide: tuple[Path, ...] = (), env: dict | None = None):
+        ensure_ray_token()
         # Short: Ray's unix sockets live below it, and socket paths are limited to 107 bytes.
         self.temp_dir = tempfile.mkdtemp(prefix="gfn", dir="/tmp")
         self.log_path = Path(self.temp_dir) / "start.log"
