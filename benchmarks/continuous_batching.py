@@ -17,8 +17,8 @@ Loads, `--seconds` each in all, split into `--rounds` rounds; in each round ever
 engines, one after the other (which goes first alternates), so that a machine whose load from other
 work drifts slows both alike and the ratios stay comparable. A round ends once the clients' last
 requests have finished, and that drain counts in its time: keep rounds long against the longest
-request (a 256-token request takes 1-2 s here), or the drain weighs on the result (3 s rounds gave
-continuous batching 1.5x static's mixed throughput where 20 s rounds gave 1.3x, on one machine):
+request (a 256-token request takes 1-2 s here), or the drain weighs on the result (on one machine,
+3 s rounds gave continuous batching 1.52-1.55x static's mixed throughput, 20 s rounds 1.31x and 1.48x):
 - mixed: each client sends back to back, each request's max_tokens drawn from {8, 64, 256} by its
   own random.Random(seed + client): requests/s, output tokens/s, p50/p99 latency of the 8-token requests;
 - uniform: every request asks for 16 tokens: requests/s and output tokens/s;
@@ -167,8 +167,9 @@ def main() -> int:
             _request(batchers[kind], model, ids, 8)  # warm-up
         for r in range(args.rounds):
             order = kinds if r % 2 == 0 else kinds[::-1]
-            for kind in order if "mixed" in loads else ():  # the mixed load's latency is compared with it
-                runs[kind]["alone"] += [_request(batchers[kind], model, ids, 8)[0] for _ in range(args.alone)]
+            if "mixed" in loads:  # its 8-token requests' latency is compared with theirs alone
+                for kind in order:
+                    runs[kind]["alone"] += [_request(batchers[kind], model, ids, 8)[0] for _ in range(args.alone)]
             for load, pick in loads.items():
                 this_round = {}
                 for kind in order:

@@ -26,11 +26,11 @@ fast as over a strided view of a larger one, more than the masked keys cost (32 
 one; at 21 keys, 0.10 against 0.31 ms). On another (an AVX-512 Xeon) a view cost in proportion to its
 length (1.06-1.19x a contiguous tensor's time), so there the capacity's rounding up, at most 31
 positions, is all the contiguous layout costs. Either way every row reads as far as the longest: on a
-mixed load that is over twice what the rows need, and it is where a step's time goes. Reading each row only up to its own length was measured too
-(the mixed load of benchmarks/continuous_batching.py, replayed in one thread): keeping the rows in
-join order (moving the rows behind a leaver down one slot) and attending in groups of 8 neighbouring
-slots, each up to its own longest row, cut attention by a fifth, but the moves (~0.4 ms a step) and
-the extra calls took it back. Not adopted.
+mixed load that is over twice what the rows need, and it is where a step's time goes. Reading each
+row only up to its own length was measured too (the mixed load of benchmarks/continuous_batching.py,
+replayed in one thread): keeping the rows in join order (moving the rows behind a leaver down one
+slot) and attending in groups of 8 neighbouring slots, each up to its own longest row, cut attention
+by a fifth, but the moves (~0.4 ms a step) and the extra calls took it back. Not adopted.
 
 Lengths live on the host (plain ints): planning a step reads them and must not wait for the device.
 """
