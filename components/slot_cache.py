@@ -5,8 +5,10 @@ by side, a decoding row's one token and a joining row's prompt (or a chunk of it
 do not care which row a token belongs to, so no token is padded; only attention does, and
 `attend` (which `CausalSelfAttention` calls instead of its own attention when the cache has one)
 splits the sequence by row again:
-- the rows that feed one token attend together, as one batch over a prefix of the slots (a view of
-  the cache, no gather), each query masked to its own row's keys;
+- the rows that feed one token: on the CPU in float32, each attends over its own slot up to its own
+  length, in one call of a compiled kernel (components/decode_attention.py); elsewhere (a GPU, or
+  another dtype) they attend together, as one batch over a prefix of the slots (a view of the cache,
+  no gather), each query masked to its own row's keys;
 - a row that feeds several tokens (a prompt chunk) attends over its own slot, causally.
 
 Why one slot per row, each up to `capacity` positions: it is the simplest layout in which a row
@@ -19,18 +21,14 @@ longest running row (`slots x n_layer x 2 x capacity x n_embd` values), and a sh
 reads a short cache. Paging the cache in blocks would follow every row's own length, at the cost of
 gathering a row's blocks at every step.
 
-Why the one-token rows attend over the whole capacity, masked, rather than over a view of the keys up
-to the longest row: on one 2-core CPU a batched matmul over one contiguous tensor ran about twice as
-fast as over a strided view of a larger one, more than the masked keys cost (32 rows, 4 heads of 32:
-0.68 ms a layer over a 256-position cache against 1.41 ms over the first 251 positions of a 320-position
-one; at 21 keys, 0.10 against 0.31 ms). On another (an AVX-512 Xeon) a view cost in proportion to its
-length (1.06-1.19x a contiguous tensor's time), so there the capacity's rounding up, at most 31
-positions, is all the contiguous layout costs. Either way every row reads as far as the longest: on a
-mixed load that is over twice what the rows need, and it is where a step's time goes. Reading each
-row only up to its own length was measured too (the mixed load of benchmarks/continuous_batching.py,
-replayed in one thread): keeping the rows in join order (moving the rows behind a leaver down one
-slot) and attending in groups of 8 neighbouring slots, each up to its own longest row, cut attention
-by a fifth, but the moves (~0.4 ms a step) and the extra calls took it back. Not adopted.
+Why a kernel for the one-token rows on the CPU: decoding attention is memory-bound, and the batched
+call reads every slot as far as the longest row, masked; on a mixed load that is over twice what the
+rows need, and it was where a step's time went. Cheaper layouts for the batched call were measured
+and did not pay (benchmarks/RESULTS.md): a view up to the longest row rather than the whole
+capacity (on one 2-core CPU a batched matmul over a strided view ran at half the speed of one over a
+contiguous tensor), one call per row, length buckets gathered by copying, rows kept sorted by length
+in slots with each group of slots read to its own longest row. The masked batch remains the path on
+a GPU, where SDPA's fused kernels run it.
 
 Lengths live on the host (plain ints): planning a step reads them and must not wait for the device.
 """
@@ -39,8 +37,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch.nn import functional as F
+
+from components.decode_attention import decode_attention
 
 if TYPE_CHECKING:
     from components.model import GPTConfig
@@ -50,7 +51,7 @@ class _Plan:
     """What one packed forward feeds: per token its slot and position; how attention splits it."""
 
     def __init__(self, feeds: list[tuple[int, int]], lengths: list[int], capacity: int, device: torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, kernel: bool):
         singles = [(s, n) for s, n in feeds if n == 1]
         self.n_single = len(singles)
         slots, positions = [], []
@@ -64,7 +65,12 @@ class _Plan:
         for s, n in feeds[self.n_single:]:
             self.chunks.append((s, lengths[s], n, offset))
             offset += n
-        if singles:
+        self.kernel = kernel and bool(singles)
+        if self.kernel:  # components/decode_attention.py: each row read up to its own length
+            single_slots = [s for s, _ in singles]
+            self.kernel_slots = np.array(single_slots, dtype=np.int64)  # (D,)
+            self.kernel_seen = np.array([lengths[s] + 1 for s in single_slots], dtype=np.int64)  # its new key too
+        elif singles:
             single_slots = [s for s, _ in singles]
             self.upto = max(single_slots) + 1  # attention runs over slots 0 .. upto-1
             self.single_slots = self.slot[: self.n_single]
@@ -101,6 +107,9 @@ class SlotCache:
         self.lengths = [0] * slots  # positions filled per slot
         self._feeds: list[tuple[int, int]] = []
         self._plan: _Plan | None = None
+        # float32 on the CPU: the decoding rows' attention reads each row to its own length
+        # (components/decode_attention.py); elsewhere one batched call over the slots, masked.
+        self.kernel = self.device.type == "cpu" and dtype == torch.float32
 
     def plan(self, feeds: list[tuple[int, int]]) -> None:
         needed = max([self.lengths[s] + n for s, n in feeds] + self.lengths)
@@ -108,7 +117,7 @@ class SlotCache:
         if needed > self.capacity or fitting <= self.capacity // 2:
             self._resize(fitting)
         self._feeds = feeds
-        self._plan = _Plan(feeds, self.lengths, self.capacity, self.device, self.dtype)
+        self._plan = _Plan(feeds, self.lengths, self.capacity, self.device, self.dtype, self.kernel)
 
     def _empty(self, capacity: int) -> torch.Tensor:
         S, nh, hs = self._shape
@@ -154,7 +163,11 @@ class SlotCache:
         p, kc, vc = self._plan, self.k[layer], self.v[layer]
         kc[p.slot, :, p.position] = k[0].transpose(0, 1)  # (N, nh, hs)
         vc[p.slot, :, p.position] = v[0].transpose(0, 1)
-        if p.n_single:
+        if p.kernel:
+            ys = decode_attention(q[0, :, : p.n_single].transpose(0, 1), kc, vc, p.kernel_slots, p.kernel_seen)
+            if not p.chunks:  # (D, nh, hs)
+                return ys.transpose(0, 1)[None]
+        elif p.n_single:
             q1 = q[0, :, : p.n_single].transpose(0, 1)[:, :, None]  # (D, nh, 1, hs)
             if not p.dense:  # slots without a one-token row query nothing useful
                 q1 = q.new_zeros(p.upto, *q1.shape[1:]).index_copy_(0, p.single_slots, q1)

@@ -78,11 +78,15 @@ def _drive(engine: ContinuousEngine, joins: dict[int, list[Row]], on_step=lambda
     return step
 
 
-def test_rows_joining_and_leaving_give_each_rows_greedy_text_alone(tiny):
+@pytest.mark.parametrize("kernel", [True, False], ids=["decode-kernel", "masked-batch"])
+def test_rows_joining_and_leaving_give_each_rows_greedy_text_alone(tiny, kernel):
+    """Both attention paths: the CPU float32 kernel, and the masked batched call (GPU, other dtypes)."""
     model, _, text = tiny
     lengths = [3, 20, 7, 30, 12]
     alone = [_alone_static(tiny, p, Sampling(max_tokens=m, temperature=0))[0] for p, m in zip(PROMPTS, lengths)]
     engine = ContinuousEngine(model, text, EOT_ID, slots=3)
+    assert engine.cache.kernel  # float32 on the CPU
+    engine.cache.kernel = kernel
     made = [_rows(tiny, p, Sampling(max_tokens=m, temperature=0)) for p, m in zip(PROMPTS, lengths)]
     seen_slots = []
     # two start; a third joins at step 2; the first (3 tokens) leaves at step 2, the fourth takes its slot at 4
