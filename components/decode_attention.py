@@ -43,14 +43,18 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: n
     if q.shape != (len(slots), nh, hs) or v.shape != k.shape or len(seen) != len(slots):
         raise ValueError(f"decode_attention: queries {tuple(q.shape)}, keys {tuple(k.shape)}, values "
                          f"{tuple(v.shape)}, {len(slots)} slots and {len(seen)} lengths do not match")
-    if len(slots) and not (0 <= slots.min() and slots.max() < S and 1 <= seen.min() and seen.max() <= C):
-        # The kernel does not check its indices: out of range, it would read past the cache.
-        raise ValueError(f"decode_attention: slots {slots.tolist()} or lengths {seen.tolist()} are out of "
-                         f"range for a cache of {S} slots of {C} positions")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
-    _kernel()(q.numpy(), k.numpy(), v.numpy(), slots, seen, out.numpy(), np.float32(hs ** -0.5))
+    if not _kernel()(q.numpy(), k.numpy(), v.numpy(), slots, seen, out.numpy(), np.float32(hs ** -0.5)):
+        raise ValueError(f"decode_attention: slots {slots.tolist()} or lengths {seen.tolist()} are out of "
+                         f"range for a cache of {S} slots of {C} positions")
     return out
+
+
+def prepare() -> None:
+    """Compile the kernel now (or load it from numba's cache), so that the first request does not wait for it."""
+    k = torch.zeros(1, 1, 1, 1)
+    decode_attention(torch.zeros(1, 1, 1), k, k, np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.int64))
 
 
 @functools.cache
@@ -64,9 +68,15 @@ def _kernel():
 
 
 def _attend(q, k, v, slots, seen, out, scale):
-    """The kernel, in the subset of Python numba compiles (see `decode_attention` for the arguments)."""
+    """The kernel, in the subset of Python numba compiles (see `decode_attention` for the arguments).
+
+    Returns False, having computed nothing, when a slot or a length is out of range."""
     D, nh, hs = q.shape
-    scores = np.empty(k.shape[2], dtype=np.float32)
+    S, C = k.shape[0], k.shape[2]
+    for d in range(D):  # numba does not check indices: out of range, the loops would read past the cache
+        if not (0 <= slots[d] < S and 1 <= seen[d] <= C):
+            return False
+    scores = np.empty(C, dtype=np.float32)
     for d in range(D):
         s, n = slots[d], seen[d]
         for h in range(nh):
@@ -91,3 +101,4 @@ def _attend(q, k, v, slots, seen, out, scale):
                 w = scores[t] * inv
                 for i in range(hs):
                     oh[i] += w * vh[t, i]
+    return True

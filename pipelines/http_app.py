@@ -175,6 +175,10 @@ class Engine:
         if cfg.batching == "continuous":
             # Slots for the largest request too: it runs alone when it is larger than max_batch_size.
             slots = max(cfg.max_batch_size, cfg.max_choices)
+            if device == "cpu":
+                from components.decode_attention import prepare
+
+                prepare()  # compile the CPU decode attention kernel before the first request, not during it
             self.batcher = ContinuousBatcher(
                 lambda loaded: ContinuousEngine(loaded.model, loaded.text, loaded.eot_id, slots), cfg)
         else:
