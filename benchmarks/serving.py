@@ -2,13 +2,14 @@
 
     .venv/bin/python benchmarks/serving.py                          # a tiny-preset model (random weights)
     .venv/bin/python benchmarks/serving.py --folder .gptforge/serving/tiny-v1   # the champion's checked copy
+    .venv/bin/python benchmarks/serving.py --batching static        # the other scheduler (default: continuous)
 
 It starts a local Ray and deploys the endpoint twice from the same model folder:
 batching on (serve.max_batch_size=32) and off (max_batch_size=1). For each it runs
 1, 8 and 32 client threads, each sending completions back to back over its own
 keep-alive connection for `--seconds`, and reports requests/s, p50 and p99 latency.
 The baseline for the overhead: the replica's own work for one request (tokenize +
-generate on the same KV-cache code, one torch thread) called directly in this
+generate with the same engine as `--batching` picks, one torch thread) called directly in this
 process, alternating call by call with one HTTP request to the endpoint (batching
 on), so both see the same load; the median of the paired differences is what
 Serve + HTTP add. The replica's `Server-Timing` header splits that further: the
@@ -105,13 +106,26 @@ def _load(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
             "first_error": errors[0] if errors else ""}
 
 
-def _overhead(url: str, folder: str, max_tokens: int, pairs: int) -> dict:
+def _generate_alone(loaded, batching: str, row) -> None:
+    """One request's generation in this process, with the engine the endpoint runs."""
+    from components.continuous import ContinuousEngine
+    from components.generation import generate_batch
+    from components.tokenizer import EOT_ID
+
+    if batching == "static":
+        generate_batch(loaded.model, loaded.text, [row], EOT_ID)
+        return
+    engine = ContinuousEngine(loaded.model, loaded.text, EOT_ID, slots=1)
+    engine.step([row])
+    while engine.running():
+        engine.step()
+
+
+def _overhead(url: str, folder: str, batching: str, max_tokens: int, pairs: int) -> dict:
     """Median in-process call, median HTTP call, and the median of their paired differences, interleaved."""
     import torch
 
     from components.rows import Row, Sampling
-    from components.generation import generate_batch
-    from components.tokenizer import EOT_ID
     from pipelines.model_loading import FolderLoader
 
     torch.set_num_threads(1)
@@ -124,7 +138,7 @@ def _overhead(url: str, folder: str, max_tokens: int, pairs: int) -> dict:
     for i in range(pairs + 5):
         started = time.perf_counter()
         ids = loaded.tokenizer.encode(PROMPT).ids
-        generate_batch(loaded.model, loaded.text, [Row(ids, PROMPT, sampling, lambda delta: None)], EOT_ID)
+        _generate_alone(loaded, batching, Row(ids, PROMPT, sampling, lambda delta: None))
         middle = time.perf_counter()
         conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
         response = conn.getresponse()
@@ -143,18 +157,18 @@ def _overhead(url: str, folder: str, max_tokens: int, pairs: int) -> dict:
             "transport_ms": ms([r - s for r, s in zip(remote, replica)]), "admit_ms": ms(admit)}
 
 
-def _serve_and_measure(folder: str, batch_size: int, clients: list[int], seconds: float, max_tokens: int,
-                       port: int, overhead: dict | None = None) -> list[dict]:
+def _serve_and_measure(folder: str, batching: str, batch_size: int, clients: list[int], seconds: float,
+                       max_tokens: int, port: int, overhead: dict | None = None) -> list[dict]:
     from components.config import ServeConfig
     from pipelines import serving
     from pipelines.model_loading import FolderLoader
 
-    cfg = ServeConfig(port=port, max_batch_size=batch_size, max_choices=1, max_queued_rows=256,
+    cfg = ServeConfig(port=port, batching=batching, max_batch_size=batch_size, max_choices=1, max_queued_rows=256,
                       max_ongoing_requests=256, num_cpus=1, poll_interval_s=0)
     url = serving.deploy(FolderLoader(folder, "bench:v0"), cfg, timeout_s=300)
     try:
         if overhead is not None:
-            overhead.update(_overhead(url, folder, max_tokens, pairs=60))
+            overhead.update(_overhead(url, folder, batching, max_tokens, pairs=60))
         return [{"batch": batch_size, **_load(url, c, seconds, max_tokens)} for c in clients]
     finally:
         serving.shutdown()
@@ -165,6 +179,8 @@ def _ingress() -> str:
 
 
 def main() -> int:
+    from components.config import ServeConfig
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--folder", help="a candidate folder (default: a tiny-preset model made here)")
     parser.add_argument("--clients", default="1,8,32")
@@ -172,6 +188,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=32, help="serve.max_batch_size with batching on")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--batching", choices=("continuous", "static"), default=ServeConfig().batching,
+                        help="serve.batching of both deployments (default: the endpoint's default)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT", "1")
     clients = [int(c) for c in args.clients.split(",")]
@@ -185,13 +203,14 @@ def main() -> int:
         try:
             rows = []
             for batch_size in (args.batch_size, 1):  # on, then off
-                rows += _serve_and_measure(folder, batch_size, clients, args.seconds, args.max_tokens, args.port,
-                                           overhead if batch_size > 1 else None)
+                rows += _serve_and_measure(folder, args.batching, batch_size, clients, args.seconds, args.max_tokens,
+                                           args.port, overhead if batch_size > 1 else None)
         finally:
             ray_runtime.shutdown_ray()
 
     print(f"\nmodel folder: {args.folder or 'tiny preset, random weights'}; prompt {PROMPT!r}, "
-          f"max_tokens {args.max_tokens}, greedy; {args.seconds:.0f} s per point; {os.cpu_count()} CPUs")
+          f"max_tokens {args.max_tokens}, greedy; {args.batching} batching; {args.seconds:.0f} s per point; "
+          f"{os.cpu_count()} CPUs")
     print("| batching | clients | requests/s | p50 ms | p99 ms | requests | errors |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:

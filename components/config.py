@@ -386,11 +386,11 @@ class ServeConfig:
     """With `batching: static`, how long the first queued request waits for others to share its batch."""
     max_queued_rows: int = checked(64, at_least_1)
     """Completions that may wait in a replica's queue; past it a request gets 503 with Retry-After at once."""
-    batching: str = checked("static", one_of("static", "continuous"))
-    """`static`: a batch runs until its longest completion ends, then the next batch starts.
-    `continuous`: at every decode step finished completions leave the batch and queued ones join
-    (up to `max_batch_size` rows and `max_step_tokens` tokens a step), so short completions are not
-    held up by long ones."""
+    batching: str = checked("continuous", one_of("static", "continuous"))
+    """`continuous` (the default): at every decode step finished completions leave the batch and queued
+    ones join (up to `max_batch_size` rows and `max_step_tokens` tokens a step), so short completions are
+    not held up by long ones. `static`: a batch runs until its longest completion ends, then the next
+    batch starts (kept for comparison; on a CPU it is the slower of the two, benchmarks/RESULTS.md)."""
     max_step_tokens: int = checked(512, at_least_1)
     """With `batching: continuous`, the most tokens one step computes: one per running completion plus
     the joining prompts' tokens. A longer prompt is prefilled in chunks over the next steps (chunked
