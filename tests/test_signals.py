@@ -95,15 +95,19 @@ class Command:
             assert time.monotonic() < deadline, f"no {what} within {timeout}s:\n{self.output()[-4000:]}"
             time.sleep(0.1)
 
+    def _seen(self) -> list[tuple[tuple[int, int], list[str]]]:
+        """A copy of `seen`: the watcher thread adds to it while the test reads it."""
+        return list(self.seen.items())
+
     def haproxy_pids(self) -> list[int]:
-        return [pid for (pid, _), cmd in self.seen.items() if cmd and os.path.basename(cmd[0]).startswith("haproxy")]
+        return [pid for (pid, _), cmd in self._seen() if cmd and os.path.basename(cmd[0]).startswith("haproxy")]
 
     def running_haproxy(self) -> list[int]:
         return [pid for pid in self.haproxy_pids() if pid in self.survivors()]
 
     def survivors(self) -> dict[int, list[str]]:
         alive = {}
-        for (pid, started), cmd in self.seen.items():
+        for (pid, started), cmd in self._seen():
             stat = _stat(pid)
             if stat is not None and stat[2] == started and stat[0] != "Z":
                 alive[pid] = cmd
