@@ -5,17 +5,17 @@ cache (components/slot_cache.py) only up to its own length. A batched matmul has
 to the same length, the longest row's (masked), and on a mixed load that is more than twice what
 the rows need; decoding attention is memory-bound, so its time follows what it reads. This kernel
 loops over the rows and reads each one's keys and values only up to its own length: on a 2-core
-x86_64 machine it took a 32-row step of the tiny model from 7.9 to 5.5 ms (benchmarks/RESULTS.md).
+x86_64 machine it took a 32-row step of the tiny model from 7.35 to 4.95 ms (benchmarks/RESULTS.md).
 
 Why numba and not a C++ extension or FlexAttention: numba ships as a wheel and compiles the kernel
 in about a second at first use (then from its cache), with no compiler on the machine. PyTorch's
 FlexAttention with a block mask skips the unneeded blocks too, but on the CPU it needs
-torch.compile (a C++ toolchain at run time, seconds of compilation per shape) and read less than
-this kernel gains (1.6-1.7 against 2.1 ms for the matmuls, 4 layers).
+torch.compile (a C++ toolchain at run time, seconds of compilation per shape) and gained less than
+this kernel (1.6-1.7 against 2.1 ms for the matmuls, 4 layers).
 
-Numerics: float32 throughout, the sum over a row's keys in its own order, so a row's result does not
-depend on which other rows share the step (a seeded request gives the same text alone or in company,
-bit for bit). It differs from the batched matmuls by float rounding only (~1e-6). The kernel runs on
+Numerics: float32 throughout, the sum over a row's keys in its own order, so a row's attention does
+not depend on which other rows share the step, bit for bit (part of why a seeded request gives the
+same text alone or in company). It differs from the batched matmuls by float rounding only (~1e-6). The kernel runs on
 one thread, releasing the GIL: the endpoint's replica and the benchmarks run torch on one thread too.
 """
 from __future__ import annotations
