@@ -106,19 +106,22 @@ def _load(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
             "first_error": errors[0] if errors else ""}
 
 
-def _generate_alone(loaded, batching: str, row) -> None:
-    """One request's generation in this process, with the engine the endpoint runs."""
+def _generator_alone(loaded, batching: str):
+    """A function that generates one request's row in this process, with the engine the endpoint runs
+    (for continuous batching one engine, kept from call to call as the replica keeps its own)."""
     from components.continuous import ContinuousEngine
     from components.generation import generate_batch
     from components.tokenizer import EOT_ID
 
     if batching == "static":
-        generate_batch(loaded.model, loaded.text, [row], EOT_ID)
-        return
+        return lambda row: generate_batch(loaded.model, loaded.text, [row], EOT_ID)
     engine = ContinuousEngine(loaded.model, loaded.text, EOT_ID, slots=1)
-    engine.step([row])
-    while engine.running():
-        engine.step()
+
+    def generate(row) -> None:
+        engine.step([row])
+        while engine.running():
+            engine.step()
+    return generate
 
 
 def _overhead(url: str, folder: str, batching: str, max_tokens: int, pairs: int) -> dict:
@@ -130,6 +133,7 @@ def _overhead(url: str, folder: str, batching: str, max_tokens: int, pairs: int)
 
     torch.set_num_threads(1)
     loaded = FolderLoader(folder)()
+    generate_alone = _generator_alone(loaded, batching)
     sampling = Sampling(max_tokens=max_tokens, temperature=0)
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=120)
@@ -138,7 +142,7 @@ def _overhead(url: str, folder: str, batching: str, max_tokens: int, pairs: int)
     for i in range(pairs + 5):
         started = time.perf_counter()
         ids = loaded.tokenizer.encode(PROMPT).ids
-        _generate_alone(loaded, batching, Row(ids, PROMPT, sampling, lambda delta: None))
+        generate_alone(Row(ids, PROMPT, sampling, lambda delta: None))
         middle = time.perf_counter()
         conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
         response = conn.getresponse()

@@ -15,8 +15,9 @@ this kernel (1.6-1.7 against 2.1 ms for the matmuls, 4 layers).
 
 Numerics: float32 throughout, the sum over a row's keys in its own order, so a row's attention does
 not depend on which other rows share the step, bit for bit (part of why a seeded request gives the
-same text alone or in company). It differs from the batched matmuls by float rounding only (~1e-6). The kernel runs on
-one thread, releasing the GIL: the endpoint's replica and the benchmarks run torch on one thread too.
+same text alone or in company). It differs from the batched matmuls by float rounding only (~1e-6).
+The kernel runs on one thread, releasing the GIL: the endpoint's replica and the benchmarks run torch
+on one thread too.
 """
 from __future__ import annotations
 

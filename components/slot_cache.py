@@ -65,13 +65,12 @@ class _Plan:
         for s, n in feeds[self.n_single:]:
             self.chunks.append((s, lengths[s], n, offset))
             offset += n
+        single_slots = [s for s, _ in singles]
         self.kernel = kernel and bool(singles)
         if self.kernel:  # components/decode_attention.py: each row read up to its own length
-            single_slots = [s for s, _ in singles]
             self.kernel_slots = np.array(single_slots, dtype=np.int64)  # (D,)
             self.kernel_seen = np.array([lengths[s] + 1 for s in single_slots], dtype=np.int64)  # its new key too
         elif singles:
-            single_slots = [s for s, _ in singles]
             self.upto = max(single_slots) + 1  # attention runs over slots 0 .. upto-1
             self.single_slots = self.slot[: self.n_single]
             # Every slot of the prefix decodes (the usual case): queries and outputs need no scatter.

@@ -103,7 +103,8 @@ class Command:
         return [pid for (pid, _), cmd in self._seen() if cmd and os.path.basename(cmd[0]).startswith("haproxy")]
 
     def running_haproxy(self) -> list[int]:
-        return [pid for pid in self.haproxy_pids() if pid in self.survivors()]
+        alive = self.survivors()
+        return [pid for pid in self.haproxy_pids() if pid in alive]
 
     def survivors(self) -> dict[int, list[str]]:
         alive = {}
