@@ -160,13 +160,19 @@ class SlotCache:
         """Store the packed `k`, `v` (1, nh, N, hs) in their slots; attention of `q` (1, nh, N, hs), each
         token over its own row's keys. Returns (1, nh, N, hs)."""
         p, kc, vc = self._plan, self.k[layer], self.v[layer]
-        kc[p.slot, :, p.position] = k[0].transpose(0, 1)  # (N, nh, hs)
-        vc[p.slot, :, p.position] = v[0].transpose(0, 1)
-        if p.kernel:
-            ys = decode_attention(q[0, :, : p.n_single].transpose(0, 1), kc, vc, p.kernel_slots, p.kernel_seen)
+        if p.kernel:  # the kernel stores the one-token rows' keys and values; the chunks' go in by slices
+            for slot, start, n, offset in p.chunks:
+                kc[slot, :, start: start + n] = k[0, :, offset: offset + n]
+                vc[slot, :, start: start + n] = v[0, :, offset: offset + n]
+            singles = slice(0, p.n_single)
+            ys = decode_attention(q[0, :, singles].transpose(0, 1), kc, vc, p.kernel_slots, p.kernel_seen,
+                                  k[0, :, singles].transpose(0, 1), v[0, :, singles].transpose(0, 1))
             if not p.chunks:  # (D, nh, hs)
                 return ys.transpose(0, 1)[None]
-        elif p.n_single:
+        else:
+            kc[p.slot, :, p.position] = k[0].transpose(0, 1)  # (N, nh, hs)
+            vc[p.slot, :, p.position] = v[0].transpose(0, 1)
+        if not p.kernel and p.n_single:
             q1 = q[0, :, : p.n_single].transpose(0, 1)[:, :, None]  # (D, nh, 1, hs)
             if not p.dense:  # slots without a one-token row query nothing useful
                 q1 = q.new_zeros(p.upto, *q1.shape[1:]).index_copy_(0, p.single_slots, q1)
